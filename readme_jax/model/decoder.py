@@ -1,0 +1,135 @@
+"""The decoder stack as pure functions over stacked layer parameters, shared by the dense and MoE models.
+
+Layer parameters are stacked along a leading L axis so the stack can run under ``lax.scan``:
+  attn_norm [L, D], wq [L, D, H*hd], wk/wv [L, D, K*hd], wo [L, H*hd, D], mlp_norm [L, D],
+  and the FFN's own weights (dense: w_gate/w_up [L, D, F], w_down [L, F, D]).
+The FFN is a callable ``ffn_fn(layer_params, h[B, T, D]) -> (y[B, T, D], aux)`` so the same stack serves the
+dense model, the MoE model (routing precomputed once, closed over) and the statistics passes (aux = what
+they accumulate per layer; stacked to [L, ...] on the way out).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.layers import attention_mask, gqa_attention, rms_norm, swiglu_hidden
+from readme_jax.model.rope import apply_rope, rope_sin_cos
+
+FFNFn = Callable[[dict, jnp.ndarray], tuple[jnp.ndarray, Any]]
+ATTENTION_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Key/value cache for prefill + incremental decode of left-padded batches.
+
+    k, v      [L, B, S, K, hd]  keys (already rotated) and values, S = max_len slots
+    key_mask  <bool>[B, S]      which slots hold real tokens
+    index     <int32>[]         next slot to write (shared by the batch: rows are left-padded)
+    next_pos  <int32>[B]        RoPE position of each row's next token
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    key_mask: jnp.ndarray
+    index: jnp.ndarray
+    next_pos: jnp.ndarray
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.compute_dtype
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def dense_ffn(p: dict, h: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+    """The dense SwiGLU FFN: h [B, T, D] -> [B, T, D]."""
+    dt = h.dtype
+    act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))
+    return act @ p["w_down"].astype(dt), None
+
+
+def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None = None) -> jnp.ndarray:
+    """RoPE positions of left-padded rows: <int32>[B, T] counting real tokens from ``start`` [B] (default 0)."""
+    pos = jnp.cumsum(attention_mask_.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+def _attention_block(p, x, sin, cos, mask, kv, index, cfg):
+    B, T, _ = x.shape
+    dt = x.dtype
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = (h @ p["wq"].astype(dt)).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = (h @ p["wk"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = (h @ p["wv"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    if kv is not None:
+        ck, cv = kv
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        kv = (k, v)
+        k, v = k.astype(dt), v.astype(dt)
+    out = gqa_attention(q, k, v, mask).reshape(B, T, cfg.num_heads * cfg.head_dim)
+    return x + out @ p["wo"].astype(dt), kv
+
+
+def run_layers(layers: dict, x: jnp.ndarray, *, positions: jnp.ndarray, attention_mask_: jnp.ndarray,
+               cfg: LlamaConfig, ffn_fn: FFNFn = dense_ffn, cache: KVCache | None = None):
+    """Run the L decoder layers.
+
+    layers: stacked params (see module doc); x [B, T, D] embedded tokens in the compute dtype;
+    positions <int32>[B, T]; attention_mask_ <bool>[B, T] (False = padding).
+    Returns (x [B, T, D], cache or None, aux stacked [L, ...] or None).
+    """
+    T = x.shape[1]
+    sin, cos = rope_sin_cos(positions, cfg)
+    if cache is None:
+        index = jnp.zeros((), jnp.int32)
+        mask = attention_mask(jnp.arange(T), attention_mask_, cfg.sliding_window)
+        key_mask = None
+    else:
+        index = cache.index
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask_, (0, index))
+        mask = attention_mask(index + jnp.arange(T), key_mask, cfg.sliding_window)
+
+    def layer(x, p, kv):
+        x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg)
+        y, aux = ffn_fn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
+        return x + y, kv, aux
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+
+    kvs = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+        def body(x, xs):
+            p, kv = xs
+            x, kv, aux = layer(x, p, kv)
+            return x, (kv, aux)
+        x, (kvs, aux) = jax.lax.scan(body, x, (layers, kvs))
+    else:
+        outs = []
+        for i in range(cfg.num_layers):
+            p = jax.tree.map(lambda a: a[i], layers)
+            kv = None if kvs is None else (kvs[0][i], kvs[1][i])
+            x, kv, aux = layer(x, p, kv)
+            outs.append((kv, aux))
+        kvs, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+    if cache is not None:
+        n_new = jnp.sum(attention_mask_, axis=1, dtype=jnp.int32)
+        cache = cache.replace(k=kvs[0], v=kvs[1], key_mask=key_mask, index=index + T,
+                              next_pos=cache.next_pos + n_new)
+    return x, cache, aux

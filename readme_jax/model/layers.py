@@ -1,0 +1,52 @@
+"""Pure functions for the pieces of a Llama block: RMSNorm, grouped-query attention, SwiGLU.
+
+Dimension letters: B batch, T query time, S key time (cache slots), D model, F ffn, H query heads,
+K kv heads, G = H / K query heads per kv head, hd head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """x [..., D] * scale [D] / rms(x), computed in float32 and cast back to x's dtype (as HF)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def attention_mask(q_slots: jnp.ndarray, key_mask: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
+    """Which keys each query may see: <bool>[B, T, S].
+
+    q_slots <int32>[T]: the cache slot of each query (slot == position within a left-padded row);
+    key_mask <bool>[B, S]: which key slots hold real tokens. Causal in slot order; keys of padding are hidden.
+    """
+    k_slots = jnp.arange(key_mask.shape[1])
+    allowed = k_slots[None, :] <= q_slots[:, None]
+    if sliding_window is not None:
+        allowed &= q_slots[:, None] - k_slots[None, :] < sliding_window
+    return allowed[None] & key_mask[:, None, :]
+
+
+def gqa_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention with grouped kv heads.
+
+    q [B, T, H, hd], k/v [B, S, K, hd], mask <bool>[B, T, S] -> [B, T, H, hd].
+    Logits are scaled by 1/sqrt(hd); the softmax runs in float32. Rows with no visible key (left padding)
+    get a uniform distribution instead of NaN; their outputs are never used.
+    """
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, hd)
+
+
+def swiglu_hidden(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray) -> jnp.ndarray:
+    """The input of down_proj: SiLU(x W_gate) * (x W_up). x [..., D], w [D, F] -> [..., F]."""
+    return jax.nn.silu(x @ w_gate) * (x @ w_up)

@@ -1,0 +1,117 @@
+"""Dense Llama / Mistral decoder as a Flax NNX module.
+
+    model = Llama(LlamaConfig(...), rngs=nnx.Rngs(0))
+    logits = model(input_ids)                               # [B, T] -> <float32>[B, T, V]
+    cache = model.init_cache(batch, max_len)                # prefill + incremental decode
+    logits, cache = model(prompt_ids, attention_mask=m, cache=cache)
+    logits, cache = model(next_ids[:, None], cache=cache)
+
+Batched prompts of different lengths are left-padded (``attention_mask`` False on the padding); RoPE
+positions count real tokens only, so a left-padded row gives the same logits as the row alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers
+from readme_jax.model.layers import rms_norm
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class AttentionLayers(nnx.Module):
+    """The attention half of every layer plus both norms, stacked along L."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        L, D, dt = cfg.num_layers, cfg.hidden_size, cfg.weight_dtype
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.attn_norm = nnx.Param(jnp.ones((L, D), dt))
+        self.wq = _normal(rngs, (L, D, q_dim), dt)
+        self.wk = _normal(rngs, (L, D, kv_dim), dt)
+        self.wv = _normal(rngs, (L, D, kv_dim), dt)
+        self.wo = _normal(rngs, (L, q_dim, D), dt)
+        self.mlp_norm = nnx.Param(jnp.ones((L, D), dt))
+
+    def arrays(self) -> dict:
+        return {k: getattr(self, k)[...] for k in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")}
+
+
+class DenseFFN(nnx.Module):
+    """SwiGLU FFN weights stacked along L: w_gate/w_up [L, D, F], w_down [L, F, D]."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        L, D, F, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+        self.w_gate = _normal(rngs, (L, D, F), dt)
+        self.w_up = _normal(rngs, (L, D, F), dt)
+        self.w_down = _normal(rngs, (L, F, D), dt)
+
+    def arrays(self) -> dict:
+        return {"w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
+
+
+class Embedding(nnx.Module):
+    """Token embedding [V, D], the final norm [D] and the LM head [D, V] (absent when tied)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        V, D, dt = cfg.vocab_size, cfg.hidden_size, cfg.weight_dtype
+        self.cfg = cfg
+        self.embed = _normal(rngs, (V, D), dt)
+        self.final_norm = nnx.Param(jnp.ones((D,), dt))
+        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (D, V), dt)
+
+    def encode(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+        """<int32>[B, T] -> [B, T, D] in the compute dtype."""
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
+
+    def decode(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[B, T, D] -> <float32>[B, T, V] logits."""
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return (x @ head.astype(x.dtype)).astype(jnp.float32)
+
+
+class Llama(nnx.Module):
+    """Dense decoder-only LM. See the module docstring for the call forms."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.tok = Embedding(config, rngs)
+        self.attn = AttentionLayers(config, rngs)
+        self.ffn = DenseFFN(config, rngs)
+
+    def layer_arrays(self) -> dict:
+        """All per-layer weights as one dict of stacked [L, ...] arrays."""
+        return {**self.attn.arrays(), **self.ffn.arrays()}
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return KVCache.init(self.config, batch, max_len, dtype)
+
+    def hidden_states(self, input_ids, *, attention_mask=None, cache=None, ffn_fn=dense_ffn):
+        """The decoder stack without the LM head: (x [B, T, D], cache, aux [L, ...]).
+
+        ``ffn_fn(layer_params, h) -> (y, aux)`` replaces the FFN (statistics passes use it to collect
+        per-layer activations; see readme_jax.model.decoder).
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        attention_mask = attention_mask.astype(bool)
+        start = None if cache is None else cache.next_pos
+        positions = positions_from_mask(attention_mask, start)
+        x = self.tok.encode(input_ids)
+        return run_layers(self.layer_arrays(), x, positions=positions, attention_mask_=attention_mask,
+                          cfg=self.config, ffn_fn=ffn_fn, cache=cache)
+
+    def __call__(self, input_ids, *, attention_mask=None, cache: KVCache | None = None):
+        """input_ids <int32>[B, T] -> logits <float32>[B, T, V]; with ``cache``: (logits, new cache)."""
+        x, new_cache, _ = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        logits = self.tok.decode(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
