@@ -1,0 +1,45 @@
+"""``python -m readme_jax.generate --model PATH "prompt" ["prompt" ...]``: batched text generation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m readme_jax.generate", description=__doc__)
+    ap.add_argument("--model", required=True,
+                    help="HF directory, .gguf file, or a readme_jax checkpoint; 'smollm2' = the pinned SmolLM2-135M")
+    ap.add_argument("prompts", nargs="+")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from readme_jax import assets
+    from readme_jax.convert.load import load_pretrained
+    from readme_jax.generation import generate
+
+    path = assets.smollm2_gguf() if args.model == "smollm2" else args.model
+    try:
+        model, tokenizer = load_pretrained(path, dtype=jnp.dtype(args.dtype))
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer found next to the model")
+        outs = generate(model, tokenizer, args.prompts, args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, chat=args.chat)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for prompt, out in zip(args.prompts, outs):
+        print(f"{prompt}{out}" if not args.chat else out)
+        print("-" * 40)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

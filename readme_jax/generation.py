@@ -1,0 +1,121 @@
+"""Batched generation with the KV cache: greedy, temperature and top-p sampling, stop on EOS.
+
+Works for every model kind that has ``init_cache(batch, max_len)`` and a call
+``model(ids, attention_mask=..., cache=cache) -> (logits, cache)`` (the dense Llama and the Read-ME MoE,
+whose cache also carries its router's cache). Prompts are left-padded into one batch; prefill is one call,
+then the whole decode loop runs inside one ``jax.jit`` as a ``lax.while_loop`` that stops when every row
+has produced EOS or ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compile
+
+
+def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
+    """Pick the next token per row. logits <f32>[B, V] -> <int32>[B].
+
+    temperature == 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
+    smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate_jit(graphdef, state, ids, mask, rng, temperature, top_p, eos_id, pad_id, *, max_new_tokens):
+    model = nnx.merge(graphdef, state)
+    B, P = ids.shape
+    cache = model.init_cache(B, P + max_new_tokens)
+    logits, cache = model(ids, attention_mask=mask, cache=cache)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, last, rng, out, done = carry
+        rng, key = jax.random.split(rng)
+        tok = jnp.where(done, pad_id, sample_token(last, key, temperature, top_p))
+        out = out.at[:, i].set(tok)
+        done = done | (tok == eos_id)
+        logits, cache = model(tok[:, None], cache=cache)
+        return i + 1, cache, logits[:, -1], rng, out, done
+
+    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], rng, out, jnp.zeros((B,), bool))
+    n, *_, out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, n
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
+    """Continue each prompt (a list of token ids). Returns the new ids per prompt, cut after EOS (kept)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        getattr(model.config, "base", None), "max_position_embeddings", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context of {limit} tokens")
+    P = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for row, p in enumerate(prompts):
+        ids[row, P - len(p):] = p
+        mask[row, P - len(p):] = True
+    graphdef, state = nnx.split(model)
+    eos = -1 if eos_id is None else eos_id
+    out, n = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+                           jnp.float32(temperature), jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_id),
+                           max_new_tokens=max_new_tokens)
+    out = np.asarray(out)[:, : int(n)]
+    results = []
+    for row in out:
+        row = row.tolist()
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        results.append(row)
+    return results
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, *,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_on_eos: bool = True,
+             chat: bool = False) -> str | list[str]:
+    """Generate text continuations. A single prompt string returns a string; a list returns a list.
+
+    ``chat=True`` wraps each prompt as a user message with the tokenizer's chat template.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+                 for t in texts]
+    add_bos = not chat and tokenizer.bos_id is not None and getattr(tokenizer, "add_bos_default", False)
+    ids = tokenizer.encode_batch(texts, bos=add_bos)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    new = generate_ids(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       eos_id=tokenizer.eos_id if stop_on_eos else None, pad_id=pad)
+    if stop_on_eos and tokenizer.eos_id is not None:
+        new = [row[:-1] if row and row[-1] == tokenizer.eos_id else row for row in new]
+    outs = [tokenizer.decode(row) for row in new]
+    return outs[0] if single else outs
