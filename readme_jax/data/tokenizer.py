@@ -46,10 +46,14 @@ class Tokenizer(abc.ABC):
     Subclasses implement :meth:`_encode`, :meth:`_encode_batch`, :meth:`decode`, :meth:`id_to_token`,
     :meth:`token_to_id`, :attr:`vocab_size` and :meth:`save`; this class holds the special ids and the
     chat template and adds ``bos`` / ``eos`` around encodings.
+
+    ``add_bos_default`` records whether the source prepends BOS when asked for "special tokens" (the
+    ``add_bos_token`` flag of transformers / GGUF); :meth:`encode` itself never does, callers decide.
     """
 
     def __init__(self, *, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, add_bos_default: bool = False):
+        self.add_bos_default = bool(add_bos_default) and bos_id is not None
         self.bos_id = bos_id
         self.eos_id = eos_id
         # pad falls back to eos, else 0, so batching code always has an id to fill with.
@@ -139,7 +143,7 @@ class Tokenizer(abc.ABC):
             CONFIG_MARKER: kind,
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
             "bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id,
-            "add_bos_token": False, "add_eos_token": False,
+            "add_bos_token": self.add_bos_default, "add_eos_token": False,
             "chat_template": self.chat_template,
         }
 
@@ -220,7 +224,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
         if (path / "tokenizer.model").is_file():
             return _load_sentencepiece(path / "tokenizer.model", config)
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1 and not config:
+        if len(ggufs) == 1:
             return tokenizer_from_gguf(ggufs[0])
         return None
     if not path.exists():
@@ -242,15 +246,15 @@ def tokenizer_from_gguf(source) -> Tokenizer:
     ``source`` is a ``gguf.GGUFReader`` or a path. Supports ``tokenizer.ggml.model == "gpt2"`` (byte-level
     BPE; SmolLM2) and ``"llama"`` (SentencePiece BPE with scores; Llama-1/2, Mistral).
     """
-    from readme_jax.data import bpe, sentencepiece_tok
-
     meta = read_gguf_tokenizer_metadata(source)
     name = meta["_source"]
     kind = meta.get("tokenizer.ggml.model")
     if kind == "gpt2":
-        return bpe.BPETokenizer.from_gguf_metadata(meta)
+        from readme_jax.data.bpe import BPETokenizer
+        return BPETokenizer.from_gguf_metadata(meta)
     if kind == "llama":
-        return sentencepiece_tok.SentencePieceTokenizer.from_gguf_metadata(meta)
+        from readme_jax.data.sentencepiece_tok import SentencePieceTokenizer
+        return SentencePieceTokenizer.from_gguf_metadata(meta)
     raise TokenizerError(f"{name}: GGUF tokenizer model {kind!r} is not supported "
                          "(expected tokenizer.ggml.model 'gpt2' or 'llama')")
 
@@ -262,8 +266,8 @@ def read_gguf_tokenizer_metadata(source) -> dict[str, Any]:
     except ImportError as e:  # pragma: no cover
         raise ImportError("reading a GGUF needs the gguf package: pip install gguf") from e
     if isinstance(source, gguf.GGUFReader):
-        reader, name = source, str(getattr(source, "data", None) is not None and getattr(source.data, "filename", "")
-                                   or "<GGUFReader>")
+        reader = source
+        name = str(getattr(getattr(source, "data", None), "filename", None) or "<GGUFReader>")
     else:
         name = str(source)
         if not Path(source).is_file():
