@@ -1,0 +1,25 @@
+"""Checkpoint conversion: HF safetensors / GGUF -> Flax, our orbax checkpoints, and export back to HF.
+
+    from readme_jax.convert import load_pretrained, save_checkpoint, export_hf  # functions
+    model, tokenizer = load_pretrained("path/to/hf_dir_or.gguf")
+
+CLI: ``python -m readme_jax.convert SRC OUT [--to-hf] [--dtype bfloat16]``. Submodules are imported lazily.
+"""
+
+from readme_jax.convert.errors import CheckpointError
+
+_LAZY = {
+    "load_pretrained": "readme_jax.convert.load",
+    "register_loader": "readme_jax.convert.load",
+    "save_checkpoint": "readme_jax.convert.checkpoint",
+    "export_hf": "readme_jax.convert.hf_export",
+}
+
+__all__ = ["CheckpointError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
