@@ -1,0 +1,1 @@
+"""Expert extraction from a dense model: calibration statistics -> masks -> materialised experts."""

@@ -1,0 +1,125 @@
+"""The Read-ME model: one routing per call shared by every layer, cached decode, save -> load_pretrained."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import readme_jax
+from readme_jax.model import moe
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.readme import ReadMe, ReadMeConfig, save_readme
+from readme_jax.model.router import RouterConfig
+from tests.tiny_models import random_model
+
+E = 3
+CFG = ReadMeConfig(
+    base=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2,
+                     num_kv_heads=1, head_dim=8, max_position_embeddings=64),
+    num_experts=E, expert_dim=12,
+    router=RouterConfig(vocab_size=40, dim=16, n_heads=2, mlp_dim=16, num_experts=E, embed_rank=4, max_len=64),
+    domains=("a", "b", "c"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    # larger router weights than the 0.02 init, so that its choices vary with the tokens
+    return random_model(lambda rngs: ReadMe(CFG, rngs=rngs),
+                        overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
+
+
+def _ids(seed, shape=(2, 10)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 40, shape), jnp.int32)
+
+
+def test_config_roundtrip_and_counts(model):
+    assert ReadMeConfig.from_dict(CFG.to_dict()) == CFG
+    b = CFG.base
+    one_expert = 3 * b.num_layers * b.hidden_size * CFG.expert_dim
+    assert model.num_params() - model.active_params() == (E - 1) * one_expert
+    assert model.experts.w_gate[...].shape == (3, E, 16, 12) and model.experts.w_down[...].shape == (3, E, 12, 16)
+    with pytest.raises(ValueError, match="num_experts"):
+        CFG.replace(num_experts=4)
+
+
+def test_every_layer_sees_the_same_expert_ids(model, monkeypatch):
+    """plan_dispatch runs once per call, outside the scan, and each layer's FFN gets that one plan."""
+    calls = []
+    real = moe.plan_dispatch
+    monkeypatch.setattr(moe, "plan_dispatch", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def probe(plan):
+        ffn = moe.moe_ffn_fn(plan)
+
+        def layer(p, h):
+            y, _ = ffn(p, h)
+            # each token's expert, read back from the plan this layer was given
+            ends = jnp.cumsum(plan.group_sizes)
+            return y, jnp.searchsorted(ends, plan.unsort_idx, side="right").astype(jnp.int32)
+        return layer
+
+    ids = _ids(0)
+    routed = np.asarray(jax.jit(model.route)(ids)).reshape(-1)
+    assert len(np.unique(routed)) > 1
+    fixed = jnp.asarray(np.random.default_rng(1).integers(0, E, ids.shape), jnp.int32)
+    looped = nnx.merge(*nnx.split(model))
+    looped.config = CFG.replace(base=CFG.base.replace(scan_layers=False))
+    # the router's ids through the scanned stack; oracle ids through the Python-loop stack
+    for m, given, want in ((model, None, routed), (looped, fixed, np.asarray(fixed).reshape(-1))):
+        calls.clear()
+        _, _, aux = jax.jit(lambda ids, e: m.hidden_states(ids, expert_ids=e, ffn_fn=probe))(ids, given)
+        assert len(calls) == 1
+        aux = np.asarray(aux)
+        assert aux.shape == (CFG.base.num_layers, ids.size)
+        for layer in aux:
+            np.testing.assert_array_equal(layer, want)
+
+
+def test_router_default_and_oracle_routing(model):
+    ids = _ids(2)
+
+    @jax.jit
+    def forms(ids):
+        return (model(ids), model(ids, expert_ids=model.route(ids)),
+                model(ids, expert_ids=1), model(ids, expert_ids=jnp.ones(ids.shape, jnp.int32)))
+
+    routed, oracle, const, ones = (np.asarray(x) for x in forms(ids))
+    np.testing.assert_allclose(routed, oracle, atol=1e-6)
+    np.testing.assert_allclose(const, ones, atol=1e-6)
+    assert not np.allclose(routed, const)
+    with pytest.raises(ValueError, match="outside"):
+        model(ids, expert_ids=E)
+    with pytest.raises(ValueError, match="shape"):
+        model(ids, expert_ids=jnp.zeros((2, 3), jnp.int32))
+
+
+def test_cached_decode_equals_full(model):
+    T, P = 9, 4
+    ids = _ids(3, (2, T))
+    mask = np.ones((2, T), bool)
+    mask[0, :2] = False                                                # left padding
+    full = np.asarray(jax.jit(lambda ids, m: model(ids, attention_mask=m))(ids, jnp.asarray(mask)))
+
+    step = jax.jit(lambda ids, m, c: model(ids, attention_mask=m, cache=c))
+    cache = model.init_cache(2, 16)
+    logits, cache = step(ids[:, :P], jnp.asarray(mask[:, :P]), cache)
+    outs = [np.asarray(logits)]
+    for t in range(P, T):
+        logits, cache = step(ids[:, t:t + 1], jnp.ones((2, 1), bool), cache)
+        outs.append(np.asarray(logits))
+    inc = np.concatenate(outs, axis=1)
+    assert int(cache.router.index) == T and int(cache.backbone.index) == T
+    np.testing.assert_allclose(inc[mask], full[mask], atol=2e-5, rtol=2e-5)
+
+
+def test_save_load_pretrained_same_logits(model, tmp_path):
+    out = save_readme(model, tmp_path / "ckpt")
+    import json
+    marker = json.loads((out / "config.json").read_text())["readme_jax"]
+    assert marker == {"kind": "readme", "version": 1}
+    loaded, tokenizer = readme_jax.load_pretrained(out)
+    assert isinstance(loaded, ReadMe) and tokenizer is None and loaded.config == CFG
+    ids = _ids(4)
+    fwd = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
+    np.testing.assert_array_equal(np.asarray(fwd(*nnx.split(loaded), ids)), np.asarray(fwd(*nnx.split(model), ids)))
