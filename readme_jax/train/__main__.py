@@ -1,0 +1,56 @@
+"""``python -m readme_jax.train [--config FILE] [--run-dir DIR] [--stage NAME] [key.sub=value ...]``.
+
+Thin on purpose: parse the command line, join the processes of a multi-host job, call the pipeline.
+With no arguments it runs the embedded default config (configs/default.yaml) into ``runs/default``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _multiprocess() -> bool:
+    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or \
+        int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1) > 1
+
+
+def main(argv=None) -> int:
+    from readme_jax.train.pipeline import STAGES
+    parser = argparse.ArgumentParser(prog="python -m readme_jax.train",
+                                     description="Read-ME: dense model -> statistics -> experts -> "
+                                                 "alternating router/expert tuning -> evaluation -> export.")
+    parser.add_argument("--config", help="YAML config (a path, or a name in configs/ e.g. 'tiny'); "
+                                          "default: the embedded configs/default.yaml")
+    parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
+    parser.add_argument("--stage", choices=STAGES, help="run only this stage")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+
+    import jax
+    if _multiprocess():
+        jax.distributed.initialize()
+    if os.environ.get("READMEJAX_JIT_CACHE", "1") != "0":   # persistent XLA cache: reruns skip compiles
+        from readme_jax.assets import cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax_compilation_cache")))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+    from readme_jax.config import ConfigError, load_config
+    from readme_jax.convert.errors import CheckpointError
+    from readme_jax.data.sources import CorpusError
+    from readme_jax.train.checkpointing import CheckpointError as TrainCheckpointError
+    from readme_jax.train.pipeline import PipelineError, run_pipeline
+    from readme_jax.train.steps import TrainingDivergedError
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_pipeline(cfg, args.run_dir, stage=args.stage)
+    except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError,
+            TrainCheckpointError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

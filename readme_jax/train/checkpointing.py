@@ -1,0 +1,148 @@
+"""Orbax checkpoints of the alternating rounds: one CheckpointManager per phase (``router_0``, ``expert_0``...).
+
+Layout::
+
+    <run_dir>/checkpoints/<phase>/<step>/params      trainable params of the phase (flat {path: array})
+                                        /opt_state   optax state (flat {path: array})
+                                        /meta        JSON: phase, round, step, steps, done, data iterator
+                                                     state (grain, JSON), RNG key data, host metrics
+
+Only the phase's *trainable* partition is stored (the router in a router phase, the backbone in an expert
+phase): the other partition is, bitwise, the last completed phase of the other kind, so the model at any
+point is ``extracted model <- last router params <- last backbone params``.
+
+Pytrees are stored flat, keyed by their jax key paths (``.router.attn.wq``, ``[1][0].mu.router...``), and
+restored into a template of the same structure: nothing depends on how orbax handles NNX or optax
+containers, and a structure mismatch is an error naming the missing / extra keys.
+
+Atomicity (orbax 0.12, local filesystem, verified by ``tests/test_train.py``): a save is written into
+``<phase>/<step>.orbax-checkpoint-tmp-*`` and renamed to ``<phase>/<step>`` only once every item is
+finalised; ``all_steps()`` / ``latest_step()`` ignore tmp folders, so a crash mid-save leaves the previous
+checkpoint as the latest. Old steps are deleted only after the new one is final (``max_to_keep``). Saves are
+synchronous here: the step after ``save`` never overlaps a write that could still fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model being restored."""
+
+
+def _key_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts) or "_"
+
+
+def flatten(tree) -> dict[str, Any]:
+    """{path string: leaf} of a pytree (a flat dict orbax stores as is)."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = _key_str(path).replace("/", ".")
+        if key in flat:
+            raise CheckpointError(f"two leaves share the checkpoint key {key!r}")
+        flat[key] = leaf
+    return flat
+
+
+def unflatten(template, flat: dict[str, Any], what: str):
+    """Put the arrays of ``flat`` back into the structure of ``template`` (leaf dtypes must match)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    keys = [_key_str(p).replace("/", ".") for p, _ in leaves]
+    missing, extra = sorted(set(keys) - set(flat)), sorted(set(flat) - set(keys))
+    if missing or extra:
+        raise CheckpointError(f"{what}: checkpoint does not match the model: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                              f"{'...' if len(extra) > 5 else ''}")
+    out = []
+    for key, (_, ref) in zip(keys, leaves):
+        arr = flat[key]
+        if tuple(np.shape(arr)) != tuple(np.shape(ref)):
+            raise CheckpointError(f"{what}: {key} has shape {np.shape(arr)} in the checkpoint, "
+                                  f"{np.shape(ref)} in the model")
+        out.append(arr)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
+
+
+def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items()}
+
+
+class PhaseCheckpoints:
+    """Checkpoints of one phase (one CheckpointManager directory)."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False),
+            item_names=("params", "opt_state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def meta(self, step: int | None = None) -> dict | None:
+        """The JSON meta of ``step`` (default: latest), or None when there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def is_done(self) -> bool:
+        m = self.meta()
+        return bool(m and m.get("done"))
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        """Write one checkpoint (synchronously; atomically, see the module docstring)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(flatten(params)),
+            opt_state=ocp.args.StandardSave(flatten(opt_state)),
+            meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, params_template, opt_template=None, step: int | None = None):
+        """(params, opt_state or None, meta) of ``step`` (default latest), in the templates' structure."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        items = {"params": ocp.args.StandardRestore(_abstract(flatten(params_template))),
+                 "meta": ocp.args.JsonRestore()}
+        if opt_template is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(flatten(opt_template)))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({e})") from e
+        params = unflatten(params_template, dict(out["params"]), f"{self.directory}/{step}/params")
+        opt = None if opt_template is None else unflatten(opt_template, dict(out["opt_state"]),
+                                                          f"{self.directory}/{step}/opt_state")
+        return params, opt, dict(out["meta"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def remove_tmp_dirs(directory: str | Path) -> list[Path]:
+    """Delete leftover ``*.orbax-checkpoint-tmp-*`` folders of an interrupted save; returns them."""
+    removed = []
+    for p in Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

@@ -1,0 +1,220 @@
+"""Jitted train steps of the alternating rounds (pure functions over split NNX state).
+
+The Read-ME model is split once per phase into ``(graphdef, trainable, frozen)``:
+
+* router phase: ``trainable`` = the router's params (``PathContains('router')``); the backbone is in
+  ``frozen`` and is never written, so it stays bitwise unchanged;
+* expert phase: ``trainable`` = every param outside the router; the router is frozen.
+
+A step takes ``(trainable, opt_state, frozen, batch, ...)`` and returns new ``(trainable, opt_state)`` plus
+metrics. Gradient accumulation: the batch ``[A * b, T]`` is reshaped to ``[A, b, T]`` and scanned, the
+gradients averaged, then one optimizer update. The router step's targets come from the frozen dense
+*parent* (its state is an argument); the expert step routes each micro-batch once with the frozen router
+(argmax, no gradient) and feeds those ids to every backbone layer.
+
+bf16 compute: :func:`compute_graphdef` re-labels every config dataclass in the module tree with
+``dtype='bfloat16'``, so activations and matmuls run in bf16 while params (the master copy) and optimizer
+state stay f32; losses are computed in f32.
+
+The step is pure, so a diverged update is never adopted: :func:`check_finite` raises
+:class:`TrainingDivergedError` on a NaN/Inf loss, gradient or update *before* the caller stores or saves
+the new state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy, router_targets
+
+ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
+BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
+
+
+class TrainingDivergedError(RuntimeError):
+    """A train step produced a non-finite loss, gradient or update; nothing of that step was kept."""
+
+
+def trainable_filter(kind: str):
+    if kind == "router":
+        return ROUTER_PARAMS
+    if kind == "expert":
+        return BACKBONE_PARAMS
+    raise ValueError(f"unknown phase kind {kind!r} (expected 'router' or 'expert')")
+
+
+def split_for(model: nnx.Module, kind: str):
+    """(graphdef, trainable State, frozen State) of ``model`` for a ``kind`` ('router' | 'expert') phase."""
+    return nnx.split(model, trainable_filter(kind), ...)
+
+
+# ------------------------------------------------------------------------------------- dtype
+def _with_dtype(value: Any, dtype: str) -> Any:
+    """A config dataclass (and the config dataclasses inside it) with compute ``dtype``; others as is."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    changes = {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if f.name == "dtype" and isinstance(v, str):
+            changes["dtype"] = dtype
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            nv = _with_dtype(v, dtype)
+            if nv is not v:
+                changes[f.name] = nv
+    return dataclasses.replace(value, **changes) if changes else value
+
+
+def _relabel(module: nnx.Module, dtype: str) -> list[tuple[Any, str, Any]]:
+    """Set ``dtype`` on every config dataclass held by a module of the tree; returns what to undo."""
+    undo = []
+    for _, m in nnx.iter_modules(module):
+        for name, value in list(vars(m).items()):
+            new = _with_dtype(value, dtype)
+            if new is not value:
+                undo.append((m, name, value))
+                object.__setattr__(m, name, new)
+    return undo
+
+
+def compute_graphdef(model: nnx.Module, dtype: str, filters=None):
+    """The graphdef of ``model`` with every config's compute dtype set to ``dtype`` (model left as it was)."""
+    undo = _relabel(model, dtype)
+    try:
+        graphdef = nnx.graphdef(model) if filters is None else nnx.split(model, *filters)[0]
+    finally:
+        for m, name, value in reversed(undo):
+            object.__setattr__(m, name, value)
+    return graphdef
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _microbatches(x: jnp.ndarray, n: int) -> jnp.ndarray:
+    """[A * b, ...] -> [A, b, ...]."""
+    if x.shape[0] % n:
+        raise ValueError(f"batch of {x.shape[0]} sequences is not a multiple of grad_accum={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
+def _accumulate(grad_fn: Callable, trainable, micro: dict, n: int):
+    """Mean of ``grad_fn(trainable, mb) -> ((loss, aux), grads)`` over the n micro-batches (one lax.scan,
+    so the loss is traced once whatever n is)."""
+    if n == 1:
+        (loss, aux), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], micro))
+        return loss, aux, grads
+    shapes = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, mb):
+        out = grad_fn(trainable, mb)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
+    inv = 1.0 / n
+    return loss * inv, jax.tree.map(lambda a: a * inv, aux), jax.tree.map(lambda g: g * inv, grads)
+
+
+def _apply(tx: optax.GradientTransformation, trainable, opt_state, grads, lr_scale):
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+    return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(updates)
+
+
+# -------------------------------------------------------------------------------------- steps
+def make_router_step(graphdef, dense_graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+                     use_abs: bool = False):
+    """Jitted ``step(trainable, opt_state, frozen, dense_state, specific, input_ids, peak_lr)``.
+
+    ``tx`` is the unit-lr optimizer of :func:`readme_jax.train.optim.make_optimizer` (peak 1); its updates are
+    scaled by the traced ``peak_lr`` <float32>[], so one compiled step serves every round.
+    trainable / frozen: the Read-ME state split by :func:`split_for` (kind 'router');
+    dense_state: ``nnx.state`` of the dense parent; specific <bool>[E, L, F]; input_ids <int32>[B, T].
+    Returns (trainable, opt_state, metrics {loss, accuracy, grad_norm, update_norm}).
+    """
+
+    def grad_fn(trainable, frozen, dense_state, specific, ids):
+        dense = nnx.merge(dense_graphdef, dense_state)
+        dist = router_targets(dense, ids, None, specific, use_abs=use_abs)
+        mask = jnp.ones(ids.shape, jnp.float32)
+
+        def loss_fn(tr):
+            model = nnx.merge(graphdef, tr, frozen)
+            logits = model.router(ids)
+            return distill_loss(logits, dist, mask), router_accuracy(logits, dist, mask)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state, frozen, dense_state, specific, input_ids, peak_lr):
+        micro = {"input_ids": _microbatches(input_ids, grad_accum)}
+        loss, acc, grads = _accumulate(
+            lambda tr, mb: grad_fn(tr, frozen, dense_state, specific, mb["input_ids"]), trainable, micro, grad_accum)
+        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
+        return new_tr, new_opt, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
+                                 "update_norm": unorm}
+
+    return step
+
+
+def make_expert_step(graphdef, tx: optax.GradientTransformation, *, num_experts: int, grad_accum: int = 1):
+    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``, batch = {input_ids, targets, loss_mask}
+    (``tx`` / ``peak_lr`` as in :func:`make_router_step`).
+
+    Routes come from the frozen router once per micro-batch (argmax, no gradient) and are passed to the
+    backbone as ``expert_ids``. Returns (trainable, opt_state, metrics {loss, grad_norm, update_norm,
+    load <float32>[E] (share of tokens per expert)}).
+    """
+
+    def grad_fn(trainable, frozen, mb):
+        ids = mb["input_ids"]
+        routing = nnx.merge(graphdef, trainable, frozen)
+        expert_ids = jax.lax.stop_gradient(jnp.argmax(routing.router(ids), axis=-1).astype(jnp.int32))
+        load = jnp.mean(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=(0, 1))
+
+        def loss_fn(tr):
+            model = nnx.merge(graphdef, tr, frozen)
+            logits = model(ids, expert_ids=expert_ids)
+            loss, _ = lm_loss(logits, mb["targets"], mb["loss_mask"])
+            return loss, load
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state, frozen, batch, peak_lr):
+        micro = {k: _microbatches(batch[k], grad_accum) for k in ("input_ids", "targets", "loss_mask")}
+        loss, load, grads = _accumulate(lambda tr, mb: grad_fn(tr, frozen, mb), trainable, micro, grad_accum)
+        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
+        return new_tr, new_opt, {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": unorm,
+                                 "load": load}
+
+    return step
+
+
+# ------------------------------------------------------------------------------------- checks
+def check_finite(metrics: dict, *, phase: str, step: int) -> dict:
+    """Host copies of the scalar metrics; :class:`TrainingDivergedError` if loss / norms are not finite."""
+    host = {k: np.asarray(jax.device_get(v)) for k, v in metrics.items()}
+    bad = [k for k in ("loss", "grad_norm", "update_norm") if k in host and not np.all(np.isfinite(host[k]))]
+    if bad:
+        vals = ", ".join(f"{k}={float(host[k])}" for k in bad)
+        raise TrainingDivergedError(
+            f"{phase}, step {step}: non-finite {vals}. The update was discarded and nothing of this step was "
+            f"saved; the last good checkpoint is intact. Lower the learning rate (train.*_lr), enable "
+            f"train.grad_clip, or use float32 compute (train.dtype).")
+    return {k: (float(v) if v.ndim == 0 else v.tolist()) for k, v in host.items()}
+
+
+def lr_at(peak_lr: float, steps: int, step: int) -> float:
+    """The learning rate of update ``step`` under optim.schedule (for logs)."""
+    if not math.isfinite(peak_lr):
+        return peak_lr
+    frac = min(step, steps) / max(steps, 1)
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * frac))

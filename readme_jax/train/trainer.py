@@ -1,0 +1,246 @@
+"""The alternating rounds: ``router_0, expert_0, router_1, expert_1, ...``, each resumable mid-round.
+
+One phase = one round of one kind:
+
+* ``router_r``: ``train.router_steps`` updates of the router only, distillation loss against targets from
+  the frozen dense parent (kept loaded for the whole run);
+* ``expert_r``: ``train.expert_steps`` updates of everything but the router, LM loss through the MoE
+  backbone routed by the frozen router.
+
+Each phase trains on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``) with its own seed,
+and checkpoints (``checkpointing.PhaseCheckpoints``) every ``train.checkpoint_every`` updates and at its
+end (``done``). Rerunning resumes a phase from its latest checkpoint: params, optimizer state, step, the
+grain iterator's state and the RNG are restored, and the metrics log is cut back to that step, so a
+resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an uninterrupted one.
+
+Test hooks: ``READMEJAX_FAIL_AT_STEP=<phase>:<n>`` (e.g. ``expert_0:3``) hard-exits the process with code
+75 right after update ``n`` of that phase (and its checkpoint, if one falls there): a simulated kill.
+``READMEJAX_NAN_AT_STEP=<phase>:<n>`` runs update ``n`` with an infinite learning rate, so that update
+diverges (non-finite update) and the run stops with :class:`TrainingDivergedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from readme_jax.config import Config
+from readme_jax.train import steps as steps_lib
+from readme_jax.train.checkpointing import PhaseCheckpoints, remove_tmp_dirs
+from readme_jax.train.optim import make_optimizer, round_lr
+
+FAIL_ENV = "READMEJAX_FAIL_AT_STEP"
+FAIL_EXIT_CODE = 75
+NAN_ENV = "READMEJAX_NAN_AT_STEP"
+
+
+# ------------------------------------------------------------------------------------ metrics log
+class MetricsLog:
+    """Append-only JSONL of step / eval / stage records (``<run_dir>/metrics.jsonl``)."""
+
+    def __init__(self, path: str | Path, *, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+        return out
+
+    def drop(self, predicate: Callable[[dict], bool]) -> None:
+        """Rewrite the log without the records matching ``predicate`` (atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in self.records() if not predicate(r)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------------------------------ phases
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    kind: str          # "router" | "expert"
+    round: int
+    steps: int
+    batch: int
+    peak_lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.round}"
+
+
+def phases(cfg: Config) -> list[Phase]:
+    """The alternating schedule of ``cfg.train``: router_0, expert_0, router_1, ..."""
+    t = cfg.train
+    out = []
+    for r in range(t.rounds):
+        out.append(Phase("router", r, t.router_steps, t.router_batch, round_lr(t.router_lr, t.lr_decay, r),
+                         t.seed + 1000 * r + 1))
+        out.append(Phase("expert", r, t.expert_steps, t.expert_batch, round_lr(t.expert_lr, t.lr_decay, r),
+                         t.seed + 1000 * r + 2))
+    return out
+
+
+def _fail_point(env: str = FAIL_ENV) -> tuple[str, int] | None:
+    spec = os.environ.get(env)
+    if not spec:
+        return None
+    name, _, n = spec.rpartition(":")
+    return name, int(n)
+
+
+class Trainer:
+    """Runs phases on one Read-ME model in place (see the module docstring).
+
+    Args:
+      cfg: the run config; run_dir: where ``checkpoints/`` live; model: the ReadMe (updated in place);
+      dense: the frozen dense parent (router targets); specific <bool>[E, L, F]; corpus, tokenizer: data;
+      log: the run's MetricsLog.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, model, dense, specific: np.ndarray, corpus, tokenizer,
+                 log: MetricsLog, *, progress: bool = True):
+        self.cfg, self.run_dir, self.model, self.dense = cfg, Path(run_dir), model, dense
+        self.specific = jnp.asarray(specific, bool)
+        self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
+        self.dense_graphdef, self.dense_state = nnx.split(dense)
+        self.dense_state = jax.device_put(self.dense_state, jax.devices()[0])
+        self._steps: dict[str, tuple[Callable, Any]] = {}
+        if cfg.train.dtype != "float32":
+            self.dense_graphdef = steps_lib.compute_graphdef(dense, cfg.train.dtype)
+
+    def _step_fn(self, phase: Phase, graphdef):
+        """(jitted step, unit-lr optimizer) of the phase's kind, built once and reused by every round."""
+        t = self.cfg.train
+        if phase.kind not in self._steps:
+            tx = make_optimizer(1.0, phase.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+            if phase.kind == "router":
+                fn = steps_lib.make_router_step(graphdef, self.dense_graphdef, tx, grad_accum=t.grad_accum,
+                                                use_abs=t.target_abs)
+            else:
+                fn = steps_lib.make_expert_step(graphdef, tx, num_experts=int(self.specific.shape[0]),
+                                                grad_accum=t.grad_accum)
+            self._steps[phase.kind] = (fn, tx)
+        return self._steps[phase.kind]
+
+    def checkpoints(self, phase: Phase) -> PhaseCheckpoints:
+        return PhaseCheckpoints(self.run_dir / "checkpoints" / phase.name)
+
+    def is_done(self, phase: Phase) -> bool:
+        d = self.run_dir / "checkpoints" / phase.name
+        return d.is_dir() and self.checkpoints(phase).is_done()
+
+    def load_done(self, phase: Phase) -> None:
+        """Put a completed phase's final trainable params into the model."""
+        _, trainable, _ = steps_lib.split_for(self.model, phase.kind)
+        params, _, _ = self.checkpoints(phase).restore(trainable)
+        nnx.update(self.model, params)
+
+    def _dataset(self, phase: Phase):
+        from readme_jax.data.pipeline import mixed_dataset
+        return mixed_dataset(self.corpus, self.tokenizer, self.cfg.train.seq_len, phase.batch, phase.seed,
+                             split="train")
+
+    def run(self, phase: Phase) -> None:
+        """Train ``phase`` to its end, resuming from its latest checkpoint if there is one."""
+        t = self.cfg.train
+        ckdir = self.run_dir / "checkpoints" / phase.name
+        remove_tmp_dirs(ckdir)
+        ck = self.checkpoints(phase)
+        graphdef, trainable, frozen = steps_lib.split_for(self.model, phase.kind)
+        if t.dtype != "float32":
+            graphdef = steps_lib.compute_graphdef(self.model, t.dtype, (steps_lib.trainable_filter(phase.kind), ...))
+        step_fn, tx = self._step_fn(phase, graphdef)
+        opt_state = tx.init(trainable)
+        it = iter(self._dataset(phase))
+        rng = jax.random.fold_in(jax.random.key(t.seed), 2 * phase.round + (phase.kind == "expert"))
+        start = 0
+        if ck.latest_step() is not None:
+            trainable, opt_state, meta = ck.restore(trainable, opt_state)
+            if meta.get("done"):
+                nnx.update(self.model, trainable)
+                return
+            it.set_state(meta["data_state"])
+            rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+            start = int(meta["step"])
+            tqdm.write(f"[{phase.name}] resuming at step {start}/{phase.steps} from {ckdir}/{start}")
+        self.log.drop(lambda r: r.get("phase") == phase.name and r.get("step", 0) > start)
+
+        # Committed on one device up front, so the first and later calls share one compiled step.
+        device = jax.devices()[0]
+        trainable, opt_state, frozen = jax.device_put((trainable, opt_state, frozen), device)
+        peak = jnp.asarray(phase.peak_lr, jnp.float32)
+
+        def run_step(tr, opt, b):
+            if phase.kind == "router":
+                return step_fn(tr, opt, frozen, self.dense_state, self.specific, jnp.asarray(b["input_ids"]), peak)
+            return step_fn(tr, opt, frozen, {k: jnp.asarray(b[k]) for k in ("input_ids", "targets", "loss_mask")},
+                           peak)
+        fail, nan_at = _fail_point(FAIL_ENV), _fail_point(NAN_ENV)
+        bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
+                   disable=not self.progress, unit="step")
+        tokens_per_step = phase.batch * t.seq_len
+        for step in bar:
+            batch = next(it)
+            t0 = time.perf_counter()
+            if nan_at == (phase.name, step + 1):
+                peak = jnp.asarray(np.inf, jnp.float32)
+            new_tr, new_opt, metrics = run_step(trainable, opt_state, batch)
+            host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
+            trainable, opt_state = new_tr, new_opt
+            rng, _ = jax.random.split(rng)
+            dt = time.perf_counter() - t0
+            record = {"event": "step", "phase": phase.name, "kind": phase.kind, "round": phase.round,
+                      "step": step + 1, "lr": steps_lib.lr_at(phase.peak_lr, phase.steps, step),
+                      **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3)}
+            if "domain" in batch and phase.kind == "expert":
+                record["domains"] = np.bincount(np.asarray(batch["domain"]).ravel(),
+                                                minlength=self.specific.shape[0]).tolist()
+            self.log.write(record)
+            bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}")
+            done = step + 1 == phase.steps
+            if done or (step + 1) % t.checkpoint_every == 0:
+                ck.save(step + 1, trainable, opt_state, {
+                    "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
+                    "done": done, "data_state": _jsonable(it.get_state()),
+                    "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
+            if fail is not None and fail == (phase.name, step + 1):
+                os._exit(FAIL_EXIT_CODE)
+        bar.close()
+        nnx.update(self.model, trainable)
+
+
+def _jsonable(state: Any) -> Any:
+    """A grain iterator state as plain JSON (bytes -> latin-1 str is not needed for grain's dict state)."""
+    return json.loads(json.dumps(state))
