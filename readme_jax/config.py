@@ -126,7 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0   # global-norm clipping; null = off
     dtype: str = "float32"          # compute dtype of the steps (bfloat16: f32 master weights)
-    target_abs: bool = False        # router targets from |feat| (ARCHITECTURE) instead of signed feat (code)
+    target_abs: bool = True         # router targets from |feat| (ARCHITECTURE) or signed feat (authors' code)
     seed: int = 0
     checkpoint_every: int = 4       # optimizer steps between mid-round checkpoints (and one at round end)
 
