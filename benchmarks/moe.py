@@ -1,0 +1,233 @@
+"""MoE FFN benchmark: our routed FFN (sort once -> blocked grouped matmul -> unsort) against the ways the
+same compute is usually done, at SmolLM2-135M dimensions (D=576, F=1536, keep 0.5 so Fe=768), f32, 2 threads.
+
+Rows (ratio = baseline time / our time, > 1 = ours faster):
+  vs_dense          our dense SwiGLU FFN (F=1536): what the MoE replaces; ideal ratio ~2 (half the channels)
+  vs_masked_dense   dense FFN times a per-token channel mask: how the authors train the experts
+  vs_torch_loop     a torch loop over experts with index_select / index_add_: how the authors' MoE runs
+  vs_ragged_dot     lax.ragged_dot (the GPU/TPU path; on CPU XLA lowers it to a masked loop over experts)
+  train_step        forward+backward of a few decoder layers (attention + FFN via run_layers), MoE vs masked-dense
+
+Expert ids are skewed like pre-gated routing: a Zipf-ish expert distribution with runs of the same expert
+(each token keeps the previous token's expert with probability 0.71, the locality Read-ME reports).
+JAX variants run interleaved in one subprocess, the torch loop in another (benchmarks.common.run_variant).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from benchmarks.common import block, error_row, make_row, median, run_variant
+
+D, F, KEEP = 576, 1536, 0.5
+FE = int(F * KEEP)
+TOKENS = 4096
+LOCALITY = 0.71
+
+
+def _interleave(fns: dict, repeats: int) -> dict:
+    """Round-robin timing; {name: {"wall": median s, "cpu": median process CPU s}}. CPU time (both threads
+    summed) is the steadier number when other processes share the 2 cores."""
+    for fn in fns.values():
+        block(fn())
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            block(fn())
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: {"wall": median(wall[k]), "cpu": median(cpu[k])} for k in fns}
+
+
+def skewed_expert_ids(n: int, num_experts: int, seed: int = 0, locality: float = LOCALITY):
+    """<int32>[n] expert ids: Zipf-ish marginal (p_e ~ 1/(e+1)^0.8) with runs (keep previous w.p. locality)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, num_experts + 1) ** 0.8
+    p /= p.sum()
+    fresh = rng.choice(num_experts, size=n, p=p)
+    keep = rng.random(n) < locality
+    keep[0] = False
+    src = np.where(keep, 0, np.arange(n))
+    src = np.maximum.accumulate(src)             # index of the last fresh draw at or before each token
+    return fresh[src].astype(np.int32)
+
+
+def _weights(num_experts: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    dense = {"w_gate": rng.standard_normal((D, F), f32) * 0.04, "w_up": rng.standard_normal((D, F), f32) * 0.04,
+             "w_down": rng.standard_normal((F, D), f32) * 0.03}
+    channels = np.stack([np.sort(rng.permutation(F)[:FE]) for _ in range(num_experts)])   # [E, Fe]
+    experts = {"w_gate": dense["w_gate"][:, channels].transpose(1, 0, 2),                  # [E, D, Fe]
+               "w_up": dense["w_up"][:, channels].transpose(1, 0, 2),
+               "w_down": dense["w_down"][channels]}                                         # [E, Fe, D]
+    masks = np.zeros((num_experts, F), f32)
+    np.put_along_axis(masks, channels, 1.0, axis=1)
+    return dense, experts, masks
+
+
+def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: bool, train: bool) -> dict:
+    """All JAX variants, timed round-robin in this (child) process. Returns {name: seconds per call}."""
+    import jax
+    import jax.numpy as jnp
+
+    from readme_jax.model import moe
+    from readme_jax.model.config import LlamaConfig
+    from readme_jax.model.decoder import dense_ffn, run_layers
+
+    B = 4
+    T = tokens // B
+    ids = jnp.asarray(skewed_expert_ids(B * T, num_experts)).reshape(B, T)
+    dense, experts, masks = jax.tree.map(jnp.asarray, _weights(num_experts))
+    h = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
+
+    def masked_dense_ffn(p, h, token_masks):
+        act = jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"]) * token_masks
+        return act @ p["w_down"]
+
+    plan_fn = jax.jit(lambda i: moe.plan_dispatch(i, num_experts))
+    plan = jax.block_until_ready(plan_fn(ids))
+    fwd_moe = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"], impl="blocked"))
+    fwd_moe_plan = jax.jit(lambda ids, h, w: moe.moe_ffn(moe.plan_dispatch(ids, num_experts), h, w["w_gate"],
+                                                         w["w_up"], w["w_down"], impl="blocked"))
+    fwd_dense = jax.jit(lambda h, w: dense_ffn(w, h)[0])
+    fwd_masked = jax.jit(lambda ids, h, w: masked_dense_ffn(w, h, masks[ids]))
+    fns = {"moe": lambda: fwd_moe(plan, h, experts),
+           "moe_with_plan": lambda: fwd_moe_plan(ids, h, experts),
+           "dense": lambda: fwd_dense(h, dense),
+           "masked_dense": lambda: fwd_masked(ids, h, dense)}
+    if ragged:
+        fwd_ragged = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"],
+                                                            impl="ragged"))
+        fns["ragged"] = lambda: fwd_ragged(plan, h, experts)
+
+    if train:
+        cfg = LlamaConfig(num_layers=layers)           # SmolLM2-135M dims: D 576, 9 heads / 3 kv heads, F 1536
+        key = jax.random.key(1)
+
+        def rand(shape, scale=0.04):
+            nonlocal key
+            key, sub = jax.random.split(key)
+            return jax.random.normal(sub, shape, jnp.float32) * scale
+
+        attn = {"attn_norm": jnp.ones((layers, D)), "mlp_norm": jnp.ones((layers, D)),
+                "wq": rand((layers, D, 576)), "wk": rand((layers, D, 192)), "wv": rand((layers, D, 192)),
+                "wo": rand((layers, 576, D))}
+        stack = lambda w: jnp.stack([w] * layers)
+        moe_layers = {**attn, **{k: stack(v) for k, v in experts.items()}}
+        dense_layers = {**attn, **{k: stack(v) for k, v in dense.items()}}
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        amask = jnp.ones((B, T), bool)
+
+        def loss(layers_, ffn_fn):
+            y, _, _ = run_layers(layers_, h, positions=pos, attention_mask_=amask, cfg=cfg, ffn_fn=ffn_fn)
+            return jnp.mean(y ** 2)
+
+        @jax.jit
+        def step_moe(layers_, ids):
+            return jax.value_and_grad(loss)(layers_, moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts)))
+
+        @jax.jit
+        def step_masked(layers_, ids):
+            tm = masks[ids]
+            return jax.value_and_grad(loss)(layers_, lambda p, x: (masked_dense_ffn(p, x, tm), None))
+
+        fns["train_moe"] = lambda: step_moe(moe_layers, ids)
+        fns["train_masked_dense"] = lambda: step_masked(dense_layers, ids)
+
+    return {"times": _interleave(fns, repeats), "group_sizes": [int(x) for x in plan.group_sizes]}
+
+
+def torch_case(num_experts: int, tokens: int, repeats: int) -> dict:
+    """The authors' way: loop over experts, index_select the expert's tokens, index_add_ the outputs."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as Fn
+
+    torch.set_grad_enabled(False)
+    ids = torch.from_numpy(skewed_expert_ids(tokens, num_experts)).long()
+    dense, experts, _ = _weights(num_experts)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((tokens, D), np.float32))
+    # nn.Linear layout: weight [out, in]
+    wg = [torch.from_numpy(np.ascontiguousarray(experts["w_gate"][e].T)) for e in range(num_experts)]
+    wu = [torch.from_numpy(np.ascontiguousarray(experts["w_up"][e].T)) for e in range(num_experts)]
+    wd = [torch.from_numpy(np.ascontiguousarray(experts["w_down"][e].T)) for e in range(num_experts)]
+    dg, du, dd = (torch.from_numpy(np.ascontiguousarray(dense[k].T)) for k in ("w_gate", "w_up", "w_down"))
+
+    def expert_loop(scatter):
+        out = torch.zeros_like(x)
+        for e in range(num_experts):
+            idx = torch.nonzero(ids == e, as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            xe = x.index_select(0, idx)
+            ye = Fn.linear(Fn.silu(Fn.linear(xe, wg[e])) * Fn.linear(xe, wu[e]), wd[e])
+            scatter(out, idx, ye)
+        return out
+
+    def dense_ffn():
+        return Fn.linear(Fn.silu(Fn.linear(x, dg)) * Fn.linear(x, du), dd)
+
+    # index_add_ is the authors' pattern; with top-1 routing index_copy_ is equivalent and much faster on CPU
+    return {"times": _interleave({"torch_loop_add": lambda: expert_loop(lambda o, i, y: o.index_add_(0, i, y)),
+                                  "torch_loop_copy": lambda: expert_loop(lambda o, i, y: o.index_copy_(0, i, y)),
+                                  "torch_dense": dense_ffn}, repeats)}
+
+
+def run(quick: bool = False) -> list[dict]:
+    experts_list = (5,) if quick else (4, 5, 8)
+    repeats = 5 if quick else 7
+    layers = 2
+    rows = []
+    for E in experts_list:
+        case = f"E={E} N={TOKENS} D={D} Fe={FE} f32"
+        try:
+            j = run_variant("benchmarks.moe:jax_case", {"num_experts": E, "tokens": TOKENS, "repeats": repeats,
+                                                        "layers": layers, "ragged": E == 5 and not quick,
+                                                        "train": E == 5})
+            t = run_variant("benchmarks.moe:torch_case", {"num_experts": E, "tokens": TOKENS, "repeats": repeats})
+        except Exception as e:  # noqa: BLE001
+            rows.append(error_row("moe_ffn", case, e))
+            continue
+        jt = {k: v["wall"] * 1e3 for k, v in j["times"].items()}
+        tt = {k: v["wall"] * 1e3 for k, v in t["times"].items()}
+        jc = {k: v["cpu"] for k, v in j["times"].items()}
+        tc = {k: v["cpu"] for k, v in t["times"].items()}
+        sizes = "group sizes " + "/".join(map(str, j["group_sizes"]))
+        ours = jt["moe"]
+
+        def row(name, base, base_cpu, goal, note):
+            return make_row("moe_ffn", f"{case} {name}", ours, base, "ms", higher_is_better=False, goal=goal,
+                            note=f"{note}; CPU-time ratio {base_cpu / jc['moe']:.2f}")
+
+        rows.append(row("vs_dense", jt["dense"], jc["dense"], 1.8, f"dense F={F}; {sizes}; plan excluded "
+                        f"(with plan {jt['moe_with_plan']:.1f} ms)"))
+        rows.append(row("vs_masked_dense", jt["masked_dense"], jc["masked_dense"], None,
+                        "dense FFN x per-token channel mask"))
+        rows.append(row("vs_torch_loop", tt["torch_loop_copy"], tc["torch_loop_copy"], 1.0,
+                        f"torch index_select/index_copy_ loop (index_add_ {tt['torch_loop_add']:.1f} ms); "
+                        f"torch dense {tt['torch_dense']:.1f} ms"))
+        if "ragged" in jt:
+            rows.append(row("vs_ragged_dot", jt["ragged"], jc["ragged"], None,
+                            "lax.ragged_dot (CPU: masked fallback)"))
+        if "train_moe" in jt:
+            rows.append(make_row("moe_train_step", f"E={E} {layers} layers B=4 T={TOKENS // 4} f32 fwd+bwd",
+                                 TOKENS / jt["train_moe"] * 1e3, TOKENS / jt["train_masked_dense"] * 1e3,
+                                 "tok/s", higher_is_better=True, goal=1.25,
+                                 note="run_layers MoE vs masked-dense (authors' training), value_and_grad; "
+                                      f"CPU-time ratio {jc['train_masked_dense'] / jc['train_moe']:.2f}"))
+    return rows
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    for r in run(quick=quick):
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['benchmark']:15s} {r['case']:55s} ours {r['ours'] or float('nan'):9.1f} "
+              f"base {r['baseline'] or float('nan'):9.1f} {r['unit']:5s} ratio {ratio:>5s} goal {r['goal']} "
+              f"{r['note']}")

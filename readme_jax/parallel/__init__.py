@@ -1,0 +1,1 @@
+"""Meshes, sharding rules and expert-parallel dispatch (jax.shard_map)."""
