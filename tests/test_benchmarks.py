@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark runner's plumbing on fake modules (no timing assertions)."""
+
+import json
+import types
+
+import pytest
+
+import benchmarks
+from benchmarks import common
+
+
+def _fake_module(rows):
+    mod = types.ModuleType("fake_bench")
+    mod.calls = []
+
+    def run(quick=False):
+        mod.calls.append(quick)
+        return rows
+
+    mod.run = run
+    return mod
+
+
+def _crashing_module():
+    mod = types.ModuleType("crash_bench")
+
+    def run(quick=False):
+        raise RuntimeError("boom")
+
+    mod.run = run
+    return mod
+
+
+def test_runner_table_json_png_and_error_rows(tmp_path, capsys):
+    good = _fake_module([
+        common.make_row("fake", "speed", 200.0, 100.0, "tok/s", higher_is_better=True, goal=1.5, note="n"),
+        common.make_row("fake", "latency", 20.0, 10.0, "ms", higher_is_better=False, goal=1.0),
+        {"benchmark": "fake", "case": "partial", "ours": 1.0, "baseline": None, "unit": "MiB",
+         "ratio": float("nan"), "goal": None, "note": None},
+    ])
+    modules = {"good_mod": good, "crash_mod": _crashing_module()}
+
+    def importer(name):
+        if name in modules:
+            return modules[name]
+        raise ImportError(f"No module named {name!r}")
+
+    registry = {"good": "good_mod", "missing": "no_such_benchmark_module", "crash": "crash_mod"}
+    rc = benchmarks.main(["--quick", "--out", str(tmp_path)], registry=registry, importer=importer)
+    assert rc == 0
+    assert good.calls == [True]
+
+    payload = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert payload["meta"]["quick"] is True
+    rows = payload["rows"]
+    assert [r["benchmark"] for r in rows] == ["fake", "fake", "fake", "missing", "crash"]
+    for r in rows:
+        assert set(r) == set(common.ROW_KEYS)
+    speed, latency, partial, missing, crash = rows
+    assert speed["ratio"] == pytest.approx(2.0)      # higher-is-better: ours / baseline
+    assert latency["ratio"] == pytest.approx(0.5)    # times: baseline / ours
+    assert partial["ratio"] is None                  # NaN is normalised to null in the JSON
+    assert missing["note"].startswith("ERROR") and "no_such_benchmark_module" in missing["note"]
+    assert crash["note"].startswith("ERROR") and "boom" in crash["note"]
+    assert [benchmarks.status(benchmarks._normalise(r, "x")) for r in rows] == ["ok", "MISS", "", "ERROR", "ERROR"]
+
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    for text in ("speed", "latency", "missing", "crash", "2.00x"):
+        assert text in out
+
+
+def test_plain_table_lists_every_row():
+    rows = [benchmarks._normalise(common.make_row("b", f"case{i}", i + 1.0, 2.0, "u", higher_is_better=True), "b")
+            for i in range(3)]
+    text = benchmarks.format_table(rows)
+    assert all(f"case{i}" in text for i in range(3))
+    assert len(text.splitlines()) == 2 + 3
+
+
+def test_unknown_name_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit):
+        benchmarks.main(["nope", "--out", str(tmp_path)], registry={"good": "x"})
+
+
+def test_run_variant_uses_a_fresh_process_with_thread_settings():
+    res = common.run_variant("benchmarks.common:echo", {"a": 1}, timeout=120)
+    assert res["args"] == {"a": 1}
+    assert "--xla_cpu_multi_thread_eigen=true" in res["xla_flags"]
+    assert "xla_force_host_platform_device_count" not in res["xla_flags"]
+    assert res["omp"] == str(common.NUM_THREADS)
+    assert res["jax_imported"] is False
+    assert res["peak_rss_mb"] > 0
+
+
+def test_run_variant_failure_raises_with_stderr():
+    with pytest.raises(common.VariantError, match="no_such_function|AttributeError"):
+        common.run_variant("benchmarks.common:no_such_function", {}, timeout=120)
+
+
+def test_registry_names_the_dense_and_moe_benchmarks():
+    assert benchmarks.REGISTRY["dense"] == "benchmarks.dense"
+    assert benchmarks.REGISTRY["moe"] == "benchmarks.moe"
