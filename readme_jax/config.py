@@ -114,11 +114,12 @@ class TrainConfig:
     """Alternating router / expert tuning (method step 5)."""
 
     rounds: int = 2
-    router_steps: int = 8           # optimizer steps per router round
+    router_steps: int = 100         # optimizer steps per router round
     expert_steps: int = 12          # optimizer steps per expert round
-    router_batch: int = 4           # sequences per router step (all micro-batches together)
+    router_batch: int = 16          # sequences per router step (all micro-batches together)
     expert_batch: int = 4           # sequences per expert step
     seq_len: int = 512
+    router_pool_seqs: int = 16      # router-training sequences per domain whose targets are precomputed once
     grad_accum: int = 1             # micro-batches per step (batch % grad_accum == 0)
     router_lr: float = 2e-3
     expert_lr: float = 1e-4
@@ -133,6 +134,7 @@ class TrainConfig:
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
                   router_batch=self.router_batch, expert_batch=self.expert_batch, seq_len=self.seq_len,
+                  router_pool_seqs=self.router_pool_seqs,
                   grad_accum=self.grad_accum, checkpoint_every=self.checkpoint_every)
         for name in ("router_batch", "expert_batch"):
             if getattr(self, name) % self.grad_accum:

@@ -1,10 +1,11 @@
 """Batched generation with the KV cache: greedy, temperature and top-p sampling, stop on EOS.
 
-Works for every model kind that has ``init_cache(batch, max_len)`` and a call
-``model(ids, attention_mask=..., cache=cache) -> (logits, cache)`` (the dense Llama and the Read-ME MoE,
+Works for every model kind that has ``init_cache(batch, max_len)``, ``layer_arrays()`` and a call
+``model(ids, attention_mask=..., cache=cache, layers=...) -> (logits, cache)`` (the dense Llama and the Read-ME MoE,
 whose cache also carries its router's cache). Prompts are left-padded into one batch; prefill is one call,
 then the whole decode loop runs inside one ``jax.jit`` as a ``lax.while_loop`` that stops when every row
-has produced EOS or ``max_new_tokens``.
+has produced EOS or ``max_new_tokens``. ``prefill`` and ``decode`` are the two jitted halves (benchmarks
+time them separately).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from readme_jax.model.decoder import unstack_layers
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compile
 
@@ -38,12 +41,28 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, 
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate_jit(graphdef, state, ids, mask, rng, temperature, top_p, eos_id, pad_id, *, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def prefill(graphdef, state, ids, mask, *, max_len: int):
+    """Run left-padded prompts ``ids``/``mask`` [B, P] into a fresh cache of ``max_len`` slots.
+
+    Returns (logits of each row's last position <f32>[B, V], cache)."""
     model = nnx.merge(graphdef, state)
-    B, P = ids.shape
-    cache = model.init_cache(B, P + max_new_tokens)
+    cache = model.init_cache(ids.shape[0], max_len)
     logits, cache = model(ids, attention_mask=mask, cache=cache)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"), donate_argnames=("cache",))
+def decode(graphdef, state, cache, last_logits, rng, temperature, top_p, eos_id, pad_id, *, max_new_tokens: int):
+    """Sample up to ``max_new_tokens`` tokens per row, one ``lax.while_loop`` step per token.
+
+    The loop stops early once every row has produced ``eos_id`` (pass -1 to never stop). The layer weights
+    are split per layer once, before the loop (``unstack_layers``), so no step re-slices the stacked weights.
+    Returns (tokens <int32>[B, max_new_tokens] (``pad_id`` after a row's EOS and past the last step),
+    number of steps run, cache)."""
+    model = nnx.merge(graphdef, state)
+    layers = unstack_layers(model.layer_arrays())
+    B = last_logits.shape[0]
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
 
     def cond(carry):
@@ -56,12 +75,12 @@ def _generate_jit(graphdef, state, ids, mask, rng, temperature, top_p, eos_id, p
         tok = jnp.where(done, pad_id, sample_token(last, key, temperature, top_p))
         out = out.at[:, i].set(tok)
         done = done | (tok == eos_id)
-        logits, cache = model(tok[:, None], cache=cache)
+        logits, cache = model(tok[:, None], cache=cache, layers=layers)
         return i + 1, cache, logits[:, -1], rng, out, done
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], rng, out, jnp.zeros((B,), bool))
-    n, *_, out, _ = jax.lax.while_loop(cond, body, carry)
-    return out, n
+    carry = (jnp.zeros((), jnp.int32), cache, last_logits, rng, out, jnp.zeros((B,), bool))
+    n, cache, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, n, cache
 
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -85,9 +104,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *
         mask[row, P - len(p):] = True
     graphdef, state = nnx.split(model)
     eos = -1 if eos_id is None else eos_id
-    out, n = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-                           jnp.float32(temperature), jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_id),
-                           max_new_tokens=max_new_tokens)
+    last, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), max_len=P + max_new_tokens)
+    out, n, _ = decode(graphdef, state, cache, last, jax.random.key(seed), jnp.float32(temperature),
+                       jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_id), max_new_tokens=max_new_tokens)
     out = np.asarray(out)[:, : int(n)]
     results = []
     for row in out:

@@ -217,15 +217,18 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     ids = jnp.asarray(rng.integers(0, 64, size=(4, 32)), jnp.int32)
     batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, 1), "loss_mask": jnp.ones(ids.shape, jnp.float32)}
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    d_gd, d_state = nnx.split(dense)
-    specific = jnp.asarray(masks.specific)
+    dist = losses.router_targets(dense, ids, None, jnp.asarray(masks.specific))          # [L, B, T, E]
 
-    # router step (grad_accum=2): only the router changes
+    # router step (grad_accum=2) on precomputed targets: only the router changes, and its loss is the
+    # distillation loss of (router logits, dist)
     gd, tr, frozen = steps.split_for(model, "router")
     tx = make_optimizer(1.0, 4)
-    step = steps.make_router_step(gd, d_gd, tx, grad_accum=2)
-    new_tr, _, m = step(tr, tx.init(tr), frozen, d_state, specific, ids, jnp.float32(1e-2))
-    steps.check_finite(m, phase="router_0", step=1)
+    step = steps.make_router_step(gd, tx, grad_accum=2)
+    new_tr, _, m = step(tr, tx.init(tr), frozen, ids, jnp.swapaxes(dist, 0, 1), jnp.float32(1e-2))
+    host = steps.check_finite(m, phase="router_0", step=1)
+    want = [float(losses.distill_loss(model.router(ids[i:i + 2]), dist[:, i:i + 2], jnp.ones((2, 32))))
+            for i in (0, 2)]
+    np.testing.assert_allclose(host["loss"], np.mean(want), rtol=1e-5)
     nnx.update(model, new_tr)
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for k in ("tok", "attn", "experts"):
@@ -291,6 +294,8 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert all(final["ppl"][d]["ppl"] < r0["ppl"][d]["ppl"] for d in final["ppl"])   # expert tuning helps
     out = proc.stdout + proc.stderr
     assert "MoE router_0" in out and "router accuracy" in out and "routing locality" in out
+    assert out.count("held-out perplexity (per domain)") == 1                 # the closing table, once
+    assert (run_dir / "extract/router_targets.npz").is_file()
     # rerunning the finished command skips every stage
     again = _train(run_dir)
     assert again.returncode == 0 and "[rounds] output exists, skipped" in again.stdout + again.stderr
@@ -317,6 +322,50 @@ def test_kill_then_diverge_then_rerun_matches_uninterrupted(tiny_run, tmp_path):
     assert _metrics(run_dir) == _metrics(ref_dir)
     assert json.loads((run_dir / "eval/final.json").read_text())["ppl"] == \
         json.loads((ref_dir / "eval/final.json").read_text())["ppl"]
+
+
+def test_router_pool_targets_are_the_dense_targets_and_router_rounds_skip_the_dense_model(
+        tiny_run, tmp_path, monkeypatch):
+    from readme_jax.model.llama import Llama
+    from readme_jax.train import pipeline
+    from readme_jax.train.trainer import MetricsLog, Trainer, phases
+    cfg = load_config("tiny")
+    run = pipeline.Run(cfg, tiny_run[0], progress=False)
+    pool = run.router_pool
+    E, n = run.masks.num_experts, cfg.train.router_pool_seqs
+    assert pool.input_ids.dtype == np.int32 and pool.input_ids.shape == (3 * n, cfg.train.seq_len)
+    assert pool.dist.shape == (3 * n, run.dense.config.num_layers, cfg.train.seq_len, E)
+    assert np.bincount(pool.domain).tolist() == [n] * 3                        # balanced across domains
+    ref = losses.router_targets(run.dense, jnp.asarray(pool.input_ids), None, jnp.asarray(run.masks.specific),
+                                use_abs=cfg.train.target_abs)
+    np.testing.assert_allclose(pool.dist, np.swapaxes(np.asarray(ref), 0, 1), atol=1e-5)
+    # the held-out routing targets are cached too
+    assert run.heldout_routing_path.is_file()
+
+    # a router round on the pool, with every way into the dense model broken: the backbone stays bitwise
+    model, ref_model = run.fresh_model(), run.fresh_model()
+    run.trainer(ref_model).load_done(phases(cfg)[0])                    # the pipeline's own router_0
+
+    def boom(*a, **k):
+        raise AssertionError("the dense model ran during a router round")
+    for name in ("__call__", "hidden_states", "layer_arrays"):
+        monkeypatch.setattr(Llama, name, boom)
+    monkeypatch.setattr(losses, "router_targets", boom)
+    monkeypatch.setattr(pipeline, "router_targets", boom)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    trainer = Trainer(cfg, tmp_path, model, pool, run.masks.specific, run.corpus, run.tokenizer,
+                      MetricsLog(tmp_path / "m.jsonl"), progress=False)
+    trainer.run(phases(cfg)[0])
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for k in before:
+        if k != "router":
+            jax.tree.map(np.testing.assert_array_equal, before[k], after[k])
+    assert not np.array_equal(before["router"]["head"], after["router"]["head"])
+    # same router as the pipeline's own router_0 (resumable state = pool position)
+    meta = trainer.checkpoints(phases(cfg)[0]).meta()
+    assert meta["data_state"] == {"pool_position": cfg.train.router_steps * cfg.train.router_batch}
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(ref_model.router, nnx.Param)),
+                 nnx.to_pure_dict(nnx.state(model.router, nnx.Param)))
 
 
 def test_export_loads_back_with_same_logits(tiny_run):

@@ -92,11 +92,12 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype)
 
-    def hidden_states(self, input_ids, *, attention_mask=None, cache=None, ffn_fn=dense_ffn):
+    def hidden_states(self, input_ids, *, attention_mask=None, cache=None, ffn_fn=dense_ffn, layers=None):
         """The decoder stack without the LM head: (x [B, T, D], cache, aux [L, ...]).
 
         ``ffn_fn(layer_params, h) -> (y, aux)`` replaces the FFN (statistics passes use it to collect
-        per-layer activations; see readme_jax.model.decoder).
+        per-layer activations; see readme_jax.model.decoder). ``layers``: the layer weights to use, e.g.
+        ``unstack_layers(model.layer_arrays())`` made once before a decode loop (default: the stacked ones).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
@@ -104,12 +105,12 @@ class Llama(nnx.Module):
         start = None if cache is None else cache.next_pos
         positions = positions_from_mask(attention_mask, start)
         x = self.tok.encode(input_ids)
-        return run_layers(self.layer_arrays(), x, positions=positions, attention_mask_=attention_mask,
+        return run_layers(self.layer_arrays() if layers is None else layers, x, positions=positions, attention_mask_=attention_mask,
                           cfg=self.config, ffn_fn=ffn_fn, cache=cache)
 
-    def __call__(self, input_ids, *, attention_mask=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, *, attention_mask=None, cache: KVCache | None = None, layers=None):
         """input_ids <int32>[B, T] -> logits <float32>[B, T, V]; with ``cache``: (logits, new cache)."""
-        x, new_cache, _ = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+        x, new_cache, _ = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, layers=layers)
         logits = self.tok.decode(x)
         return logits if cache is None else (logits, new_cache)
 

@@ -145,12 +145,13 @@ class ReadMe(nnx.Module):
         return expert_ids, router_cache
 
     def hidden_states(self, input_ids, *, attention_mask=None, expert_ids=None, cache: ReadMeCache | None = None,
-                      ffn_fn: Callable[[moe.DispatchPlan], Callable] | None = None):
+                      ffn_fn: Callable[[moe.DispatchPlan], Callable] | None = None, layers=None):
         """The decoder stack without the LM head: (x [B, T, D], cache, aux [L, ...]).
 
         ``ffn_fn(plan) -> layer_ffn`` builds the layer FFN from the one DispatchPlan of this call (default
         ``moe.moe_ffn_fn``); ``layer_ffn(layer_params, h[B, T, D]) -> (y, aux)`` sees this layer's
-        w_gate/w_up [E, D, Fe], w_down [E, Fe, D] (see readme_jax.model.decoder).
+        w_gate/w_up [E, D, Fe], w_down [E, Fe, D] (see readme_jax.model.decoder). ``layers``: as in
+        ``Llama.hidden_states`` (per-layer weights split once before a decode loop).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
@@ -161,18 +162,19 @@ class ReadMe(nnx.Module):
         backbone = None if cache is None else cache.backbone
         positions = positions_from_mask(attention_mask, None if backbone is None else backbone.next_pos)
         x = self.tok.encode(input_ids)
-        x, backbone, aux = run_layers(self.layer_arrays(), x, positions=positions, attention_mask_=attention_mask,
+        x, backbone, aux = run_layers(self.layer_arrays() if layers is None else layers, x, positions=positions, attention_mask_=attention_mask,
                                       cfg=self.config.base, ffn_fn=layer_ffn, cache=backbone)
         new_cache = None if cache is None else ReadMeCache(backbone=backbone, router=router_cache)
         return x, new_cache, aux
 
-    def __call__(self, input_ids, *, attention_mask=None, expert_ids=None, cache: ReadMeCache | None = None):
+    def __call__(self, input_ids, *, attention_mask=None, expert_ids=None, cache: ReadMeCache | None = None,
+                 layers=None):
         """input_ids <int32>[B, T] -> logits <float32>[B, T, V]; with ``cache``: (logits, new cache).
 
         expert_ids: None (the router decides), an int (every token), or <int32>[B, T] (oracle routing).
         """
         x, new_cache, _ = self.hidden_states(input_ids, attention_mask=attention_mask, expert_ids=expert_ids,
-                                             cache=cache)
+                                             cache=cache, layers=layers)
         logits = self.tok.decode(x)
         return logits if cache is None else (logits, new_cache)
 

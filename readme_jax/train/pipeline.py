@@ -5,16 +5,22 @@
     dense_eval  held-out perplexity of the dense parent                      -> <run>/eval/dense.json
     stats       calibration statistics, mean |down_proj input| per domain    -> <run>/extract/scores.npz
     extract     expert masks (+ sizes, active / total parameter counts)      -> <run>/extract/masks.npz
+    targets     the router pool: train.router_pool_seqs train sequences per  -> <run>/extract/router_targets.npz
+                domain + the dense parent's distillation targets (one pass);
+                + argmax targets of the held-out routing windows             -> <run>/extract/heldout_routing.npz
     rounds      router_r, expert_r for r < train.rounds (resumable mid-round) -> <run>/checkpoints/<phase>/
                 (+ <run>/eval/router_0.json: the MoE after the first router round, before any expert tuning)
     final_eval  perplexity, router accuracy, locality, expert load           -> <run>/eval/final.json
     export      a Read-ME checkpoint ``readme_jax.load_pretrained`` reads     -> <run>/export/
     plots       loss per round, perplexity per domain per round, expert load -> <run>/plots/*.png
 
-Router targets come from the frozen dense *parent*, which stays loaded through the router rounds. With
-the fused layout the shared channels are copied into every expert and drift apart during expert tuning,
-so after round 0 there is no single "dense model" inside the MoE any more; the parent is the only
-well-defined teacher, and it is the one the targets of every round are computed from.
+Router targets come from the frozen dense *parent*. With the fused layout the shared channels are copied
+into every expert and drift apart during expert tuning, so after round 0 there is no single "dense model"
+inside the MoE any more; the parent is the only well-defined teacher, and it is the one the targets of
+every round are computed from. Since the parent never changes, a sequence's targets never change either:
+the ``targets`` stage runs the parent once over a fixed pool of train sequences, and every router round
+samples batches (sequence + stored targets) from that pool, running only the router. The held-out
+routing targets of the evaluations are cached the same way, so an evaluation runs only the MoE.
 
 The run folder also holds ``config.yaml`` (the resolved config; a rerun with different model / corpus /
 extract / router / train settings is refused, since it could not resume) and ``metrics.jsonl``.
@@ -42,7 +48,7 @@ from readme_jax.config import Config, ConfigError
 from readme_jax.train.losses import router_targets, routing_locality
 from readme_jax.train.trainer import MetricsLog, Trainer, phases
 
-STAGES = ("dense", "corpus", "dense_eval", "stats", "extract", "rounds", "final_eval", "export", "plots")
+STAGES = ("dense", "corpus", "dense_eval", "stats", "extract", "targets", "rounds", "final_eval", "export", "plots")
 RESUME_SECTIONS = ("model", "corpus", "extract", "router", "train")   # must match to reuse a run folder
 
 
@@ -93,6 +99,14 @@ class Run:
     @property
     def masks_path(self) -> Path:
         return self.dir / "extract" / "masks.npz"
+
+    @property
+    def router_targets_path(self) -> Path:
+        return self.dir / "extract" / "router_targets.npz"
+
+    @property
+    def heldout_routing_path(self) -> Path:
+        return self.dir / "extract" / "heldout_routing.npz"
 
     @property
     def export_dir(self) -> Path:
@@ -159,6 +173,24 @@ class Run:
             raise PipelineError(f"{self.masks_path}: missing; run stage 'extract' first")
         return ExpertMasks.load(self.masks_path)
 
+    @functools.cached_property
+    def router_pool(self):
+        """The :class:`~readme_jax.train.trainer.RouterPool` of stage 'targets' (checked against the config)."""
+        from readme_jax.train.trainer import RouterPool
+        path = self.router_targets_path
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing; run stage 'targets' first")
+        with np.load(path) as z:
+            pool = RouterPool(input_ids=z["input_ids"], loss_mask=z["loss_mask"], dist=z["dist"].astype(np.float32),
+                              domain=z["domain"])
+        t = self.cfg.train
+        n = t.router_pool_seqs * len(self.corpus.domains)
+        want = (n, self.dense.config.num_layers, t.seq_len, self.masks.num_experts)
+        if pool.dist.shape != want or pool.input_ids.shape != (n, t.seq_len):
+            raise PipelineError(f"{path}: dist {pool.dist.shape} / input_ids {pool.input_ids.shape} do not match "
+                                f"the config (dist {want}); delete it and rerun stage 'targets'")
+        return pool
+
     def router_config(self):
         from readme_jax.model.router import RouterConfig
         try:
@@ -172,8 +204,8 @@ class Run:
         from readme_jax.extract.experts import readme_from_dense
         return readme_from_dense(self.dense, self.masks, self.router_config(), rngs=nnx.Rngs(self.cfg.train.seed))
 
-    def trainer(self, model) -> Trainer:
-        return Trainer(self.cfg, self.dir, model, self.dense, self.masks.specific, self.corpus, self.tokenizer,
+    def trainer(self, model, pool=None) -> Trainer:
+        return Trainer(self.cfg, self.dir, model, pool, self.masks.specific, self.corpus, self.tokenizer,
                        self.log, progress=self.progress)
 
     def trained_model(self):
@@ -292,9 +324,98 @@ class Run:
              f"layer {report['shared']}; Read-ME {report.get('summary', '')} (active-total) vs dense "
              f"{report.get('dense_params', 0):,}")
 
+    def stage_targets(self) -> None:
+        """The router pool: ``train.router_pool_seqs`` sequences of ``train.seq_len`` per domain from the train
+        split (chosen by ``default_rng([train.seed, domain index])``), and the dense parent's routing-
+        distillation targets of each (``losses.router_targets``, the same call and compute dtype the router
+        step used to make every step), stored batch-major ``dist [N, L, T, E]`` float32. Also caches the
+        held-out routing targets of the evaluations."""
+        from readme_jax.data.pipeline import PackedSequence, domain_tokens, num_sequences
+        from readme_jax.train import steps as steps_lib
+        t, bsz = self.cfg.train, self.cfg.extract.calib_batch
+        ids, masks, doms = [], [], []
+        for di, d in enumerate(self.corpus.domains):
+            tokens = domain_tokens(self.corpus, d, "train", self.tokenizer)
+            have = num_sequences(len(tokens), t.seq_len)
+            if have < t.router_pool_seqs:
+                raise PipelineError(
+                    f"domain {d!r}: {self.corpus.path(d, 'train')} holds {len(tokens):,} tokens = {have} sequences "
+                    f"of {t.seq_len}; train.router_pool_seqs={t.router_pool_seqs} needs "
+                    f"{t.router_pool_seqs * t.seq_len + 1:,}. Lower train.router_pool_seqs or add text.")
+            pick = np.sort(np.random.default_rng([t.seed, di]).choice(have, t.router_pool_seqs, replace=False))
+            pack = PackedSequence(tokens, t.seq_len, self.tokenizer.bos_id)
+            for i in pick:
+                s = pack(int(i))
+                ids.append(s["input_ids"]), masks.append(s["loss_mask"]), doms.append(di)
+        ids = np.stack(ids)
+        graphdef, state = nnx.split(self.dense)
+        if t.dtype != "float32":
+            graphdef = steps_lib.compute_graphdef(self.dense, t.dtype)
+        specific = jnp.asarray(self.masks.specific)
+
+        @jax.jit
+        def targets(state, batch):
+            dist = router_targets(nnx.merge(graphdef, state), batch, None, specific, use_abs=t.target_abs)
+            return jnp.swapaxes(dist, 0, 1)                         # [B, L, T, E]
+
+        t0 = time.time()
+        dist = []
+        for i in tqdm(range(0, len(ids), bsz), desc="targets", unit="batch", disable=not self.progress):
+            dist.append(np.asarray(targets(state, jnp.asarray(ids[i:i + bsz])), np.float32))
+        dist = np.concatenate(dist)
+        path = self.router_targets_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, input_ids=ids.astype(np.int32), loss_mask=np.stack(masks).astype(np.float32), dist=dist,
+                 domain=np.asarray(doms, np.int32), domains=np.asarray(self.corpus.domains, str))
+        os.replace(tmp, path)
+        self.__dict__.pop("router_pool", None)
+        self.log.write({"event": "targets", "sequences": len(ids), "tokens": int(ids.size),
+                        "seconds": round(time.time() - t0, 1)})
+        _say(f"[targets] {len(ids)} sequences x {t.seq_len} tokens, dist {tuple(dist.shape)} "
+             f"({dist.nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f} s) -> {path}")
+        self.heldout_routing()
+
+    def heldout_routing(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{domain: (input windows int32[W, T], argmax over experts of the layer-summed dense ``dist``
+        int32[W, T])} of the held-out routing windows; cached in ``extract/heldout_routing.npz`` and
+        recomputed (once, with the dense parent) when the cache is missing or holds other windows."""
+        from readme_jax.eval.perplexity import heldout_windows
+        ev = self.cfg.eval
+        windows = {d: heldout_windows(self.corpus, d, self.tokenizer, seq_len=ev.seq_len,
+                                      max_tokens=min(ev.routing_tokens, ev.max_tokens))[0]
+                   for d in self.corpus.domains}
+        path = self.heldout_routing_path
+        if path.is_file():
+            with np.load(path) as z:
+                names = [str(x) for x in z["domains"]]
+                if names == list(windows) and all(
+                        np.array_equal(z[f"inputs_{i}"], windows[d]) for i, d in enumerate(names)):
+                    return {d: (windows[d], z[f"target_{i}"]) for i, d in enumerate(names)}
+        d_gd, d_state = nnx.split(self.dense)
+        specific = jnp.asarray(self.masks.specific)
+        use_abs = self.cfg.train.target_abs
+
+        @jax.jit
+        def target(d_state, ids):
+            dist = router_targets(nnx.merge(d_gd, d_state), ids, None, specific, use_abs=use_abs)
+            return jnp.argmax(jnp.sum(dist, 0), -1).astype(jnp.int32)
+
+        out, arrays = {}, {"domains": np.asarray(list(windows), str)}
+        for i, (d, inputs) in enumerate(windows.items()):
+            tgt = np.concatenate([np.asarray(target(d_state, jnp.asarray(inputs[j:j + ev.batch])))
+                                  for j in range(0, len(inputs), ev.batch)])
+            out[d] = (inputs, tgt)
+            arrays[f"inputs_{i}"], arrays[f"target_{i}"] = inputs, tgt
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return out
+
     def stage_rounds(self) -> None:
         model = self.fresh_model()
-        trainer = self.trainer(model)
+        trainer = self.trainer(model, self.router_pool)
         for phase in phases(self.cfg):
             if trainer.is_done(phase):
                 trainer.load_done(phase)
@@ -310,8 +431,7 @@ class Run:
         self._model = model
 
     def stage_final_eval(self) -> None:
-        self._record_eval("final", self._moe_metrics(self.trained_model()))
-        _say(self.summary())
+        self._record_eval("final", self._moe_metrics(self.trained_model()))   # run_pipeline prints the table
 
     def stage_export(self) -> None:
         """Write the Read-ME checkpoint beside ``export/``, reload it with ``load_pretrained``, compare
@@ -354,33 +474,23 @@ class Run:
 
     def _moe_metrics(self, model) -> dict:
         """Perplexity per domain, plus routing metrics on the same held-out windows (capped at
-        eval.routing_tokens per domain): router accuracy against the dense parent's targets, locality,
-        and the share of each domain's tokens sent to each expert."""
-        from readme_jax.eval.perplexity import heldout_windows
+        eval.routing_tokens per domain): router accuracy against the dense parent's targets (cached once by
+        :meth:`heldout_routing`; only the router runs here), locality, and the share of each domain's
+        tokens sent to each expert."""
         ev = self.cfg.eval
         out = {"ppl": self._perplexity(model)}
         r_gd, r_state = nnx.split(model.router)
-        d_gd, d_state = nnx.split(self.dense)
-        specific = jnp.asarray(self.masks.specific)
-        use_abs = self.cfg.train.target_abs
 
         @jax.jit
-        def route(r_state, d_state, ids):
-            logits = nnx.merge(r_gd, r_state)(ids)
-            dist = router_targets(nnx.merge(d_gd, d_state), ids, None, specific, use_abs=use_abs)
-            return jnp.argmax(logits, -1), jnp.argmax(jnp.sum(dist, 0), -1)
+        def route(r_state, ids):
+            return jnp.argmax(nnx.merge(r_gd, r_state)(ids), -1)
 
         E = self.masks.num_experts
         acc, loc, load = {}, {}, {}
         hits = total = same = pairs = 0
-        for d in self.corpus.domains:
-            inputs, _ = heldout_windows(self.corpus, d, self.tokenizer, seq_len=ev.seq_len,
-                                        max_tokens=min(ev.routing_tokens, ev.max_tokens))
-            routed, target = [], []
-            for i in range(0, len(inputs), ev.batch):
-                r, t = route(r_state, d_state, jnp.asarray(inputs[i:i + ev.batch]))
-                routed.append(np.asarray(r)), target.append(np.asarray(t))
-            routed, target = np.concatenate(routed), np.concatenate(target)
+        for d, (inputs, target) in self.heldout_routing().items():
+            routed = np.concatenate([np.asarray(route(r_state, jnp.asarray(inputs[i:i + ev.batch])))
+                                     for i in range(0, len(inputs), ev.batch)])
             h, n = int((routed == target).sum()), routed.size
             s, p = routing_locality(routed)
             acc[d], loc[d] = h / n, s / max(p, 1)
@@ -430,6 +540,8 @@ def stage_done(run: Run, stage: str) -> bool:
         return run.scores_path.is_file()
     if stage == "extract":
         return run.masks_path.is_file()
+    if stage == "targets":
+        return run.router_targets_path.is_file()
     if stage == "rounds":
         if not run.masks_path.is_file():
             return False
@@ -466,7 +578,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path | None = None, *, stage: str |
         t0 = time.time()
         getattr(run, f"stage_{name}")()
         run.log.write({"event": "stage", "stage": name, "seconds": round(time.time() - t0, 1)})
-    if stage is None:
+    if stage in (None, "final_eval"):
         _say(run.summary())
         _say(f"[done] {run.dir} in {time.time() - t_start:.1f} s")
     return run

@@ -8,9 +8,10 @@ The Read-ME model is split once per phase into ``(graphdef, trainable, frozen)``
 
 A step takes ``(trainable, opt_state, frozen, batch, ...)`` and returns new ``(trainable, opt_state)`` plus
 metrics. Gradient accumulation: the batch ``[A * b, T]`` is reshaped to ``[A, b, T]`` and scanned, the
-gradients averaged, then one optimizer update. The router step's targets come from the frozen dense
-*parent* (its state is an argument); the expert step routes each micro-batch once with the frozen router
-(argmax, no gradient) and feeds those ids to every backbone layer.
+gradients averaged, then one optimizer update. The router step takes its targets precomputed (the frozen
+dense *parent*'s ``dist``, from the pipeline's ``targets`` stage) and runs only the router; the expert step
+routes each micro-batch once with the frozen router (argmax, no gradient) and feeds those ids to every
+backbone layer.
 
 bf16 compute: :func:`compute_graphdef` re-labels every config dataclass in the module tree with
 ``dtype='bfloat16'``, so activations and matmuls run in bf16 while params (the master copy) and optimizer
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy, router_targets
+from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
 BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
@@ -129,20 +130,20 @@ def _apply(tx: optax.GradientTransformation, trainable, opt_state, grads, lr_sca
 
 
 # -------------------------------------------------------------------------------------- steps
-def make_router_step(graphdef, dense_graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
-                     use_abs: bool = False):
-    """Jitted ``step(trainable, opt_state, frozen, dense_state, specific, input_ids, peak_lr)``.
+def make_router_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1):
+    """Jitted ``step(trainable, opt_state, frozen, input_ids, dist, peak_lr)``.
 
     ``tx`` is the unit-lr optimizer of :func:`readme_jax.train.optim.make_optimizer` (peak 1); its updates are
     scaled by the traced ``peak_lr`` <float32>[], so one compiled step serves every round.
     trainable / frozen: the Read-ME state split by :func:`split_for` (kind 'router');
-    dense_state: ``nnx.state`` of the dense parent; specific <bool>[E, L, F]; input_ids <int32>[B, T].
+    input_ids <int32>[B, T]; dist <float32>[B, L, T, E]: the precomputed distillation targets of those
+    sequences (:func:`readme_jax.train.losses.router_targets` of the frozen dense parent, batch-major, as the
+    pipeline's ``targets`` stage stores them). Only the router runs here: no dense model is involved.
     Returns (trainable, opt_state, metrics {loss, accuracy, grad_norm, update_norm}).
     """
 
-    def grad_fn(trainable, frozen, dense_state, specific, ids):
-        dense = nnx.merge(dense_graphdef, dense_state)
-        dist = router_targets(dense, ids, None, specific, use_abs=use_abs)
+    def grad_fn(trainable, frozen, ids, dist):
+        dist = jnp.swapaxes(dist.astype(jnp.float32), 0, 1)          # [L, b, T, E], as distill_loss takes it
         mask = jnp.ones(ids.shape, jnp.float32)
 
         def loss_fn(tr):
@@ -153,10 +154,10 @@ def make_router_step(graphdef, dense_graphdef, tx: optax.GradientTransformation,
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
     @jax.jit
-    def step(trainable, opt_state, frozen, dense_state, specific, input_ids, peak_lr):
-        micro = {"input_ids": _microbatches(input_ids, grad_accum)}
+    def step(trainable, opt_state, frozen, input_ids, dist, peak_lr):
+        micro = {"input_ids": _microbatches(input_ids, grad_accum), "dist": _microbatches(dist, grad_accum)}
         loss, acc, grads = _accumulate(
-            lambda tr, mb: grad_fn(tr, frozen, dense_state, specific, mb["input_ids"]), trainable, micro, grad_accum)
+            lambda tr, mb: grad_fn(tr, frozen, mb["input_ids"], mb["dist"]), trainable, micro, grad_accum)
         new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
         return new_tr, new_opt, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
                                  "update_norm": unorm}

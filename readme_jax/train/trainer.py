@@ -2,16 +2,19 @@
 
 One phase = one round of one kind:
 
-* ``router_r``: ``train.router_steps`` updates of the router only, distillation loss against targets from
-  the frozen dense parent (kept loaded for the whole run);
+* ``router_r``: ``train.router_steps`` updates of the router only, distillation loss against the targets
+  the pipeline's ``targets`` stage precomputed once from the frozen dense parent (a :class:`RouterPool`);
+  batches are drawn from that pool (:class:`PoolSampler`), and no dense model runs during the round;
 * ``expert_r``: ``train.expert_steps`` updates of everything but the router, LM loss through the MoE
   backbone routed by the frozen router.
 
-Each phase trains on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``) with its own seed,
-and checkpoints (``checkpointing.PhaseCheckpoints``) every ``train.checkpoint_every`` updates and at its
-end (``done``). Rerunning resumes a phase from its latest checkpoint: params, optimizer state, step, the
-grain iterator's state and the RNG are restored, and the metrics log is cut back to that step, so a
-resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an uninterrupted one.
+Expert phases train on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``), router phases
+on the pool, each phase with its own seed. Each checkpoints (``checkpointing.PhaseCheckpoints``) every
+``train.checkpoint_every`` updates and at its end (``done``). Rerunning resumes a phase from its latest
+checkpoint: params, optimizer state, step, the data position (grain iterator state for expert phases, the
+pool sample position for router phases) and the RNG are restored, and the metrics log is cut back to that
+step, so a resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an
+uninterrupted one.
 
 Test hooks: ``READMEJAX_FAIL_AT_STEP=<phase>:<n>`` (e.g. ``expert_0:3``) hard-exits the process with code
 75 right after update ``n`` of that phase (and its checkpoint, if one falls there): a simulated kill.
@@ -85,6 +88,58 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
+# ------------------------------------------------------------------------------------- router pool
+@dataclasses.dataclass(frozen=True)
+class RouterPool:
+    """The router-training sequences and their precomputed distillation targets (``extract/router_targets.npz``).
+
+    input_ids int32[N, T]; loss_mask float32[N, T]; dist float32[N, L, T, E] (``losses.router_targets`` of
+    the frozen dense parent, batch-major); domain int32[N].
+    """
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    dist: np.ndarray
+    domain: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class PoolSampler:
+    """Endless batches of ``batch`` pool rows: epoch ``e`` visits the rows in the permutation of
+    ``default_rng([seed, e])``; a batch may straddle two epochs. Its whole state is the number of rows drawn
+    so far (``get_state() -> {"pool_position": p}``), so resuming is exact."""
+
+    def __init__(self, pool: RouterPool, batch: int, seed: int):
+        self.pool, self.batch, self.seed, self.position = pool, batch, seed, 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.pool))}
+        return self._perms[epoch]
+
+    def indices(self, position: int, count: int) -> np.ndarray:
+        n = len(self.pool)
+        return np.asarray([self._perm(p // n)[p % n] for p in range(position, position + count)], np.int64)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        idx = self.indices(self.position, self.batch)
+        self.position += self.batch
+        p = self.pool
+        return {"input_ids": p.input_ids[idx], "dist": p.dist[idx], "loss_mask": p.loss_mask[idx],
+                "domain": p.domain[idx]}
+
+    def get_state(self) -> dict:
+        return {"pool_position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["pool_position"])
+
+
 # ------------------------------------------------------------------------------------------ phases
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -125,20 +180,16 @@ class Trainer:
 
     Args:
       cfg: the run config; run_dir: where ``checkpoints/`` live; model: the ReadMe (updated in place);
-      dense: the frozen dense parent (router targets); specific <bool>[E, L, F]; corpus, tokenizer: data;
-      log: the run's MetricsLog.
+      pool: the :class:`RouterPool` router phases sample from (None: only expert phases / loading);
+      specific <bool>[E, L, F]; corpus, tokenizer: data (expert phases); log: the run's MetricsLog.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, model, dense, specific: np.ndarray, corpus, tokenizer,
-                 log: MetricsLog, *, progress: bool = True):
-        self.cfg, self.run_dir, self.model, self.dense = cfg, Path(run_dir), model, dense
+    def __init__(self, cfg: Config, run_dir: str | Path, model, pool: RouterPool | None, specific: np.ndarray,
+                 corpus, tokenizer, log: MetricsLog, *, progress: bool = True):
+        self.cfg, self.run_dir, self.model, self.pool = cfg, Path(run_dir), model, pool
         self.specific = jnp.asarray(specific, bool)
         self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
-        self.dense_graphdef, self.dense_state = nnx.split(dense)
-        self.dense_state = jax.device_put(self.dense_state, jax.devices()[0])
         self._steps: dict[str, tuple[Callable, Any]] = {}
-        if cfg.train.dtype != "float32":
-            self.dense_graphdef = steps_lib.compute_graphdef(dense, cfg.train.dtype)
 
     def _step_fn(self, phase: Phase, graphdef):
         """(jitted step, unit-lr optimizer) of the phase's kind, built once and reused by every round."""
@@ -146,8 +197,7 @@ class Trainer:
         if phase.kind not in self._steps:
             tx = make_optimizer(1.0, phase.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
             if phase.kind == "router":
-                fn = steps_lib.make_router_step(graphdef, self.dense_graphdef, tx, grad_accum=t.grad_accum,
-                                                use_abs=t.target_abs)
+                fn = steps_lib.make_router_step(graphdef, tx, grad_accum=t.grad_accum)
             else:
                 fn = steps_lib.make_expert_step(graphdef, tx, num_experts=int(self.specific.shape[0]),
                                                 grad_accum=t.grad_accum)
@@ -168,6 +218,10 @@ class Trainer:
         nnx.update(self.model, params)
 
     def _dataset(self, phase: Phase):
+        if phase.kind == "router":
+            if self.pool is None:
+                raise ValueError(f"{phase.name}: a router phase needs the router pool (Trainer(pool=...))")
+            return PoolSampler(self.pool, phase.batch, phase.seed)
         from readme_jax.data.pipeline import mixed_dataset
         return mixed_dataset(self.corpus, self.tokenizer, self.cfg.train.seq_len, phase.batch, phase.seed,
                              split="train")
@@ -204,7 +258,7 @@ class Trainer:
 
         def run_step(tr, opt, b):
             if phase.kind == "router":
-                return step_fn(tr, opt, frozen, self.dense_state, self.specific, jnp.asarray(b["input_ids"]), peak)
+                return step_fn(tr, opt, frozen, jnp.asarray(b["input_ids"]), jnp.asarray(b["dist"]), peak)
             return step_fn(tr, opt, frozen, {k: jnp.asarray(b[k]) for k in ("input_ids", "targets", "loss_mask")},
                            peak)
         fail, nan_at = _fail_point(FAIL_ENV), _fail_point(NAN_ENV)
