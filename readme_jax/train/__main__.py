@@ -12,6 +12,10 @@ import sys
 
 
 def _multiprocess() -> bool:
+    """A multi-host job: READMEJAX_DISTRIBUTED=1 (launch/tpu_vm.sh; TPU VMs find their peers themselves) or
+    an explicit coordinator for jax.distributed.initialize()."""
+    if os.environ.get("READMEJAX_DISTRIBUTED") == "1":
+        return True
     return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or \
         int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1) > 1
 
