@@ -80,7 +80,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             last = with_load[-1]
             mat = np.asarray([last["load"][d] for d in domains])
             fig, ax = plt.subplots(figsize=(1.2 * mat.shape[1] + 2.5, 0.6 * len(domains) + 1.8))
-            im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+            im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             ax.set_xticks(range(mat.shape[1]), [f"e{e}" for e in range(mat.shape[1])])
             ax.set_yticks(range(len(domains)), domains)
             for i in range(mat.shape[0]):
