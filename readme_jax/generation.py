@@ -27,18 +27,28 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, 
     """Pick the next token per row. logits <f32>[B, V] -> <int32>[B].
 
     temperature == 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
-    smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling).
+    smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling). Each mode runs
+    behind a ``lax.cond``, so greedy decoding never pays for the sort over V that nucleus sampling needs
+    (at V = 49,152 that sort costs more than a SmolLM2 decode step on CPU).
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def greedy(scaled):
+        return jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+
+    def categorical(scaled):
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    def nucleus(scaled):
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+        choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    mode = jnp.where(temperature <= 0, 0, jnp.where(top_p < 1, 2, 1))
+    return jax.lax.switch(mode, (greedy, categorical, nucleus), scaled)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
