@@ -84,9 +84,12 @@ def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 class PhaseCheckpoints:
-    """Checkpoints of one phase (one CheckpointManager directory)."""
+    """Checkpoints of one phase (one CheckpointManager directory).
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+    One step is kept: orbax finalises the new step before it deletes the old one, so a crash never leaves
+    a phase without a complete checkpoint, and a 135M backbone with its Adam state is ~2.7 GB per step."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 1):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
