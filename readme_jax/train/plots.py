@@ -27,6 +27,15 @@ def _records(run_dir: Path) -> list[dict]:
     return out
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write at 110 dpi and close ``fig``; returns ``path``."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(run_dir: str | Path) -> list[Path]:
     """Write the plots of ``run_dir`` into ``run_dir/plots``; returns the paths written."""
     import matplotlib
@@ -54,10 +63,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.set_xlabel("update (cumulative)")
             ax.set_ylabel("loss")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "loss.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "loss.png"))
 
     evals = [r for r in records if r.get("event") == "eval"]
     if evals:
@@ -70,10 +76,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         ax.set_ylabel("held-out perplexity")
         ax.set_title("perplexity per domain per evaluation")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "perplexity.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "perplexity.png"))
 
         with_load = [r for r in evals if "load" in r]
         if with_load:
@@ -90,8 +93,5 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.set_xlabel("expert")
             ax.set_title(f"expert load per domain ({last['tag']})")
             fig.colorbar(im, ax=ax, fraction=0.046)
-            fig.tight_layout()
-            written.append(out_dir / "load.png")
-            fig.savefig(written[-1], dpi=110)
-            plt.close(fig)
+            written.append(_save(fig, out_dir / "load.png"))
     return written
