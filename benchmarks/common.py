@@ -89,18 +89,23 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def interleave(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5) -> dict[str, list[float]]:
-    """Time several callables round-robin (a, b, a, b, ...) so that background load hits them alike."""
+def interleave(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5) -> dict[str, dict]:
+    """Time several callables round-robin (a, b, a, b, ...) so that background load hits them alike.
+
+    Returns {name: {"wall": median seconds, "cpu": median process CPU seconds}}. CPU time (all threads
+    summed) is the steadier number when other processes share the cores."""
     for fn in fns.values():
         for _ in range(warmup):
             block(fn())
-    out: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             block(fn())
-            out[name].append(time.perf_counter() - t0)
-    return out
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: {"wall": median(wall[k]), "cpu": median(cpu[k])} for k in fns}
 
 
 # ---------------------------------------------------------------------------------------------- memory

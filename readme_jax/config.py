@@ -173,9 +173,9 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh of the training steps. Sizes -1 = all remaining devices; 1 everywhere = no mesh.
-
-    Recorded in config.yaml but not wired yet: the trainer runs its steps on one device."""
+    """Device mesh of the training steps (readme_jax.parallel.mesh). ``data`` devices (-1 = all) each take
+    an equal share of every micro-batch's rows (train.*_batch / grad_accum must divide by it); params and
+    optimizer state are replicated. 1 = no mesh, one device."""
 
     data: int = 1                   # batch (data-parallel) axis
 

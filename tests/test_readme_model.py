@@ -1,5 +1,6 @@
 """The Read-ME model: one routing per call shared by every layer, cached decode, save -> load_pretrained."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,15 @@ def test_config_roundtrip_and_counts(model):
     assert model.experts.w_gate[...].shape == (3, E, 16, 12) and model.experts.w_down[...].shape == (3, E, 12, 16)
     with pytest.raises(ValueError, match="num_experts"):
         CFG.replace(num_experts=4)
+
+
+def test_token_nll_matches_the_logits_for_router_and_given_routes(model):
+    from readme_jax.model.head_loss import nll_from_logits
+    ids = _ids(7)
+    targets = jnp.roll(ids, -1, axis=1)
+    for e in (None, 2, jnp.asarray(np.random.default_rng(8).integers(0, E, ids.shape), jnp.int32)):
+        chex.assert_trees_all_close(model.token_nll(ids, targets, expert_ids=e),
+                                    nll_from_logits(model(ids, expert_ids=e), targets), rtol=1e-5, atol=1e-5)
 
 
 def test_every_layer_sees_the_same_expert_ids(model, monkeypatch):

@@ -144,7 +144,8 @@ def test_lm_loss_matches_numpy():
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
     targets = rng.integers(0, 11, size=(2, 5)).astype(np.int32)
     mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
-    loss, count = losses.lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    from readme_jax.model.head_loss import nll_from_logits
+    loss, count = losses.lm_loss(nll_from_logits(jnp.asarray(logits), jnp.asarray(targets)), jnp.asarray(mask))
     nll = -np.take_along_axis(_np_log_softmax(logits.astype(np.float64)), targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss), (nll * mask).sum() / mask.sum(), rtol=1e-5)
     assert float(count) == mask.sum()
@@ -223,8 +224,9 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     # distillation loss of (router logits, dist)
     gd, tr, frozen = steps.split_for(model, "router")
     tx = make_optimizer(1.0, 4)
-    step = steps.make_router_step(gd, tx, grad_accum=2)
-    new_tr, _, m = step(tr, tx.init(tr), frozen, ids, jnp.swapaxes(dist, 0, 1), jnp.float32(1e-2))
+    step = steps.make_router_step(gd, tx)
+    micro = {"input_ids": steps.microbatches(ids, 2), "dist": steps.microbatches(jnp.swapaxes(dist, 0, 1), 2)}
+    new_tr, _, m = step(tr, tx.init(tr), frozen, micro, jnp.float32(1e-2))
     host = steps.check_finite(m, phase="router_0", step=1)
     want = [float(losses.distill_loss(model.router(ids[i:i + 2]), dist[:, i:i + 2], jnp.ones((2, 32))))
             for i in (0, 2)]
@@ -237,7 +239,8 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
 
     # expert step: the router stays bitwise, the backbone moves
     gd, tr, frozen = steps.split_for(model, "expert")
-    step = steps.make_expert_step(gd, tx, num_experts=3, grad_accum=1)
+    step = steps.make_expert_step(gd, tx, num_experts=3)
+    batch = {k: steps.microbatches(v, 1) for k, v in batch.items()}
     new_tr, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(1e-2))
     host = steps.check_finite(m, phase="expert_0", step=1)
     assert abs(sum(host["load"]) - 1.0) < 1e-6

@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from readme_jax.data.corpus import Corpus, load_corpus
+from readme_jax.model.head_loss import nll_from_logits
 
 NllFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -65,26 +66,23 @@ def heldout_windows(corpus: Corpus | str | Path, domain: str, tokenizer, *, seq_
 
 
 # ------------------------------------------------------------------------------------------- loss
-def _nll_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """Sum of ``-log p(target)`` weighted by ``weights``; logits [B, T, V], targets / weights [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(nll * weights)
-
-
 def make_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> NllFn:
     """A jitted ``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> float`` summed NLL.
 
-    ``model`` is a Flax NNX module called as ``model(input_ids) -> logits[B, T, V]`` (split once, merged
-    inside the jitted function, so its weights are traced arguments, not constants), or any plain
+    ``model`` is a Flax NNX module (split once, merged inside the jitted function, so its weights are traced
+    arguments, not constants): ours score with ``token_nll(input_ids, targets) -> [B, T]`` (the LM head's
+    NLL without materialising logits), others as ``model(input_ids) -> logits[B, T, V]``; or any plain
     ``forward_fn(input_ids) -> logits`` callable.
     """
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
 
+        def token_nll(m, ids, targets):
+            return m.token_nll(ids, targets) if hasattr(m, "token_nll") else nll_from_logits(m(ids), targets)
+
         @jax.jit
         def nll_state(state, ids, targets, weights):
-            return _nll_sum(nnx.merge(graphdef, state)(ids), targets, weights)
+            return jnp.sum(token_nll(nnx.merge(graphdef, state), ids, targets) * weights)
 
         return lambda ids, targets, weights: float(nll_state(state, ids, targets, weights))
 
@@ -92,7 +90,7 @@ def make_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> NllFn:
 
     @jax.jit
     def nll_fn(ids, targets, weights):
-        return _nll_sum(forward_fn(ids), targets, weights)
+        return jnp.sum(nll_from_logits(forward_fn(ids), targets) * weights)
 
     return lambda ids, targets, weights: float(nll_fn(ids, targets, weights))
 
@@ -121,7 +119,7 @@ def evaluate_perplexity(model: nnx.Module | Callable[[jax.Array], jax.Array], to
     """Held-out perplexity of every domain (protocol in the module docstring).
 
     Args:
-      model: NNX module ``model(input_ids[B, T]) -> logits[B, T, V]``, or a ``forward_fn`` callable.
+      model: NNX module with ``token_nll(input_ids, targets)`` (ours), or a ``forward_fn(ids) -> logits`` callable.
       tokenizer: the model's tokenizer (``encode``, ``bos_id``, ``eos_id``).
       corpus_dir: a corpus built by ``readme_jax.data.corpus``.
     Returns:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers
+from readme_jax.model.head_loss import head_nll
 from readme_jax.model.layers import rms_norm
 
 
@@ -75,6 +76,15 @@ class Embedding(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return (x @ head.astype(x.dtype)).astype(jnp.float32)
 
+    def nll(self, x: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+        """[B, T, D] decoder output, <int32>[B, T] targets -> <float32>[B, T] next-token NLL, equal to
+        ``-log_softmax(decode(x))[targets]`` without materialising the logits (model/head_loss.py)."""
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        tied = self.lm_head is None
+        head = self.embed[...] if tied else self.lm_head[...]
+        nll = head_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), vocab_major=tied)
+        return nll.reshape(targets.shape)
+
 
 class Llama(nnx.Module):
     """Dense decoder-only LM. See the module docstring for the call forms."""
@@ -113,6 +123,11 @@ class Llama(nnx.Module):
         x, new_cache, _ = self.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, layers=layers)
         logits = self.tok.decode(x)
         return logits if cache is None else (logits, new_cache)
+
+    def token_nll(self, input_ids, targets, *, attention_mask=None):
+        """<float32>[B, T]: -log p(targets | input_ids) per position, the logits never materialised."""
+        x, _, _ = self.hidden_states(input_ids, attention_mask=attention_mask)
+        return self.tok.nll(x, targets)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -28,6 +28,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from readme_jax.parallel.varying import vary_like, zeros_like_varying
+
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_TAIL_SIZE = 128
 IMPLS = ("blocked", "ragged")
@@ -181,7 +183,7 @@ def _unpermute(plan: DispatchPlan, y: jnp.ndarray, impl: str) -> jnp.ndarray:
 def _expert_ffn(plan: DispatchPlan, x: jnp.ndarray, w_gate, w_up, w_down, impl: str) -> jnp.ndarray:
     """SwiGLU of each row with its expert's weights. w_gate/w_up [E, D, Fe], w_down [E, Fe, D]."""
     dt = x.dtype
-    w_gate, w_up, w_down = (w.astype(dt) for w in (w_gate, w_up, w_down))
+    w_gate, w_up, w_down = (vary_like(w.astype(dt), x) for w in (w_gate, w_up, w_down))
     with jax.named_scope("expert_ffn"):
         if impl == "ragged":
             gs = plan.group_sizes
@@ -257,7 +259,7 @@ def _blocked_swiglu_bwd(rows_per_level, res, dy):
         dwu = dwu.at[e].add((xb.T @ du).astype(acc))
         return dx, dwg, dwu, dwd
 
-    init = (jnp.zeros_like(x),) + tuple(jnp.zeros_like(w, dtype=acc) for w in (w_gate, w_up, w_down))
+    init = (jnp.zeros_like(x),) + tuple(zeros_like_varying(w, acc) for w in (w_gate, w_up, w_down))
     dx, dwg, dwu, dwd = _for_blocks(rows_per_level, lists, block, init)
     return None, dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
 

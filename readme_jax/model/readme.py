@@ -178,6 +178,12 @@ class ReadMe(nnx.Module):
         logits = self.tok.decode(x)
         return logits if cache is None else (logits, new_cache)
 
+    def token_nll(self, input_ids, targets, *, attention_mask=None, expert_ids=None):
+        """<float32>[B, T]: -log p(targets | input_ids) per position (routing as in ``__call__``), the
+        logits never materialised (model/head_loss.py)."""
+        x, _, _ = self.hidden_states(input_ids, attention_mask=attention_mask, expert_ids=expert_ids)
+        return self.tok.nll(x, targets)
+
     def num_params(self) -> int:
         """All parameters: embeddings, attention, E experts per layer, router."""
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -36,14 +36,12 @@ TARGET_SCALE = 10.0
 
 
 # ---------------------------------------------------------------------------------------- LM loss
-def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Masked next-token cross-entropy.
+def lm_loss(nll: jnp.ndarray, loss_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Masked next-token cross-entropy from per-token NLL (``model.token_nll``).
 
-    logits <float>[B, T, V], targets <int32>[B, T], loss_mask <float32>[B, T].
+    nll <float32>[B, T], loss_mask <float32>[B, T].
     Returns (mean NLL over masked tokens <float32>[], number of masked tokens <float32>[]).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     w = loss_mask.astype(jnp.float32)
     count = jnp.sum(w)
     return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count

@@ -6,9 +6,11 @@ The Read-ME model is split once per phase into ``(graphdef, trainable, frozen)``
   ``frozen`` and is never written, so it stays bitwise unchanged;
 * expert phase: ``trainable`` = every param outside the router; the router is frozen.
 
-A step takes ``(trainable, opt_state, frozen, batch, ...)`` and returns new ``(trainable, opt_state)`` plus
-metrics. Gradient accumulation: the batch ``[A * b, T]`` is reshaped to ``[A, b, T]`` and scanned, the
-gradients averaged, then one optimizer update. The router step takes its targets precomputed (the frozen
+A step takes ``(trainable, opt_state, frozen, batch, peak_lr)`` and returns new ``(trainable, opt_state)``
+plus metrics. Gradient accumulation: batch leaves come as ``[A, b, ...]`` (:func:`microbatches` on the host),
+the A micro-batches are scanned, the gradients averaged, then one optimizer update. Data parallelism: with a
+mesh, each micro-batch's b rows are split over the "data" axis and the loss and gradients are those of the
+whole micro-batch (:mod:`readme_jax.parallel.data_parallel`). The router step takes its targets precomputed (the frozen
 dense *parent*'s ``dist``, from the pipeline's ``targets`` stage) and runs only the router; the expert step
 routes each micro-batch once with the frozen router (argmax, no gradient) and feeds those ids to every
 backbone layer.
@@ -34,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from readme_jax.parallel import data_parallel
 from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
@@ -98,24 +101,26 @@ def compute_graphdef(model: nnx.Module, dtype: str, filters=None):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _microbatches(x: jnp.ndarray, n: int) -> jnp.ndarray:
-    """[A * b, ...] -> [A, b, ...]."""
+def microbatches(x: np.ndarray, n: int) -> np.ndarray:
+    """Host-side ``[A * b, ...] -> [A, b, ...]`` (A = n micro-batches), the layout the steps take."""
+    x = np.asarray(x)
     if x.shape[0] % n:
         raise ValueError(f"batch of {x.shape[0]} sequences is not a multiple of grad_accum={n}")
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
 
-def _accumulate(grad_fn: Callable, trainable, micro: dict, n: int):
-    """Mean of ``grad_fn(trainable, mb) -> ((loss, aux), grads)`` over the n micro-batches (one lax.scan,
-    so the loss is traced once whatever n is)."""
+def _accumulate(grad_fn: Callable, trainable, frozen, micro: dict):
+    """Mean of ``grad_fn(trainable, frozen, mb) -> ((loss, aux), grads)`` over the leading (micro-batch)
+    axis of ``micro`` (one lax.scan, so the loss is traced once whatever the count)."""
+    n = jax.tree.leaves(micro)[0].shape[0]
     if n == 1:
-        (loss, aux), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], micro))
+        (loss, aux), grads = grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], micro))
         return loss, aux, grads
-    shapes = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(carry, mb):
-        out = grad_fn(trainable, mb)
+        out = grad_fn(trainable, frozen, mb)
         return jax.tree.map(jnp.add, carry, out), None
 
     ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
@@ -129,74 +134,65 @@ def _apply(tx: optax.GradientTransformation, trainable, opt_state, grads, lr_sca
     return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(updates)
 
 
+def _jit_step(loss_fn, tx, mesh):
+    """The jitted update ``step(trainable, opt_state, frozen, batch, peak_lr)`` of a weighted-mean loss;
+    batch leaves are [A, b, ...] (A micro-batches of b rows, b split over the mesh's "data" axis)."""
+    grad_fn = data_parallel.value_and_grad(loss_fn, mesh=mesh)
+
+    @jax.jit
+    def step(trainable, opt_state, frozen, batch, peak_lr):
+        loss, aux, grads = _accumulate(grad_fn, trainable, frozen, batch)
+        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
+        return new_tr, new_opt, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": unorm}
+
+    return step
+
+
 # -------------------------------------------------------------------------------------- steps
-def make_router_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1):
-    """Jitted ``step(trainable, opt_state, frozen, input_ids, dist, peak_lr)``.
+def make_router_step(graphdef, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh | None = None):
+    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``.
 
     ``tx`` is the unit-lr optimizer of :func:`readme_jax.train.optim.make_optimizer` (peak 1); its updates are
     scaled by the traced ``peak_lr`` <float32>[], so one compiled step serves every round.
     trainable / frozen: the Read-ME state split by :func:`split_for` (kind 'router');
-    input_ids <int32>[B, T]; dist <float32>[B, L, T, E]: the precomputed distillation targets of those
-    sequences (:func:`readme_jax.train.losses.router_targets` of the frozen dense parent, batch-major, as the
-    pipeline's ``targets`` stage stores them). Only the router runs here: no dense model is involved.
+    batch = {input_ids <int32>[A, b, T], dist <float32>[A, b, L, T, E]}: A micro-batches (gradient
+    accumulation, :func:`microbatches`) and the precomputed distillation targets of those sequences
+    (:func:`readme_jax.train.losses.router_targets` of the frozen dense parent, batch-major, as the pipeline's
+    ``targets`` stage stores them). Only the router runs here: no dense model is involved.
     Returns (trainable, opt_state, metrics {loss, accuracy, grad_norm, update_norm}).
     """
 
-    def grad_fn(trainable, frozen, ids, dist):
-        dist = jnp.swapaxes(dist.astype(jnp.float32), 0, 1)          # [L, b, T, E], as distill_loss takes it
+    def loss_fn(trainable, frozen, mb):
+        ids = mb["input_ids"]
+        dist = jnp.swapaxes(mb["dist"].astype(jnp.float32), 0, 1)    # [L, b, T, E], as distill_loss takes it
         mask = jnp.ones(ids.shape, jnp.float32)
+        logits = nnx.merge(graphdef, trainable, frozen).router(ids)
+        return (distill_loss(logits, dist, mask), jnp.sum(mask),
+                {"accuracy": router_accuracy(logits, dist, mask)})
 
-        def loss_fn(tr):
-            model = nnx.merge(graphdef, tr, frozen)
-            logits = model.router(ids)
-            return distill_loss(logits, dist, mask), router_accuracy(logits, dist, mask)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-
-    @jax.jit
-    def step(trainable, opt_state, frozen, input_ids, dist, peak_lr):
-        micro = {"input_ids": _microbatches(input_ids, grad_accum), "dist": _microbatches(dist, grad_accum)}
-        loss, acc, grads = _accumulate(
-            lambda tr, mb: grad_fn(tr, frozen, mb["input_ids"], mb["dist"]), trainable, micro, grad_accum)
-        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
-        return new_tr, new_opt, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
-                                 "update_norm": unorm}
-
-    return step
+    return _jit_step(loss_fn, tx, mesh)
 
 
-def make_expert_step(graphdef, tx: optax.GradientTransformation, *, num_experts: int, grad_accum: int = 1):
-    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``, batch = {input_ids, targets, loss_mask}
-    (``tx`` / ``peak_lr`` as in :func:`make_router_step`).
+def make_expert_step(graphdef, tx: optax.GradientTransformation, *, num_experts: int,
+                     mesh: jax.sharding.Mesh | None = None):
+    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``, batch = {input_ids, targets, loss_mask},
+    each [A, b, T] (``tx`` / ``peak_lr`` / A as in :func:`make_router_step`).
 
     Routes come from the frozen router once per micro-batch (argmax, no gradient) and are passed to the
-    backbone as ``expert_ids``. Returns (trainable, opt_state, metrics {loss, grad_norm, update_norm,
-    load <float32>[E] (share of tokens per expert)}).
+    backbone as ``expert_ids``; with a mesh, each device routes and dispatches its own rows. Returns
+    (trainable, opt_state, metrics {loss, grad_norm, update_norm, load <float32>[E] (share of tokens per
+    expert)}).
     """
 
-    def grad_fn(trainable, frozen, mb):
+    def loss_fn(trainable, frozen, mb):
         ids = mb["input_ids"]
-        routing = nnx.merge(graphdef, trainable, frozen)
-        expert_ids = jax.lax.stop_gradient(jnp.argmax(routing.router(ids), axis=-1).astype(jnp.int32))
+        model = nnx.merge(graphdef, trainable, frozen)
+        expert_ids = jax.lax.stop_gradient(jnp.argmax(model.router(ids), axis=-1).astype(jnp.int32))
         load = jnp.mean(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=(0, 1))
+        loss, count = lm_loss(model.token_nll(ids, mb["targets"], expert_ids=expert_ids), mb["loss_mask"])
+        return loss, count, {"load": load}
 
-        def loss_fn(tr):
-            model = nnx.merge(graphdef, tr, frozen)
-            logits = model(ids, expert_ids=expert_ids)
-            loss, _ = lm_loss(logits, mb["targets"], mb["loss_mask"])
-            return loss, load
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-
-    @jax.jit
-    def step(trainable, opt_state, frozen, batch, peak_lr):
-        micro = {k: _microbatches(batch[k], grad_accum) for k in ("input_ids", "targets", "loss_mask")}
-        loss, load, grads = _accumulate(lambda tr, mb: grad_fn(tr, frozen, mb), trainable, micro, grad_accum)
-        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
-        return new_tr, new_opt, {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": unorm,
-                                 "load": load}
-
-    return step
+    return _jit_step(loss_fn, tx, mesh)
 
 
 # ------------------------------------------------------------------------------------- checks

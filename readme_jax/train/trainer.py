@@ -38,6 +38,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from readme_jax.config import Config
+from readme_jax.parallel.mesh import DATA_AXIS, make_mesh, replicate, shard_batch
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.checkpointing import PhaseCheckpoints, remove_tmp_dirs
 from readme_jax.train.optim import make_optimizer, round_lr
@@ -190,6 +191,14 @@ class Trainer:
         self.specific = jnp.asarray(specific, bool)
         self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
         self._steps: dict[str, tuple[Callable, Any]] = {}
+        self.mesh = make_mesh(cfg.mesh.data)
+        m = 1 if self.mesh is None else self.mesh.shape[DATA_AXIS]
+        t = cfg.train
+        for name in ("router_batch", "expert_batch"):
+            micro = getattr(t, name) // t.grad_accum
+            if micro % m:
+                raise ValueError(f"train.{name}={getattr(t, name)} / train.grad_accum={t.grad_accum} = {micro} "
+                                 f"rows per micro-batch is not divisible by the {m} devices of mesh.data")
 
     def _step_fn(self, phase: Phase, graphdef):
         """(jitted step, unit-lr optimizer) of the phase's kind, built once and reused by every round."""
@@ -197,10 +206,10 @@ class Trainer:
         if phase.kind not in self._steps:
             tx = make_optimizer(1.0, phase.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
             if phase.kind == "router":
-                fn = steps_lib.make_router_step(graphdef, tx, grad_accum=t.grad_accum)
+                fn = steps_lib.make_router_step(graphdef, tx, mesh=self.mesh)
             else:
                 fn = steps_lib.make_expert_step(graphdef, tx, num_experts=int(self.specific.shape[0]),
-                                                grad_accum=t.grad_accum)
+                                                mesh=self.mesh)
             self._steps[phase.kind] = (fn, tx)
         return self._steps[phase.kind]
 
@@ -251,16 +260,15 @@ class Trainer:
             tqdm.write(f"[{phase.name}] resuming at step {start}/{phase.steps} from {ckdir}/{start}")
         self.log.drop(lambda r: r.get("phase") == phase.name and r.get("step", 0) > start)
 
-        # Committed on one device up front, so the first and later calls share one compiled step.
-        device = jax.devices()[0]
-        trainable, opt_state, frozen = jax.device_put((trainable, opt_state, frozen), device)
-        peak = jnp.asarray(phase.peak_lr, jnp.float32)
+        # Placed up front (replicated over the mesh, or committed to one device), so the first and later
+        # calls share one compiled step.
+        trainable, opt_state, frozen = replicate((trainable, opt_state, frozen), self.mesh)
+        peak = replicate(jnp.asarray(phase.peak_lr, jnp.float32), self.mesh)
+        keys = ("input_ids", "dist") if phase.kind == "router" else ("input_ids", "targets", "loss_mask")
 
         def run_step(tr, opt, b):
-            if phase.kind == "router":
-                return step_fn(tr, opt, frozen, jnp.asarray(b["input_ids"]), jnp.asarray(b["dist"]), peak)
-            return step_fn(tr, opt, frozen, {k: jnp.asarray(b[k]) for k in ("input_ids", "targets", "loss_mask")},
-                           peak)
+            micro = {k: steps_lib.microbatches(b[k], t.grad_accum) for k in keys}     # [A, b, ...]
+            return step_fn(tr, opt, frozen, shard_batch(micro, self.mesh, axis=1), peak)
         fail, nan_at = _fail_point(FAIL_ENV), _fail_point(NAN_ENV)
         bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
                    disable=not self.progress, unit="step")
@@ -269,7 +277,7 @@ class Trainer:
             batch = next(it)
             t0 = time.perf_counter()
             if nan_at == (phase.name, step + 1):
-                peak = jnp.asarray(np.inf, jnp.float32)
+                peak = replicate(jnp.asarray(np.inf, jnp.float32), self.mesh)
             new_tr, new_opt, metrics = run_step(trainable, opt_state, batch)
             host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
             trainable, opt_state = new_tr, new_opt
