@@ -179,6 +179,18 @@ def test_graded_indicator_levels():
     assert th[19] == 5 and th[18] == 4 and th[17] == 4 and th[16] == 3 and th[12] == 1 and th[11] == 0
 
 
+def test_rank_values_host_and_top_k_paths_agree_with_a_sort(monkeypatch):
+    """The CPU path (NumPy partition via pure_callback, under jit and inside a scan) and the GPU/TPU path
+    (lax.top_k) give the r-th largest values exactly."""
+    feat = jnp.asarray(np.random.default_rng(9).normal(size=(3, 4, 50)), jnp.float32)
+    ranks = jnp.asarray([1, 7, 7, 20, 33], jnp.int32)
+    want = -np.sort(-np.asarray(feat), axis=-1)[..., np.asarray(ranks) - 1]
+    scanned = jax.jit(lambda f, r: jax.lax.scan(lambda c, x: (c, losses.rank_values(x, r, 40)), 0, f)[1])
+    np.testing.assert_array_equal(scanned(feat, ranks), want)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    np.testing.assert_array_equal(losses.rank_values(feat, ranks, 40), want)
+
+
 def test_router_targets_from_dense_forward_match_numpy():
     dense = _tiny_dense()
     masks = _random_masks(3, 2, 40, 0.5, seed=3)
