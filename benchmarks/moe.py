@@ -13,8 +13,9 @@ Rows (ratio = baseline time / our time, > 1 = ours faster):
 Expert ids are skewed like pre-gated routing: a Zipf-ish expert distribution with runs of the same expert
 (each token keeps the previous token's expert with probability 0.71, the locality Read-ME reports).
 JAX variants run interleaved in one subprocess, the torch ones in another (benchmarks.common.run_variant). The
-FFN variants and the (seconds-long) training steps are timed in separate round-robins: a timed call right
-after a training step pays for its cold caches and fresh pages, which once doubled the MoE FFN's time.
+FFN variants, the ragged_dot fallback and the (seconds-long) training steps are timed in separate
+round-robins: a timed call right after one of those pays for cold caches and fresh pages, which once
+doubled the MoE FFN's time.
 """
 
 from __future__ import annotations
@@ -91,12 +92,11 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
            "dense": lambda: fwd_dense(h, dense),
            "masked_dense": lambda: fwd_masked(ids, h, dense),
            "matmul": lambda: matmul(x2d, w_e0)}
-    if ragged:
+    times = interleave(fns, repeats=repeats)
+    if ragged:   # its own round-robin too: its [E, N, Fe] temporaries would cost the next timed call
         fwd_ragged = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"],
                                                             impl="ragged"))
-        fns["ragged"] = lambda: fwd_ragged(plan, h, experts)
-
-    times = interleave(fns, repeats=repeats)
+        times["ragged"] = interleave({"ragged": lambda: fwd_ragged(plan, h, experts)}, repeats=3)["ragged"]
     if train:
         cfg = LlamaConfig(num_layers=layers)           # SmolLM2-135M dims: D 576, 9 heads / 3 kv heads, F 1536
         key = jax.random.key(1)
