@@ -33,10 +33,12 @@ def _tiny_readme():
 
 def _run(step, model, kind, batch, mesh):
     gd, tr, frozen = steps.split_for(model, kind)
+    tr = jax.tree.map(jnp.copy, tr)          # the step donates its trainable state; keep the model's arrays
     tx = make_optimizer(1.0, 4)
     tr, opt, frozen = replicate((tr, tx.init(tr), frozen), mesh)
     new_tr, _, metrics = step(gd, tx, mesh)(tr, opt, frozen, shard_batch(batch, mesh, axis=1),
                                             replicate(jnp.float32(1e-2), mesh))
+    assert all(x.is_deleted() for x in jax.tree.leaves((tr, opt)))     # donated: updated in place
     return jax.device_get(new_tr), {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 

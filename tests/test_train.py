@@ -253,6 +253,7 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     gd, tr, frozen = steps.split_for(model, "expert")
     step = steps.make_expert_step(gd, tx, num_experts=3)
     batch = {k: steps.microbatches(v, 1) for k, v in batch.items()}
+    spare = jax.tree.map(jnp.copy, tr)                 # the step donates (consumes) its trainable state
     new_tr, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(1e-2))
     host = steps.check_finite(m, phase="expert_0", step=1)
     assert abs(sum(host["load"]) - 1.0) < 1e-6
@@ -262,7 +263,7 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     assert not np.array_equal(after["experts"]["w_up"], final["experts"]["w_up"])
 
     # a diverged update is refused with a clear message
-    _, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(np.inf))
+    _, _, m = step(spare, tx.init(spare), frozen, batch, jnp.float32(np.inf))
     with pytest.raises(steps.TrainingDivergedError, match=r"expert_0, step 3: non-finite update_norm"):
         steps.check_finite(m, phase="expert_0", step=3)
 
