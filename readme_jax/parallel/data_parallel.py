@@ -34,10 +34,9 @@ def value_and_grad(loss_fn: LossFn, *, mesh: jax.sharding.Mesh | None = None) ->
     def local(trainable, frozen, batch):
         def share(tr):
             loss, weight, aux = loss_fn(tr, frozen, batch)
-            if mesh is None:
-                return loss, aux
-            frac = jax.lax.stop_gradient(weight / jax.lax.psum(weight, DATA_AXIS))
-            return loss * frac, aux
+            if mesh is not None:   # this device's share of the global weighted mean
+                loss = loss * jax.lax.stop_gradient(weight / jax.lax.psum(weight, DATA_AXIS))
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(share, has_aux=True)(trainable)
         if mesh is not None:
