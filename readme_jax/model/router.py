@@ -108,6 +108,11 @@ class RouterConfig:
         return cls(**d)
 
 
+def top1_expert(logits: jnp.ndarray) -> jnp.ndarray:
+    """The routing decision everywhere (router, trainer, evaluations): <float>[..., E] -> <int32>[...] argmax."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02) -> nnx.Param:
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
@@ -166,7 +171,7 @@ class Router(nnx.Module):
         """Top-1 expert per token: <int32>[B, T]; with ``cache``: (expert_ids, new cache)."""
         out = self(input_ids, attention_mask=attention_mask, cache=cache)
         logits, new_cache = (out, None) if cache is None else out
-        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        ids = top1_expert(logits)
         return ids if cache is None else (ids, new_cache)
 
     def init_embedding_from(self, table, *, seed: int = 0) -> None:
