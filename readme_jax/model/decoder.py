@@ -26,12 +26,18 @@ ATTENTION_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")
 
 @flax.struct.dataclass
 class KVCache:
-    """Key/value cache for prefill + incremental decode of left-padded batches.
+    """Key/value cache with one write index per row ("slot"), for batched prefill, incremental decode and
+    continuous batching (each slot fills, is freed and reused independently of the others).
 
-    k, v      [L, B, S, K, hd]  keys (already rotated) and values, S = max_len slots
-    key_mask  <bool>[B, S]      which slots hold real tokens
-    index     <int32>[]         next slot to write (shared by the batch: rows are left-padded)
+    k, v      [L, B, S, K, hd]  keys (already rotated) and values, S = max_len cache slots per row
+    key_mask  <bool>[B, S]      which cache slots hold real tokens
+    index     <int32>[B]        each row's next cache slot to write
     next_pos  <int32>[B]        RoPE position of each row's next token
+
+    A call with new tokens x [B, T] and attention mask m [B, T] writes row b's T entries at
+    index[b] .. index[b] + T - 1 (padding entries with key_mask False) and advances index[b] past its last
+    real token: left-padded prompts (``generation``) advance by T, right-padded chunks (serving) by their
+    real length, a row with no real token (an idle serving slot) not at all. Writes past S are dropped.
     """
 
     k: jnp.ndarray
@@ -45,12 +51,24 @@ class KVCache:
         dtype = dtype or cfg.compute_dtype
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                   key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,), jnp.int32),
                    next_pos=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+def _write_rows(buf: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """buf [B, S, ...], new [B, T, ...], index <int32>[B] -> buf with buf[b, index[b] + t] = new[b, t]
+    (entries past S dropped)."""
+    B, T = new.shape[:2]
+    cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return buf.at[jnp.arange(B)[:, None], cols].set(new.astype(buf.dtype), mode="drop")
 
 
 def dense_ffn(p: dict, h: jnp.ndarray) -> tuple[jnp.ndarray, None]:
@@ -69,6 +87,8 @@ def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None 
 
 
 def _attention_block(p, x, sin, cos, mask, kv, index, cfg):
+    """Pre-norm attention with residual. x [B, T, D]; sin/cos [B, T, hd/2]; mask <bool>[B, T, S];
+    kv: None or this layer's cache (k, v) [B, S, K, hd], written at index <int32>[B] -> (x [B, T, D], kv)."""
     B, T, _ = x.shape
     dt = x.dtype
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -78,8 +98,7 @@ def _attention_block(p, x, sin, cos, mask, kv, index, cfg):
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     if kv is not None:
         ck, cv = kv
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        k, v = _write_rows(ck, k, index), _write_rows(cv, v, index)
         kv = (k, v)
         k, v = k.astype(dt), v.astype(dt)
     out = gqa_attention(q, k, v, mask).reshape(B, T, cfg.num_heads * cfg.head_dim)
@@ -114,8 +133,8 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
         key_mask = None
     else:
         index = cache.index
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask_, (0, index))
-        mask = attention_mask(index + jnp.arange(T), key_mask, cfg.sliding_window)
+        key_mask = _write_rows(cache.key_mask, attention_mask_, index)
+        mask = attention_mask(index[:, None] + jnp.arange(T)[None, :], key_mask, cfg.sliding_window)
 
     def layer(x, p, kv):
         x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg)
@@ -142,6 +161,7 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
         kvs, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
     if cache is not None:
         n_new = jnp.sum(attention_mask_, axis=1, dtype=jnp.int32)
-        cache = cache.replace(k=kvs[0], v=kvs[1], key_mask=key_mask, index=index + T,
+        past_last = jnp.max(attention_mask_ * jnp.arange(1, T + 1, dtype=jnp.int32)[None, :], axis=1)
+        cache = cache.replace(k=kvs[0], v=kvs[1], key_mask=key_mask, index=index + past_last,
                               next_pos=cache.next_pos + n_new)
     return x, cache, aux

@@ -20,14 +20,15 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
 def attention_mask(q_slots: jnp.ndarray, key_mask: jnp.ndarray, sliding_window: int | None) -> jnp.ndarray:
     """Which keys each query may see: <bool>[B, T, S].
 
-    q_slots <int32>[T]: the cache slot of each query (slot == position within a left-padded row);
+    q_slots <int32>[B, T] (or [T], the same for every row): the cache slot of each query;
     key_mask <bool>[B, S]: which key slots hold real tokens. Causal in slot order; keys of padding are hidden.
     """
+    q_slots = jnp.broadcast_to(q_slots, (key_mask.shape[0],) + q_slots.shape[-1:])
     k_slots = jnp.arange(key_mask.shape[1])
-    allowed = k_slots[None, :] <= q_slots[:, None]
+    allowed = k_slots[None, None, :] <= q_slots[:, :, None]
     if sliding_window is not None:
-        allowed &= q_slots[:, None] - k_slots[None, :] < sliding_window
-    return allowed[None] & key_mask[:, None, :]
+        allowed &= q_slots[:, :, None] - k_slots[None, None, :] < sliding_window
+    return allowed & key_mask[:, None, :]
 
 
 def gqa_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,213 @@
+"""The model side of the engine: jitted steps over a fixed set of cache slots, compiled once per bucket.
+
+    runner = ModelRunner(model, num_slots=8, max_len=2048, prefill_buckets=(16, 32, 64, 128, 256))
+    experts = runner.route_prompt(prompt_ids)              # the router's expert of every prompt token (lookahead)
+    tok, nxt = runner.prefill(slot, chunk_ids, chunk_experts, is_last, sampling row)    # one chunk, one slot
+    toks, nxts = runner.decode(slots, tokens, experts, sampling rows)                   # one token per picked slot
+    runner.free(slot)
+
+State: one backbone ``KVCache`` [L, B + 1, S, K, hd] with a write index per slot (``model/decoder.py``), and for
+Read-ME the router's own per-slot cache. Row B is a scratch row: the padding entries of a decode bucket point
+at it, so scattering the bucket back never overwrites a real slot. The router is always one token ahead of the
+backbone: a step runs the backbone on each picked slot's pending token (whose expert is known), samples the
+next token, routes it with one incremental router step, and returns both to the host in two small arrays, so
+before every step the scheduler knows the expert of every waiting token. The backbone never routes.
+
+Buckets: a prefill chunk of n tokens is right-padded to the smallest prefill bucket >= n (padding tokens get
+expert -1 and no cache entry); a decode step over m picked slots runs the smallest power-of-two bucket >= m.
+After ``warmup()`` no request triggers a compile. Decode splits the stacked layer weights per layer once
+(``decoder.unstack_layers``): a scan over stacked weights copies every layer's weights at every step on CPU.
+
+Dimension names: B slots, S cache slots per row (max_len), T chunk bucket, M decode bucket, V vocab, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from readme_jax.model.decoder import KVCache, unstack_layers
+from readme_jax.sampling import sample_rows
+
+
+@flax.struct.dataclass
+class SlotCaches:
+    """backbone: KVCache [L, B + 1, S, K, hd]; router: the router's KVCache [Lr, B + 1, S, H, hd] or None."""
+
+    backbone: KVCache
+    router: KVCache | None
+
+
+def _rows(cache: KVCache | None, slots: jnp.ndarray) -> KVCache | None:
+    """The cache rows of ``slots`` <int32>[M] as an M-row KVCache."""
+    if cache is None:
+        return None
+    return KVCache(k=cache.k[:, slots], v=cache.v[:, slots], key_mask=cache.key_mask[slots],
+                   index=cache.index[slots], next_pos=cache.next_pos[slots])
+
+
+def _put_rows(cache: KVCache | None, slots: jnp.ndarray, rows: KVCache | None) -> KVCache | None:
+    if cache is None:
+        return None
+    return KVCache(k=cache.k.at[:, slots].set(rows.k), v=cache.v.at[:, slots].set(rows.v),
+                   key_mask=cache.key_mask.at[slots].set(rows.key_mask), index=cache.index.at[slots].set(rows.index),
+                   next_pos=cache.next_pos.at[slots].set(rows.next_pos))
+
+
+def _backbone(model, ids, mask, experts, cache, layers, dispatcher):
+    """Backbone only (never routes): ids/mask/experts [M, T] -> (x [M, T, D], cache)."""
+    if hasattr(model, "backbone"):
+        x, cache, _ = model.backbone(ids, expert_ids=experts, attention_mask=mask, cache=cache, layers=layers,
+                                     dispatcher=dispatcher)
+    else:
+        x, cache, _ = model.hidden_states(ids, attention_mask=mask, cache=cache, layers=layers)
+    return x, cache
+
+
+def _sample_and_route(model, x_last, rcache, valid, seeds, positions, temps, top_ps):
+    """Head on the last real position, per-row sampling, one router step on the sampled token.
+    x_last [M, D] -> (tokens <int32>[M], their experts <int32>[M] (-1: dense or invalid), router cache)."""
+    logits = model.tok.decode(x_last[:, None])[:, 0]
+    tokens = sample_rows(logits, seeds, positions, temps, top_ps)
+    if rcache is None:
+        return tokens, jnp.full_like(tokens, -1), None
+    nxt, rcache = model.route(tokens[:, None], attention_mask=valid[:, None], router_cache=rcache)
+    return tokens, jnp.where(valid, nxt[:, 0], -1), rcache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
+def _prefill_step(graphdef, params, caches: SlotCaches, slot, ids, n_real, experts, is_last, seed, temp, top_p):
+    """One right-padded chunk ids <int32>[1, T] (n_real real tokens, their experts [1, T]) into ``slot``."""
+    model = nnx.merge(graphdef, params)
+    slots = slot[None]
+    mask = jnp.arange(ids.shape[1])[None, :] < n_real
+    backbone = _rows(caches.backbone, slots)
+    x, backbone = _backbone(model, ids, mask, jnp.where(mask, experts, -1), backbone, None, None)
+    rcache = _rows(caches.router, slots)
+    if rcache is not None:                                   # the router cache follows the prompt chunk
+        _, rcache = model.route(ids, attention_mask=mask, router_cache=rcache)
+    x_last = jnp.take_along_axis(x, (n_real - 1)[None, None, None], axis=1)[:, 0]
+    position = backbone.next_pos                             # position of the token sampled now
+    tok, nxt, rcache2 = _sample_and_route(model, x_last, rcache, is_last[None], seed[None], position,
+                                          temp[None], top_p[None])
+    caches = SlotCaches(backbone=_put_rows(caches.backbone, slots, backbone),
+                        router=_put_rows(caches.router, slots, rcache2))
+    return caches, tok[0], nxt[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dispatcher"), donate_argnames=("caches",))
+def _decode_step(graphdef, params, layers, caches: SlotCaches, slots, tokens, experts, valid, seeds, temps,
+                 top_ps, dispatcher=None):
+    """One token for each of M picked slots: slots/tokens/experts/seeds <int32>[M], valid <bool>[M] (False:
+    bucket padding, pointed at the scratch row), temps/top_ps <f32>[M] -> (caches, next tokens [M], their
+    experts [M])."""
+    model = nnx.merge(graphdef, params)
+    backbone = _rows(caches.backbone, slots)
+    mask = valid[:, None]
+    x, backbone = _backbone(model, tokens[:, None], mask, jnp.where(valid, experts, -1)[:, None], backbone,
+                            layers, dispatcher)
+    tok, nxt, rcache = _sample_and_route(model, x[:, 0], _rows(caches.router, slots), valid, seeds,
+                                         backbone.next_pos, temps, top_ps)
+    caches = SlotCaches(backbone=_put_rows(caches.backbone, slots, backbone),
+                        router=_put_rows(caches.router, slots, rcache))
+    return caches, tok, nxt
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _route_step(graphdef, params, ids, mask):
+    """The router's expert of every prompt token: ids/mask [1, T] -> <int32>[1, T] (no cache: causal)."""
+    return nnx.merge(graphdef, params).route(ids, attention_mask=mask)
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"ModelRunner: {n} tokens exceed the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    """Owns the params, the slot caches and the compiled steps (see the module docstring)."""
+
+    def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...],
+                 decode_dispatcher=None):
+        self.model = model
+        self.num_slots, self.max_len = num_slots, max_len
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
+        self.decode_buckets = tuple(sorted({min(1 << i, num_slots) for i in range(num_slots.bit_length() + 1)}))
+        big = self.prefill_buckets[-1]
+        self.route_buckets = self.prefill_buckets + tuple(big << i for i in range(1, max(1, max_len // big).bit_length() + 1)
+                                                          if (big << (i - 1)) < max_len)
+        self.is_moe = hasattr(model, "route")
+        self.num_experts = model.config.num_experts if self.is_moe else 0
+        self.dispatcher = decode_dispatcher
+        self.graphdef, self.params = nnx.split(model)
+        self.layers = unstack_layers(model.layer_arrays())
+        rows = num_slots + 1                                        # + the scratch row
+        self.caches = SlotCaches(backbone=model.init_cache(rows, max_len) if not self.is_moe else
+                                 KVCache.init(model.config.base, rows, max_len),
+                                 router=model.router.init_cache(rows, max_len) if self.is_moe else None)
+
+    @property
+    def scratch(self) -> int:
+        return self.num_slots
+
+    def route_prompt(self, prompt: list[int]) -> np.ndarray:
+        """<int32>[len(prompt)]: each prompt token's expert (-1 for a dense model). One causal router pass
+        over the whole prompt, padded to the smallest of ``route_buckets`` (the prefill buckets, then
+        doubling up to max_len) that holds it."""
+        n = len(prompt)
+        if not self.is_moe:
+            return np.full(n, -1, np.int32)
+        T = _bucket(n, self.route_buckets)
+        ids = np.zeros((1, T), np.int32)
+        ids[0, :n] = prompt
+        mask = np.arange(T)[None] < n
+        return np.asarray(_route_step(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask)))[0, :n]
+
+    def prefill(self, slot: int, chunk: list[int], experts: np.ndarray, is_last: bool, seed: int,
+                temperature: float, top_p: float) -> tuple[int, int]:
+        """Prefill ``chunk`` (continuing the slot's sequence) into ``slot``. When ``is_last``, returns the first
+        sampled token and its expert; otherwise (-, -) to ignore."""
+        n = len(chunk)
+        T = _bucket(n, self.prefill_buckets)
+        ids = np.zeros((1, T), np.int32)
+        ids[0, :n] = chunk
+        ex = np.full((1, T), -1, np.int32)
+        ex[0, :n] = experts
+        self.caches, tok, nxt = _prefill_step(
+            self.graphdef, self.params, self.caches, jnp.int32(slot), jnp.asarray(ids), jnp.int32(n),
+            jnp.asarray(ex), jnp.bool_(is_last), jnp.int32(seed), jnp.float32(temperature), jnp.float32(top_p))
+        return int(tok), int(nxt)
+
+    def decode(self, slots: list[int], tokens: list[int], experts: list[int], seeds: list[int],
+               temperatures: list[float], top_ps: list[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Advance each of ``slots`` by its pending token. Returns (next tokens [m], their experts [m])."""
+        m = len(slots)
+        M = _bucket(m, self.decode_buckets)
+        pad = M - m
+
+        def arr(values, fill, dtype):
+            return jnp.asarray(np.asarray(list(values) + [fill] * pad, dtype))
+
+        self.caches, tok, nxt = _decode_step(
+            self.graphdef, self.params, self.layers, self.caches, arr(slots, self.scratch, np.int32),
+            arr(tokens, 0, np.int32), arr(experts, -1, np.int32), arr([True] * m, False, bool),
+            arr(seeds, 0, np.int32), arr(temperatures, 0.0, np.float32), arr(top_ps, 1.0, np.float32),
+            dispatcher=self.dispatcher)
+        tok, nxt = jax.device_get((tok, nxt))
+        return tok[:m], nxt[:m]
+
+    def free(self, slot: int) -> None:
+        """Forget a finished slot's sequence (index, mask and position back to 0) so it can be reused."""
+        def reset(c):
+            if c is None:
+                return None
+            return c.replace(key_mask=c.key_mask.at[slot].set(False), index=c.index.at[slot].set(0),
+                             next_pos=c.next_pos.at[slot].set(0))
+        self.caches = SlotCaches(backbone=reset(self.caches.backbone), router=reset(self.caches.router))
