@@ -31,7 +31,7 @@ def test_hand_computed_step_time():
     sa = CostModel(TINY, HW, "step-ahead")
     assert sa.step(WORK, 0.0)[0] == pytest.approx(46.272)
     assert sa.step(WORK, 100.0) == pytest.approx((14.944, 0.0))
-    assert none.bound_saving_s(WORK) == pytest.approx(2 * 7.072)
+    assert none.compute_and_load_s(WORK) == pytest.approx((0.8 + 2 * 7.072, 2 * 19.2))
     assert none.step(StepWork(decode_tokens=1, experts=1), 0.0) == pytest.approx((0.8 + 2 * (96 + 8 + 192) / 100, 0))
 
 

@@ -12,8 +12,9 @@ positions x heads x head_dim). Loads go over one serial link; how much of λ is 
 - ``layer-ahead``: layer l+1's loads are issued when layer l starts computing (layer 0's at step start);
 - ``step-ahead``: every layer's set is known a step early: layer l's loads are issued when layer l of the
   previous step finished (its slots are free then), so they overlap the rest of that step and any idle time.
-Stall = step time - (fixed + L c). The analytic bound on what prefetch can save is L min(c, λ) per step
-(perfect overlap of compute and loads), i.e. a gain of min(c, λ) / (c + λ) of the layers' time.
+Stall = step time - (fixed + L c). The analytic bound on what any prefetch can save over a run: with total
+compute C = sum (fixed + L c) and total loads Λ = sum L λ, no schedule beats max(C, Λ), so the gain over no
+prefetch is at most min(C, Λ) / (C + Λ) (= compute / (compute + load) when loads dominate).
 """
 
 from __future__ import annotations
@@ -190,9 +191,10 @@ class CostModel:
         total = end_prev - start + fixed
         return float(total), float(total - fixed - L * c)
 
-    def bound_saving_s(self, w: StepWork) -> float:
-        """What perfect overlap could save at this step versus no prefetch: L min(c, λ)."""
-        return self.model.num_layers * min(self.layer_compute_s(w), self.layer_load_s(w))
+    def compute_and_load_s(self, w: StepWork) -> tuple[float, float]:
+        """(fixed + L c, L λ): the step's compute and its loads, the two terms of the prefetch bound."""
+        L = self.model.num_layers
+        return self.fixed_s() + L * self.layer_compute_s(w), L * self.layer_load_s(w)
 
 
 def check_capacity(model: ModelSpec, hw: HardwareSpec, num_experts: int) -> int:

@@ -73,8 +73,8 @@ class SimConfig:
 @dataclasses.dataclass
 class SimResult:
     """Per request (arrival order): arrival, ttft, finish seconds, output tokens. Per step: start seconds,
-    duration, distinct decode experts, running decodes, decode tokens, none-prefetch time, bound saving,
-    the step's expert set and the predicted future sets (for replays). Prefill chunks: distinct experts."""
+    duration, distinct decode experts, running decodes, decode tokens, the step's expert set, the predicted
+    future sets (with ``record_futures``, for replays) and its StepWork. Prefill chunks: distinct experts."""
 
     arrival: np.ndarray
     ttft: np.ndarray
@@ -85,12 +85,11 @@ class SimResult:
     decode_experts: np.ndarray
     running: np.ndarray
     decode_tokens: np.ndarray
-    time_none: np.ndarray
-    bound_saving: np.ndarray
     sets: list
     futures: list
     prefill_experts: np.ndarray
     cache: CacheStats
+    works: list                      # each step's StepWork (misses from the policy in the loop)
 
     @property
     def normalised_latency(self) -> np.ndarray:
@@ -192,10 +191,9 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
                             expert_bytes=cost.model.expert_bytes if cost else 0.0)
     if cost is not None:
         cost.reset()
-    none_cost = CostModel(cost.model, cost.hw, "none") if cost is not None else None
     st = _State(cfg.slots)
-    rec = {k: [] for k in ("start", "time", "dexp", "running", "dtok", "tnone", "bound")}
-    sets, futures, prefill_exp = [], [], []
+    rec = {k: [] for k in ("start", "time", "dexp", "running", "dtok")}
+    sets, futures, prefill_exp, works = [], [], [], []
     now, nxt, step, done = 0.0, 0, 0, 0
 
     def start_decode(rid: str, slot: int, t: float) -> None:
@@ -248,6 +246,7 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
                         prefill_context=sum(waiting[rid].done for rid, _ in pick.prefills),
                         prefill_attended=sum(m * waiting[rid].done + m * (m + 1) // 2 for rid, m in pick.prefills),
                         experts=len(S), misses=refs.misses if refs else 0)
+        works.append(work)
         for rid, m in pick.prefills:
             w = waiting[rid]
             prefill_exp.append(len(np.unique(w.experts[w.done:w.done + m])))
@@ -255,14 +254,12 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
         n_running = len(st.running)
         if cost is not None:
             dt, stall = cost.step(work, now)
-            t_none = none_cost.step(work, now)[0]
-            bound = cost.bound_saving_s(work)
-            cache.stats.stall_s += stall if cache is not None else 0.0
+            if cache is not None:
+                cache.stats.stall_s += stall
         else:
-            dt, t_none, bound = 1.0, 1.0, 0.0
+            dt = 1.0
         rec["start"].append(now), rec["time"].append(dt), rec["dexp"].append(dexp)
         rec["running"].append(n_running), rec["dtok"].append(len(pick.decodes))
-        rec["tnone"].append(t_none), rec["bound"].append(bound)
         sets.append(frozenset(S))
         if cfg.record_futures:
             futures.append(fut.sets)
@@ -286,5 +283,5 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
     arr = {k: np.asarray(v) for k, v in rec.items()}
     return SimResult(np.array([q.arrival for q in requests]), ttft - np.array([q.arrival for q in requests]),
                      finish, np.array([q.output for q in requests], np.float64), arr["start"], arr["time"],
-                     arr["dexp"], arr["running"], arr["dtok"], arr["tnone"], arr["bound"], sets, futures,
-                     np.asarray(prefill_exp), cache.stats if cache is not None else CacheStats())
+                     arr["dexp"], arr["running"], arr["dtok"], sets, futures,
+                     np.asarray(prefill_exp), cache.stats if cache is not None else CacheStats(), works)
