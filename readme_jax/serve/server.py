@@ -91,7 +91,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
     it down at exit). ``metrics``: the registry the engine reports to (a fresh one if None)."""
     metrics = metrics if metrics is not None else EngineMetrics()
     created = int(time.time())
-    state = {"draining": False, "start_error": None}
+    state = {"draining": False, "drained": False, "start_error": None}
 
     def start_engine():
         try:
@@ -103,7 +103,8 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
     async def lifespan(app):
         threading.Thread(target=start_engine, name="engine-start", daemon=True).start()
         yield
-        await asyncio.to_thread(engine.shutdown, drain_timeout=0.0)
+        if not state["drained"]:                  # not already drained by DrainingServer's signal handler
+            await asyncio.to_thread(engine.shutdown, drain_timeout=0.0)
 
     app = FastAPI(title="readme_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.state = engine, state
@@ -276,6 +277,7 @@ class DrainingServer(uvicorn.Server):
         def drain():
             try:
                 self._app.state.engine.shutdown(drain_timeout=self._drain_timeout)
+                self._app.state.state["drained"] = True
             finally:
                 self.should_exit = True
 
