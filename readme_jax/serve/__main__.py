@@ -1,0 +1,86 @@
+"""``python -m readme_jax.serve --model PATH [--host 127.0.0.1] [--port 8000] ...``: the OpenAI-compatible server.
+
+``--model smollm2`` serves the pinned SmolLM2-135M-Instruct GGUF; any ``readme_jax.load_pretrained`` path works
+(an HF directory, a GGUF, our dense checkpoint or a Read-ME export). SIGTERM drains in-flight requests for up
+to ``--drain-timeout`` seconds, aborts the rest and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def context_length(model) -> int:
+    """The model's trained context (max_position_embeddings), for a dense or a Read-ME model."""
+    config = model.config
+    return int(getattr(config, "base", config).max_position_embeddings)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m readme_jax.serve", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="HF directory, .gguf file, or a readme_jax checkpoint; 'smollm2' = the pinned SmolLM2-135M")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="engine slots (sequences decoded together)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help=f"context per request (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
+    ap.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    ap.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
+    ap.add_argument("--scheduler", default="decode-first", help="batching policy (decode-first, prefill-first)")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+
+    import jax.numpy as jnp
+
+    from readme_jax import assets
+    from readme_jax.convert.load import load_pretrained
+    from readme_jax.serve.engine import Engine, EngineConfig
+    from readme_jax.serve.metrics import EngineMetrics
+    from readme_jax.serve.server import create_app, serve
+
+    path = assets.smollm2_gguf() if args.model == "smollm2" else Path(args.model)
+    name = args.served_model_name or ("smollm2" if args.model == "smollm2" else
+                                      (path.stem if path.suffix == ".gguf" else path.name))
+    try:
+        model, tokenizer = load_pretrained(path, dtype=jnp.dtype(args.dtype))
+        if tokenizer is None:
+            raise ValueError(f"{path}: no tokenizer found next to the model")
+        max_model_len = args.max_model_len or min(context_length(model), DEFAULT_MAX_MODEL_LEN)
+        if not 1 < max_model_len <= context_length(model):
+            raise ValueError(f"--max-model-len must be in [2, {context_length(model)}] (the model's context), "
+                             f"got {max_model_len}")
+        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                           max_model_len=max_model_len, max_queue=args.max_queue,
+                           default_max_tokens=args.default_max_tokens, scheduler=args.scheduler)
+        metrics = EngineMetrics()
+        engine = Engine(model, tokenizer, cfg, metrics=metrics)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = create_app(engine, tokenizer, model_name=name, max_model_len=max_model_len,
+                     default_max_tokens=args.default_max_tokens, api_key=args.api_key, metrics=metrics)
+    serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
