@@ -1,8 +1,8 @@
-"""``python -m benchmarks [NAME ...] [--quick] [--out DIR]``: see :mod:`benchmarks`."""
+"""``python -m benchmarks [NAME ...] [--quick] [--out DIR]``: see :mod:`benchmarks.runner`."""
 
 import sys
 
-from benchmarks import main
+from benchmarks.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: thread settings, timing, one fresh subprocess per variant, bandwidth.
+"""Shared helpers for the benchmarks: thread settings, the one timing helper (:func:`time_calls`), one fresh
+subprocess per variant, bandwidth.
 
 Every benchmark compares two variants (ours vs a baseline) measured in the same run, so every number that
 matters is a ratio. Each variant runs in its own fresh Python process (``run_variant``) so that its peak RSS
@@ -12,6 +13,7 @@ A child process is ``python -m benchmarks.common MODULE:FUNC ARGS_JSON OUT_JSON`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -71,41 +73,47 @@ def block(x: Any) -> Any:
     return x
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Seconds per call of ``fn()`` for ``repeats`` timed calls after ``warmup`` untimed ones.
+@dataclasses.dataclass(frozen=True)
+class Timed:
+    """One timed call for :func:`time_calls`: ``fn(*setup())`` timed, ``setup()`` (untimed) run before each
+    call (e.g. a prefill whose cache the timed decode consumes); seconds are divided by ``per_call`` (e.g.
+    the decode steps of one call)."""
+    fn: Callable[..., Any]
+    setup: Callable[[], tuple] | None = None
+    per_call: int = 1
 
-    ``fn`` must return only once its work is done (jax results are blocked on here)."""
+
+def time_calls(calls: dict[str, Callable[[], Any] | Timed], *, warmup: int = 1,
+               repeats: int = 5) -> dict[str, dict[str, list[float]]]:
+    """The one timing helper: time several calls round-robin (a, b, a, b, ...) so background load hits them alike.
+
+    Each value is a no-argument callable or a :class:`Timed`. After ``warmup`` untimed rounds, ``repeats``
+    timed rounds; a call returns only once its work is done (jax results are blocked on here).
+    Returns ``{name: {"wall": [seconds per unit], "cpu": [process CPU seconds per unit]}}`` (CPU time, all
+    threads summed, is the steadier number when other processes share the cores); take :func:`median`.
+    """
+    timed = {k: v if isinstance(v, Timed) else Timed(v) for k, v in calls.items()}
+
+    def once(t: Timed) -> tuple[float, float]:
+        args = block(t.setup()) if t.setup is not None else ()
+        c0, t0 = time.process_time(), time.perf_counter()
+        block(t.fn(*args))
+        return (time.perf_counter() - t0) / t.per_call, (time.process_time() - c0) / t.per_call
+
     for _ in range(warmup):
-        block(fn())
-    times = []
+        for t in timed.values():
+            once(t)
+    out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in timed}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        block(fn())
-        times.append(time.perf_counter() - t0)
-    return times
+        for name, t in timed.items():
+            wall, cpu = once(t)
+            out[name]["wall"].append(wall)
+            out[name]["cpu"].append(cpu)
+    return out
 
 
 def median(xs) -> float:
     return float(statistics.median(xs))
-
-
-def interleave(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5) -> dict[str, dict]:
-    """Time several callables round-robin (a, b, a, b, ...) so that background load hits them alike.
-
-    Returns {name: {"wall": median seconds, "cpu": median process CPU seconds}}. CPU time (all threads
-    summed) is the steadier number when other processes share the cores."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            block(fn())
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            block(fn())
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {k: {"wall": median(wall[k]), "cpu": median(cpu[k])} for k in fns}
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -114,14 +122,6 @@ def peak_rss_mb() -> float:
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def current_rss_mb() -> float:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss / (1024 * 1024)
-    except ImportError:  # pragma: no cover
-        return float("nan")
 
 
 def bandwidth_probe(n_bytes: int = 512 * 1024 * 1024):
@@ -135,11 +135,6 @@ def bandwidth_probe(n_bytes: int = 512 * 1024 * 1024):
     buf = jax.block_until_ready(jnp.arange(n, dtype=jnp.float32) * 1e-9)
     reduce = jax.jit(lambda x: jnp.sum(x))
     return (lambda: reduce(buf)), n * 4
-
-
-def measure_bandwidth_gbs(*, n_bytes: int = 512 * 1024 * 1024, repeats: int = 7) -> float:
-    fn, nb = bandwidth_probe(n_bytes)
-    return nb / median(time_fn(fn, warmup=2, repeats=repeats)) / 1e9
 
 
 # ------------------------------------------------------------------------------------------ subprocesses

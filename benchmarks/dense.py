@@ -22,16 +22,15 @@ median per variant):
 Both sides decode the same prompts; the note reports how many greedy tokens agree (f32 reductions differ in
 order, so near-ties may flip late tokens; a wrong weight layout gives ~0% agreement).
 
-Weights: ``readme_jax.load_pretrained(gguf)`` when it exists; otherwise (while the loader is being written)
-transformers dequantises the same GGUF once in a subprocess and its tensors are cached as an .npz in our
-layout under $READMEJAX_CACHE/bench/ — the same numbers either way.
+Weights: the pinned SmolLM2 GGUF, dequantised by ``readme_jax.load_pretrained`` (ours) and by transformers.
+Every timing goes through :func:`benchmarks.common.time_calls`.
 """
 
 from __future__ import annotations
 
 import time
 
-from benchmarks.common import make_row, error_row, median, run_variant
+from benchmarks.common import error_row, make_row, median, run_variant
 
 NAME = "dense"
 
@@ -69,7 +68,7 @@ def _hf_model():
 def hf_case(case: str, shape: list, repeats: int) -> dict:
     """One transformers variant (run in its own subprocess by ``run_variant``)."""
     import torch
-    from benchmarks.common import set_torch_threads, time_fn
+    from benchmarks.common import Timed, set_torch_threads, time_calls
     set_torch_threads()
     t0 = time.perf_counter()
     model = _hf_model()
@@ -79,12 +78,14 @@ def hf_case(case: str, shape: list, repeats: int) -> dict:
         if case == "prefill":
             B, T = shape
             ids = torch.from_numpy(_prompt_ids(B, T))
-            times = time_fn(lambda: model(input_ids=ids, use_cache=False).logits, warmup=1, repeats=repeats)
+            times = time_calls({"prefill": lambda: model(input_ids=ids, use_cache=False).logits},
+                               repeats=repeats)["prefill"]["wall"]
             out.update(times=times, value=B * T / median(times))
         else:
             from transformers import DynamicCache
             B, P, N = shape
             prompt = torch.from_numpy(_prompt_ids(B, P, seed=1))
+            toks = []
 
             def prefill():
                 cache = DynamicCache(config=model.config)
@@ -92,96 +93,26 @@ def hf_case(case: str, shape: list, repeats: int) -> dict:
                 return o.logits[:, -1].argmax(-1), o.past_key_values
 
             def decode(tok, cache):
-                toks = []
+                toks.clear()
                 for _ in range(N):
                     toks.append(tok)
                     o = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
                     cache = o.past_key_values
                     tok = o.logits[:, -1].argmax(-1)
-                return torch.stack(toks, 1)
 
-            decode(*prefill())  # warm-up
-            times = []
-            for _ in range(repeats):
-                tok, cache = prefill()
-                t = time.perf_counter()
-                toks = decode(tok, cache)
-                times.append((time.perf_counter() - t) / N)
-            out.update(times=times, value=1e3 * median(times), tokens=toks.tolist())
+            times = time_calls({"decode": Timed(decode, setup=prefill, per_call=N)},
+                               repeats=repeats)["decode"]["wall"]
+            out.update(times=times, value=1e3 * median(times), tokens=torch.stack(toks, 1).tolist())
     return out
 
 
 # -------------------------------------------------------------------------------------------- ours
-def _export_hf_weights(path: str) -> dict:
-    """Fallback weights: transformers' own dequantisation of the GGUF, saved in our layout as .npz."""
-    import json
-    import os
-    import numpy as np
-    model = _hf_model()
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    L = model.config.num_hidden_layers
-
-    def stack(fmt, transpose=True):
-        return np.stack([sd[fmt.format(i)].T if transpose else sd[fmt.format(i)] for i in range(L)])
-
-    arrays = {
-        "tok/embed": sd["model.embed_tokens.weight"], "tok/final_norm": sd["model.norm.weight"],
-        "attn/attn_norm": stack("model.layers.{}.input_layernorm.weight", False),
-        "attn/mlp_norm": stack("model.layers.{}.post_attention_layernorm.weight", False),
-        "attn/wq": stack("model.layers.{}.self_attn.q_proj.weight"),
-        "attn/wk": stack("model.layers.{}.self_attn.k_proj.weight"),
-        "attn/wv": stack("model.layers.{}.self_attn.v_proj.weight"),
-        "attn/wo": stack("model.layers.{}.self_attn.o_proj.weight"),
-        "ffn/w_gate": stack("model.layers.{}.mlp.gate_proj.weight"),
-        "ffn/w_up": stack("model.layers.{}.mlp.up_proj.weight"),
-        "ffn/w_down": stack("model.layers.{}.mlp.down_proj.weight"),
-    }
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __config__=np.frombuffer(json.dumps(model.config.to_dict(), default=str).encode(), np.uint8),
-             **arrays)
-    os.replace(tmp, path)
-    return {"path": path}
-
-
-def _fallback_weights_path() -> str:
-    from readme_jax.assets import cache_dir
-    return str(cache_dir("bench") / "smollm2_135m_f32_from_transformers.npz")
-
-
 def load_ours():
-    """(model, how): the real SmolLM2-135M weights in our Llama, f32."""
+    """The real SmolLM2-135M weights in our Llama, f32 (``readme_jax.load_pretrained`` of the pinned GGUF)."""
     import jax.numpy as jnp
-    try:
-        try:
-            from readme_jax import load_pretrained
-        except ImportError:
-            from readme_jax.convert.load import load_pretrained
-    except ImportError:
-        load_pretrained = None
-    if load_pretrained is not None:
-        model, _ = load_pretrained(_gguf_path(), dtype=jnp.float32)
-        return model, "load_pretrained"
-
-    import json
-    import os
-    import numpy as np
-    from flax import nnx
-    from readme_jax.model.config import LlamaConfig
-    from readme_jax.model.llama import Llama
-    path = _fallback_weights_path()
-    if not os.path.exists(path):
-        run_variant("benchmarks.dense:_export_hf_weights", {"path": path})
-    with np.load(path) as z:
-        hf_cfg = json.loads(bytes(z["__config__"]).decode())
-        params: dict = {}
-        for key in z.files:
-            if key != "__config__":
-                group, name = key.split("/")
-                params.setdefault(group, {})[name] = jnp.asarray(z[key])
-    cfg = LlamaConfig.from_hf(hf_cfg)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), "transformers-dequantised GGUF (load_pretrained not available yet)"
+    from readme_jax import load_pretrained
+    model, _ = load_pretrained(_gguf_path(), dtype=jnp.float32)
+    return model
 
 
 def make_decode_fns(graphdef, batch: int, prompt_len: int, new_tokens: int):
@@ -212,12 +143,12 @@ def ours_case(case: str, shape: list, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from benchmarks.common import bandwidth_probe, peak_rss_mb, time_fn
+    from benchmarks.common import Timed, bandwidth_probe, peak_rss_mb, time_calls
     t0 = time.perf_counter()
-    model, how = load_ours()
+    model = load_ours()
     load_s = time.perf_counter() - t0
     graphdef, state = nnx.split(model)
-    out: dict = {"load_s": load_s, "weights": how}
+    out: dict = {"load_s": load_s}
     if case == "prefill":
         B, T = shape
         ids = jnp.asarray(_prompt_ids(B, T), jnp.int32)
@@ -225,7 +156,7 @@ def ours_case(case: str, shape: list, repeats: int) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(fwd(state, ids))
         out["compile_s"] = time.perf_counter() - t
-        times = time_fn(lambda: fwd(state, ids), warmup=1, repeats=repeats)
+        times = time_calls({"prefill": lambda: fwd(state, ids)}, repeats=repeats)["prefill"]["wall"]
         out.update(times=times, value=B * T / median(times))
         return out
 
@@ -235,23 +166,24 @@ def ours_case(case: str, shape: list, repeats: int) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(decode(state, *prefill(state, prompt)))
     out["compile_s"] = time.perf_counter() - t
-    decode_s, bw_s = [], []
-    probe = None
-    if case == "decode_b1":
+    toks = []
+
+    def run_decode(tok, cache):
+        res = decode(state, tok, cache)         # (tokens [B, N], cache): both blocked on by time_calls
+        toks[:] = [res[0]]
+        return res
+
+    calls = {"decode": Timed(run_decode, setup=lambda: prefill(state, prompt), per_call=N)}
+    if case == "decode_b1":    # the bandwidth probe runs interleaved with the decode loop
         out["peak_rss_mb"] = peak_rss_mb()  # before the bandwidth buffer exists
         probe, nbytes = bandwidth_probe()
         jax.block_until_ready(probe())
-    for _ in range(repeats):  # the bandwidth probe runs interleaved with the decode loop
-        tok, cache = jax.block_until_ready(prefill(state, prompt))
-        t = time.perf_counter()
-        toks, _ = jax.block_until_ready(decode(state, tok, cache))
-        decode_s.append((time.perf_counter() - t) / N)
-        if probe is not None:
-            t = time.perf_counter()
-            jax.block_until_ready(probe())
-            bw_s.append(time.perf_counter() - t)
-    out.update(times=decode_s, value=1e3 * median(decode_s), tokens=np.asarray(toks).tolist())
-    if probe is not None:
+        calls["bandwidth"] = probe
+    times = time_calls(calls, warmup=0, repeats=repeats)
+    decode_s = times["decode"]["wall"]
+    out.update(times=decode_s, value=1e3 * median(decode_s), tokens=np.asarray(toks[0]).tolist())
+    if "bandwidth" in times:
+        bw_s = times["bandwidth"]["wall"]
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         out.update(bandwidth_gbs=nbytes / median(bw_s) / 1e9, bw_times=bw_s, weight_bytes=weight_bytes)
     return out
@@ -300,7 +232,7 @@ def run(quick: bool = False) -> list[dict]:
             hf_v = shape[0] * shape[1] / median(pooled["hf"])
         else:
             ours_v, hf_v = 1e3 * median(pooled["ours"]), 1e3 * median(pooled["hf"])
-        note = f"weights: {res['ours'][0]['weights']}; compile {res['ours'][0]['compile_s']:.1f}s"
+        note = f"compile {res['ours'][0]['compile_s']:.1f}s"
         if case != "prefill":
             a, b = res["ours"][-1]["tokens"], res["hf"][-1]["tokens"]
             note += (f"; greedy tokens agree {100 * _agreement(a, b):.0f}% "
@@ -313,7 +245,7 @@ def run(quick: bool = False) -> list[dict]:
             bw = median([r["bandwidth_gbs"] for r in res["ours"]])
             wbytes = res["ours"][0]["weight_bytes"]
             bound_ms = 1e3 * wbytes / (bw * 1e9)
-            rows.append(make_row(NAME, f"decode B=1 vs bandwidth bound", ours_v, bound_ms, "ms/token",
+            rows.append(make_row(NAME, "decode B=1 vs bandwidth bound", ours_v, bound_ms, "ms/token",
                                  higher_is_better=False, goal=GOALS["decode_b1_bound"],
                                  note=f"baseline = bound = {wbytes / 1e6:.0f} MB weights / {bw:.1f} GB/s "
                                       f"(jitted f32 sum over 512 MiB, same process); ratio = bound/ours"))

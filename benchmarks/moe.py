@@ -12,7 +12,8 @@ Rows (ratio = baseline time / our time, > 1 = ours faster):
 
 Expert ids are skewed like pre-gated routing: a Zipf-ish expert distribution with runs of the same expert
 (each token keeps the previous token's expert with probability 0.71, the locality Read-ME reports).
-JAX variants run interleaved in one subprocess, the torch ones in another (benchmarks.common.run_variant). The
+JAX variants run interleaved in one subprocess, the torch ones in another (benchmarks.common.run_variant), all
+timed by benchmarks.common.time_calls (``python -m benchmarks moe``). The
 FFN variants, the ragged_dot fallback and the (seconds-long) training steps are timed in separate
 round-robins: a timed call right after one of those pays for cold caches and fresh pages, which once
 doubled the MoE FFN's time.
@@ -20,9 +21,7 @@ doubled the MoE FFN's time.
 
 from __future__ import annotations
 
-import sys
-
-from benchmarks.common import error_row, interleave, make_row, run_variant
+from benchmarks.common import error_row, make_row, median, run_variant, time_calls
 
 D, F, KEEP = 576, 1536, 0.5
 FE = int(F * KEEP)
@@ -92,11 +91,11 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
            "dense": lambda: fwd_dense(h, dense),
            "masked_dense": lambda: fwd_masked(ids, h, dense),
            "matmul": lambda: matmul(x2d, w_e0)}
-    times = interleave(fns, repeats=repeats)
+    times = time_calls(fns, repeats=repeats)
     if ragged:   # its own round-robin too: its [E, N, Fe] temporaries would cost the next timed call
         fwd_ragged = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"],
                                                             impl="ragged"))
-        times["ragged"] = interleave({"ragged": lambda: fwd_ragged(plan, h, experts)}, repeats=3)["ragged"]
+        times["ragged"] = time_calls({"ragged": lambda: fwd_ragged(plan, h, experts)}, repeats=3)["ragged"]
     if train:
         cfg = LlamaConfig(num_layers=layers)           # SmolLM2-135M dims: D 576, 9 heads / 3 kv heads, F 1536
         key = jax.random.key(1)
@@ -128,7 +127,7 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
             tm = masks[ids]
             return jax.value_and_grad(loss)(layers_, lambda p, x: (masked_dense_ffn(p, x, tm), None))
 
-        times.update(interleave({"train_moe": lambda: step_moe(moe_layers, ids),
+        times.update(time_calls({"train_moe": lambda: step_moe(moe_layers, ids),
                                  "train_masked_dense": lambda: step_masked(dense_layers, ids)},
                                 repeats=max(3, repeats // 2)))
     return {"times": times, "group_sizes": [int(x) for x in plan.group_sizes]}
@@ -167,7 +166,7 @@ def torch_case(num_experts: int, tokens: int, repeats: int) -> dict:
     w_e0 = torch.from_numpy(np.ascontiguousarray(experts["w_up"][0]))        # [D, Fe], as x @ w in JAX
 
     # index_add_ is the authors' pattern; with top-1 routing index_copy_ is equivalent and much faster on CPU
-    return {"times": interleave({"torch_loop_add": lambda: expert_loop(lambda o, i, y: o.index_add_(0, i, y)),
+    return {"times": time_calls({"torch_loop_add": lambda: expert_loop(lambda o, i, y: o.index_add_(0, i, y)),
                                  "torch_loop_copy": lambda: expert_loop(lambda o, i, y: o.index_copy_(0, i, y)),
                                  "torch_dense": dense_ffn,
                                  "torch_matmul": lambda: x @ w_e0}, repeats=repeats)}
@@ -188,10 +187,10 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             rows.append(error_row("moe_ffn", case, e))
             continue
-        jt = {k: v["wall"] * 1e3 for k, v in j["times"].items()}
-        tt = {k: v["wall"] * 1e3 for k, v in t["times"].items()}
-        jc = {k: v["cpu"] for k, v in j["times"].items()}
-        tc = {k: v["cpu"] for k, v in t["times"].items()}
+        jt = {k: median(v["wall"]) * 1e3 for k, v in j["times"].items()}
+        tt = {k: median(v["wall"]) * 1e3 for k, v in t["times"].items()}
+        jc = {k: median(v["cpu"]) for k, v in j["times"].items()}
+        tc = {k: median(v["cpu"]) for k, v in t["times"].items()}
         sizes = "group sizes " + "/".join(map(str, j["group_sizes"]))
         ours = jt["moe"]
 
@@ -220,11 +219,3 @@ def run(quick: bool = False) -> list[dict]:
                                       f"CPU-time ratio {jc['train_masked_dense'] / jc['train_moe']:.2f}"))
     return rows
 
-
-if __name__ == "__main__":
-    quick = "--quick" in sys.argv
-    for r in run(quick=quick):
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['benchmark']:15s} {r['case']:55s} ours {r['ours'] or float('nan'):9.1f} "
-              f"base {r['baseline'] or float('nan'):9.1f} {r['unit']:5s} ratio {ratio:>5s} goal {r['goal']} "
-              f"{r['note']}")

@@ -1,12 +1,13 @@
-"""Smoke tests of the benchmark runner's plumbing on fake modules (no timing assertions)."""
+"""The benchmark runner's plumbing on fake modules, the timing helper's bookkeeping, and every registered
+benchmark module (no timing assertions)."""
 
+import importlib
 import json
 import types
 
 import pytest
 
-import benchmarks
-from benchmarks import common
+from benchmarks import common, runner
 
 
 def _fake_module(rows):
@@ -46,7 +47,7 @@ def test_runner_table_json_png_and_error_rows(tmp_path, capsys):
         raise ImportError(f"No module named {name!r}")
 
     registry = {"good": "good_mod", "missing": "no_such_benchmark_module", "crash": "crash_mod"}
-    rc = benchmarks.main(["--quick", "--out", str(tmp_path)], registry=registry, importer=importer)
+    rc = runner.main(["--quick", "--out", str(tmp_path)], registry=registry, importer=importer)
     assert rc == 0
     assert good.calls == [True]
 
@@ -62,7 +63,7 @@ def test_runner_table_json_png_and_error_rows(tmp_path, capsys):
     assert partial["ratio"] is None                  # NaN is normalised to null in the JSON
     assert missing["note"].startswith("ERROR") and "no_such_benchmark_module" in missing["note"]
     assert crash["note"].startswith("ERROR") and "boom" in crash["note"]
-    assert [benchmarks.status(benchmarks._normalise(r, "x")) for r in rows] == ["ok", "MISS", "", "ERROR", "ERROR"]
+    assert [runner.status(runner._normalise(r, "x")) for r in rows] == ["ok", "MISS", "", "ERROR", "ERROR"]
 
     assert (tmp_path / "benchmarks.png").stat().st_size > 0
     out = capsys.readouterr().out
@@ -71,16 +72,16 @@ def test_runner_table_json_png_and_error_rows(tmp_path, capsys):
 
 
 def test_plain_table_lists_every_row():
-    rows = [benchmarks._normalise(common.make_row("b", f"case{i}", i + 1.0, 2.0, "u", higher_is_better=True), "b")
+    rows = [runner._normalise(common.make_row("b", f"case{i}", i + 1.0, 2.0, "u", higher_is_better=True), "b")
             for i in range(3)]
-    text = benchmarks.format_table(rows)
+    text = runner.format_table(rows)
     assert all(f"case{i}" in text for i in range(3))
     assert len(text.splitlines()) == 2 + 3
 
 
 def test_unknown_name_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
-        benchmarks.main(["nope", "--out", str(tmp_path)], registry={"good": "x"})
+        runner.main(["nope", "--out", str(tmp_path)], registry={"good": "x"})
 
 
 def test_run_variant_uses_a_fresh_process_with_thread_settings():
@@ -98,6 +99,17 @@ def test_run_variant_failure_raises_with_stderr():
         common.run_variant("benchmarks.common:no_such_function", {}, timeout=120)
 
 
-def test_registry_names_the_dense_and_moe_benchmarks():
-    assert benchmarks.REGISTRY["dense"] == "benchmarks.dense"
-    assert benchmarks.REGISTRY["moe"] == "benchmarks.moe"
+@pytest.mark.parametrize("name", sorted(runner.REGISTRY))
+def test_every_registered_benchmark_imports_and_has_run(name):
+    mod = importlib.import_module(runner.REGISTRY[name])
+    assert callable(mod.run)
+
+
+def test_time_calls_round_robin_with_setup_and_per_call_units():
+    order = []
+    calls = {"a": lambda: order.append("a"),
+             "b": common.Timed(lambda x: order.append(x), setup=lambda: (order.append("setup") or "b",), per_call=4)}
+    out = common.time_calls(calls, warmup=1, repeats=3)
+    assert order == ["a", "setup", "b"] * 4            # warm-up round + 3 timed rounds, interleaved
+    assert set(out) == {"a", "b"} and all(len(v["wall"]) == len(v["cpu"]) == 3 for v in out.values())
+    assert all(t >= 0 for v in out.values() for t in v["wall"] + v["cpu"])

@@ -19,7 +19,6 @@ CLI: ``python -m readme_jax.eval.perplexity --model PATH --corpus DIR [--seq-len
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from readme_jax.atomic import atomic_write_json
 from readme_jax.data.corpus import Corpus, load_corpus
 from readme_jax.model.head_loss import nll_from_logits
 
@@ -201,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         record: dict[str, Any] = {"model": str(args.model), "corpus": str(args.corpus), "seq_len": args.seq_len,
                                   "max_tokens": args.max_tokens, "domains": results}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_json(args.out, record, indent=1)
     return 0
 
 

@@ -20,15 +20,16 @@ def _multiprocess() -> bool:
         int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1) > 1
 
 
-def main(argv=None) -> int:
-    from readme_jax.train.pipeline import STAGES
+def main(argv=None, *, hooks=None) -> int:
+    """The CLI; ``hooks`` (a :class:`readme_jax.train.hooks.TrainHooks`) go to the trainer (tests inject faults)."""
+    from readme_jax.train.stages import STAGE_NAMES
     parser = argparse.ArgumentParser(prog="python -m readme_jax.train",
                                      description="Read-ME: dense model -> statistics -> experts -> "
                                                  "alternating router/expert tuning -> evaluation -> export.")
     parser.add_argument("--config", help="YAML config (a path, or a name in configs/ e.g. 'tiny'); "
                                           "default: the embedded configs/default.yaml")
     parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
-    parser.add_argument("--stage", choices=STAGES, help="run only this stage")
+    parser.add_argument("--stage", choices=STAGE_NAMES, help="run only this stage")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
 
@@ -41,16 +42,17 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     from readme_jax.config import ConfigError, load_config
-    from readme_jax.convert.errors import CheckpointError
+    from readme_jax.convert.errors import CheckpointError as ConvertCheckpointError
     from readme_jax.data.sources import CorpusError
-    from readme_jax.train.checkpointing import CheckpointError as TrainCheckpointError
-    from readme_jax.train.pipeline import PipelineError, run_pipeline
+    from readme_jax.errors import CheckpointError
+    from readme_jax.train.pipeline import run_pipeline
+    from readme_jax.train.run import PipelineError
     from readme_jax.train.steps import TrainingDivergedError
     try:
         cfg = load_config(args.config, args.overrides)
-        run_pipeline(cfg, args.run_dir, stage=args.stage)
+        run_pipeline(cfg, args.run_dir, stage=args.stage, hooks=hooks)
     except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError,
-            TrainCheckpointError) as e:
+            ConvertCheckpointError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,7 @@ Pytrees are stored flat, keyed by their jax key paths (``.router.attn.wq``, ``[1
 restored into a template of the same structure: nothing depends on how orbax handles NNX or optax
 containers, and a structure mismatch is an error naming the missing / extra keys.
 
-Atomicity (orbax 0.12, local filesystem, verified by ``tests/test_train.py``): a save is written into
+Atomicity (orbax 0.12, local filesystem, verified by ``tests/test_train_steps.py``): a save is written into
 ``<phase>/<step>.orbax-checkpoint-tmp-*`` and renamed to ``<phase>/<step>`` only once every item is
 finalised; ``all_steps()`` / ``latest_step()`` ignore tmp folders, so a crash mid-save leaves the previous
 checkpoint as the latest. Old steps are deleted only after the new one is final (``max_to_keep``). Saves are
@@ -32,9 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the model being restored."""
+from readme_jax.errors import CheckpointError
 
 
 def _key_str(path) -> str:
@@ -79,10 +77,6 @@ def unflatten(template, flat: dict[str, Any], what: str):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
 
 
-def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items()}
-
-
 class PhaseCheckpoints:
     """Checkpoints of one phase (one CheckpointManager directory).
 
@@ -125,10 +119,10 @@ class PhaseCheckpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
-        items = {"params": ocp.args.StandardRestore(_abstract(flatten(params_template))),
+        items = {"params": ocp.args.StandardRestore(flatten(params_template)),
                  "meta": ocp.args.JsonRestore()}
         if opt_template is not None:
-            items["opt_state"] = ocp.args.StandardRestore(_abstract(flatten(opt_template)))
+            items["opt_state"] = ocp.args.StandardRestore(flatten(opt_template))
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError) as e:
@@ -140,6 +134,12 @@ class PhaseCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def phase_done(directory: str | Path) -> bool:
+    """Whether the phase checkpointed in ``directory`` finished (its latest checkpoint says ``done``); a
+    missing folder is not done (and is not created)."""
+    return Path(directory).is_dir() and PhaseCheckpoints(directory).is_done()
 
 
 def remove_tmp_dirs(directory: str | Path) -> list[Path]:

@@ -8,23 +8,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+from readme_jax.train.metrics_log import MetricsLog
 
 
 def _save(fig, path: Path) -> Path:
@@ -45,7 +33,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = _records(run_dir)
+    records = MetricsLog(run_dir / "metrics.jsonl").records()
     written = []
 
     steps = [r for r in records if r.get("event") == "step"]

@@ -16,17 +16,14 @@ pool sample position for router phases) and the RNG are restored, and the metric
 step, so a resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an
 uninterrupted one.
 
-Test hooks: ``READMEJAX_FAIL_AT_STEP=<phase>:<n>`` (e.g. ``expert_0:3``) hard-exits the process with code
-75 right after update ``n`` of that phase (and its checkpoint, if one falls there): a simulated kill.
-``READMEJAX_NAN_AT_STEP=<phase>:<n>`` runs update ``n`` with an infinite learning rate, so that update
-diverges (non-finite update) and the run stops with :class:`TrainingDivergedError`.
+Faults are injected through :class:`readme_jax.train.hooks.TrainHooks` (``Trainer(hooks=...)``): a learning-
+rate scale per update, a call before each checkpoint write and one after each update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,105 +37,11 @@ from tqdm.auto import tqdm
 from readme_jax.config import Config
 from readme_jax.parallel.mesh import DATA_AXIS, make_mesh, replicate, shard_batch
 from readme_jax.train import steps as steps_lib
-from readme_jax.train.checkpointing import PhaseCheckpoints, remove_tmp_dirs
+from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done, remove_tmp_dirs
+from readme_jax.train.hooks import TrainHooks
+from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.optim import make_optimizer, round_lr
-
-FAIL_ENV = "READMEJAX_FAIL_AT_STEP"
-FAIL_EXIT_CODE = 75
-NAN_ENV = "READMEJAX_NAN_AT_STEP"
-
-
-# ------------------------------------------------------------------------------------ metrics log
-class MetricsLog:
-    """Append-only JSONL of step / eval / stage records (``<run_dir>/metrics.jsonl``)."""
-
-    def __init__(self, path: str | Path, *, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write
-        return out
-
-    def drop(self, predicate: Callable[[dict], bool]) -> None:
-        """Rewrite the log without the records matching ``predicate`` (atomically)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [r for r in self.records() if not predicate(r)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
-
-
-# ------------------------------------------------------------------------------------- router pool
-@dataclasses.dataclass(frozen=True)
-class RouterPool:
-    """The router-training sequences and their precomputed distillation targets (``extract/router_targets.npz``).
-
-    input_ids int32[N, T]; loss_mask float32[N, T]; dist float32[N, L, T, E] (``losses.router_targets`` of
-    the frozen dense parent, batch-major); domain int32[N].
-    """
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    dist: np.ndarray
-    domain: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-class PoolSampler:
-    """Endless batches of ``batch`` pool rows: epoch ``e`` visits the rows in the permutation of
-    ``default_rng([seed, e])``; a batch may straddle two epochs. Its whole state is the number of rows drawn
-    so far (``get_state() -> {"pool_position": p}``), so resuming is exact."""
-
-    def __init__(self, pool: RouterPool, batch: int, seed: int):
-        self.pool, self.batch, self.seed, self.position = pool, batch, seed, 0
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.pool))}
-        return self._perms[epoch]
-
-    def indices(self, position: int, count: int) -> np.ndarray:
-        n = len(self.pool)
-        return np.asarray([self._perm(p // n)[p % n] for p in range(position, position + count)], np.int64)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        idx = self.indices(self.position, self.batch)
-        self.position += self.batch
-        p = self.pool
-        return {"input_ids": p.input_ids[idx], "dist": p.dist[idx], "loss_mask": p.loss_mask[idx],
-                "domain": p.domain[idx]}
-
-    def get_state(self) -> dict:
-        return {"pool_position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = int(state["pool_position"])
+from readme_jax.train.targets import PoolSampler, RouterPool
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -168,28 +71,22 @@ def phases(cfg: Config) -> list[Phase]:
     return out
 
 
-def _fail_point(env: str = FAIL_ENV) -> tuple[str, int] | None:
-    spec = os.environ.get(env)
-    if not spec:
-        return None
-    name, _, n = spec.rpartition(":")
-    return name, int(n)
-
-
 class Trainer:
     """Runs phases on one Read-ME model in place (see the module docstring).
 
     Args:
       cfg: the run config; run_dir: where ``checkpoints/`` live; model: the ReadMe (updated in place);
       pool: the :class:`RouterPool` router phases sample from (None: only expert phases / loading);
-      specific <bool>[E, L, F]; corpus, tokenizer: data (expert phases); log: the run's MetricsLog.
+      specific <bool>[E, L, F]; corpus, tokenizer: data (expert phases); log: the run's MetricsLog;
+      hooks: the :class:`~readme_jax.train.hooks.TrainHooks` called during each phase (default: none).
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, model, pool: RouterPool | None, specific: np.ndarray,
-                 corpus, tokenizer, log: MetricsLog, *, progress: bool = True):
+                 corpus, tokenizer, log: MetricsLog, *, progress: bool = True, hooks: TrainHooks | None = None):
         self.cfg, self.run_dir, self.model, self.pool = cfg, Path(run_dir), model, pool
         self.specific = jnp.asarray(specific, bool)
         self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
+        self.hooks = TrainHooks() if hooks is None else hooks
         self._steps: dict[str, tuple[Callable, Any]] = {}
         self.mesh = make_mesh(cfg.mesh.data)
         m = 1 if self.mesh is None else self.mesh.shape[DATA_AXIS]
@@ -214,11 +111,10 @@ class Trainer:
         return self._steps[phase.kind]
 
     def checkpoints(self, phase: Phase) -> PhaseCheckpoints:
-        return PhaseCheckpoints(self.run_dir / "checkpoints" / phase.name)
+        return PhaseCheckpoints(phase_dir(self.run_dir, phase))
 
     def is_done(self, phase: Phase) -> bool:
-        d = self.run_dir / "checkpoints" / phase.name
-        return d.is_dir() and self.checkpoints(phase).is_done()
+        return phase_done(phase_dir(self.run_dir, phase))
 
     def load_done(self, phase: Phase) -> None:
         """Put a completed phase's final trainable params into the model."""
@@ -238,7 +134,7 @@ class Trainer:
     def run(self, phase: Phase) -> None:
         """Train ``phase`` to its end, resuming from its latest checkpoint if there is one."""
         t = self.cfg.train
-        ckdir = self.run_dir / "checkpoints" / phase.name
+        ckdir = phase_dir(self.run_dir, phase)
         remove_tmp_dirs(ckdir)
         ck = self.checkpoints(phase)
         graphdef, trainable, frozen = steps_lib.split_for(self.model, phase.kind)
@@ -266,25 +162,26 @@ class Trainer:
         peak = replicate(jnp.asarray(phase.peak_lr, jnp.float32), self.mesh)
         keys = ("input_ids", "dist") if phase.kind == "router" else ("input_ids", "targets", "loss_mask")
 
-        def run_step(tr, opt, b):
+        def run_step(tr, opt, b, peak_lr):
             micro = {k: steps_lib.microbatches(b[k], t.grad_accum) for k in keys}     # [A, b, ...]
-            return step_fn(tr, opt, frozen, shard_batch(micro, self.mesh, axis=1), peak)
-        fail, nan_at = _fail_point(FAIL_ENV), _fail_point(NAN_ENV)
+            return step_fn(tr, opt, frozen, shard_batch(micro, self.mesh, axis=1), peak_lr)
+        hooks = self.hooks
         bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
                    disable=not self.progress, unit="step")
         tokens_per_step = phase.batch * t.seq_len
         for step in bar:
             batch = next(it)
             t0 = time.perf_counter()
-            if nan_at == (phase.name, step + 1):
-                peak = replicate(jnp.asarray(np.inf, jnp.float32), self.mesh)
-            new_tr, new_opt, metrics = run_step(trainable, opt_state, batch)
+            scale = hooks.lr_scale(phase.name, step + 1)
+            peak_lr = phase.peak_lr if scale == 1.0 else phase.peak_lr * scale
+            step_peak = peak if scale == 1.0 else replicate(jnp.asarray(peak_lr, jnp.float32), self.mesh)
+            new_tr, new_opt, metrics = run_step(trainable, opt_state, batch, step_peak)
             host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
             trainable, opt_state = new_tr, new_opt
             rng, _ = jax.random.split(rng)
             dt = time.perf_counter() - t0
             record = {"event": "step", "phase": phase.name, "kind": phase.kind, "round": phase.round,
-                      "step": step + 1, "lr": steps_lib.lr_at(phase.peak_lr, phase.steps, step),
+                      "step": step + 1, "lr": steps_lib.lr_at(peak_lr, phase.steps, step),
                       **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3)}
             if "domain" in batch and phase.kind == "expert":
                 record["domains"] = np.bincount(np.asarray(batch["domain"]).ravel(),
@@ -293,14 +190,19 @@ class Trainer:
             bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}")
             done = step + 1 == phase.steps
             if done or (step + 1) % t.checkpoint_every == 0:
+                hooks.before_checkpoint(phase.name, step + 1)
                 ck.save(step + 1, trainable, opt_state, {
                     "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
                     "done": done, "data_state": _jsonable(it.get_state()),
                     "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
-            if fail is not None and fail == (phase.name, step + 1):
-                os._exit(FAIL_EXIT_CODE)
+            hooks.on_step(phase.name, step + 1)
         bar.close()
         nnx.update(self.model, trainable)
+
+
+def phase_dir(run_dir: str | Path, phase: Phase) -> Path:
+    """``<run_dir>/checkpoints/<phase name>``: where a phase's checkpoints live."""
+    return Path(run_dir) / "checkpoints" / phase.name
 
 
 def _jsonable(state: Any) -> Any:

@@ -1,0 +1,62 @@
+"""Fault injection for the training tests: :class:`readme_jax.train.hooks.TrainHooks` that kill the process,
+make an update diverge or make a checkpoint write fail, and a driver that runs the real CLI with them.
+
+    python -m tests.faults [--exit-at PHASE:STEP] [--nan-at PHASE:STEP] -- --config tiny --run-dir DIR
+
+``--exit-at expert_0:3`` hard-exits (``os._exit``, no cleanup, like a kill) with :data:`EXIT_CODE` right after
+update 3 of phase ``expert_0`` and its checkpoint; ``--nan-at expert_1:3`` runs that update at an infinite
+learning rate, so it diverges and the run stops with ``TrainingDivergedError`` (exit 2, as the CLI reports it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from readme_jax.train.hooks import TrainHooks
+
+EXIT_CODE = 75
+
+
+def _point(spec: str | None) -> tuple[str, int] | None:
+    if spec is None:
+        return None
+    phase, _, step = spec.rpartition(":")
+    return phase, int(step)
+
+
+class Faults(TrainHooks):
+    """Kill after update ``exit_at``, diverge at update ``nan_at``, fail the checkpoint write of ``disk_full_at``
+    with ``OSError(ENOSPC)``; each a ``(phase, step)`` or None."""
+
+    def __init__(self, *, exit_at=None, nan_at=None, disk_full_at=None):
+        self.exit_at, self.nan_at, self.disk_full_at = exit_at, nan_at, disk_full_at
+
+    def lr_scale(self, phase: str, step: int) -> float:
+        return float("inf") if (phase, step) == self.nan_at else 1.0
+
+    def before_checkpoint(self, phase: str, step: int) -> None:
+        if (phase, step) == self.disk_full_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"checkpoints/{phase}/{step}")
+
+    def on_step(self, phase: str, step: int) -> None:
+        if (phase, step) == self.exit_at:
+            os._exit(EXIT_CODE)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from readme_jax.train.__main__ import main as train_main
+    split = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(prog="python -m tests.faults")
+    ap.add_argument("--exit-at")
+    ap.add_argument("--nan-at")
+    args = ap.parse_args(argv[:split])
+    hooks = Faults(exit_at=_point(args.exit_at), nan_at=_point(args.nan_at))
+    return train_main(argv[split + 1:], hooks=hooks)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""Train steps and checkpoints: each phase kind updates only its own partition (and its loss is the loss of
+that partition), a diverged update is refused, a checkpoint save is atomic."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from readme_jax.errors import CheckpointError
+from readme_jax.train import losses
+from tests.train_parts import random_masks, tiny_dense
+
+
+def test_router_step_freezes_backbone_and_expert_step_freezes_router():
+    from readme_jax.extract.experts import readme_from_dense
+    from readme_jax.model.router import RouterConfig
+    from readme_jax.train import steps
+    from readme_jax.train.optim import make_optimizer
+
+    dense = tiny_dense()
+    masks = random_masks(3, 2, 40, 0.5, seed=4)
+    rcfg = RouterConfig(vocab_size=64, num_experts=3, dim=16, n_heads=2, mlp_dim=32, embed_rank=8)
+    model = readme_from_dense(dense, masks, rcfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(0, 64, size=(4, 32)), jnp.int32)
+    batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, 1), "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    dist = losses.router_targets(dense, ids, None, jnp.asarray(masks.specific))          # [L, B, T, E]
+
+    # router step (grad_accum=2) on precomputed targets: only the router changes, and its loss is the
+    # distillation loss of (router logits, dist)
+    gd, tr, frozen = steps.split_for(model, "router")
+    tx = make_optimizer(1.0, 4)
+    step = steps.make_router_step(gd, tx)
+    micro = {"input_ids": steps.microbatches(ids, 2), "dist": steps.microbatches(jnp.swapaxes(dist, 0, 1), 2)}
+    new_tr, _, m = step(tr, tx.init(tr), frozen, micro, jnp.float32(1e-2))
+    host = steps.check_finite(m, phase="router_0", step=1)
+    want = [float(losses.distill_loss(model.router(ids[i:i + 2]), dist[:, i:i + 2], jnp.ones((2, 32))))
+            for i in (0, 2)]
+    np.testing.assert_allclose(host["loss"], np.mean(want), rtol=1e-5)
+    nnx.update(model, new_tr)
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for k in ("tok", "attn", "experts"):
+        jax.tree.map(np.testing.assert_array_equal, before[k], after[k])
+    assert not np.array_equal(before["router"]["head"], after["router"]["head"])
+
+    # expert step: the router stays bitwise, the backbone moves
+    gd, tr, frozen = steps.split_for(model, "expert")
+    step = steps.make_expert_step(gd, tx, num_experts=3)
+    batch = {k: steps.microbatches(v, 1) for k, v in batch.items()}
+    spare = jax.tree.map(jnp.copy, tr)                 # the step donates (consumes) its trainable state
+    new_tr, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(1e-2))
+    host = steps.check_finite(m, phase="expert_0", step=1)
+    assert abs(sum(host["load"]) - 1.0) < 1e-6
+    nnx.update(model, new_tr)
+    final = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, after["router"], final["router"])
+    assert not np.array_equal(after["experts"]["w_up"], final["experts"]["w_up"])
+
+    # a diverged update is refused with a clear message
+    _, _, m = step(spare, tx.init(spare), frozen, batch, jnp.float32(np.inf))
+    with pytest.raises(steps.TrainingDivergedError, match=r"expert_0, step 3: non-finite update_norm"):
+        steps.check_finite(m, phase="expert_0", step=3)
+
+
+def test_checkpoint_save_is_atomic_and_tmp_dirs_are_ignored(tmp_path):
+    from readme_jax.train.checkpointing import PhaseCheckpoints, remove_tmp_dirs
+    params = {"a": jnp.arange(4.0), "b": {"c": jnp.ones((2, 2))}}
+    ck = PhaseCheckpoints(tmp_path / "router_0")
+    ck.save(2, params, {"n": jnp.int32(3)}, {"done": False, "data_state": {"i": 1}})
+    assert sorted(p.name for p in (tmp_path / "router_0").iterdir()) == ["2"]
+    # a save killed half-way leaves only an orbax tmp folder: never the latest step
+    (tmp_path / "router_0" / "4.orbax-checkpoint-tmp-123").mkdir()
+    ck2 = PhaseCheckpoints(tmp_path / "router_0")
+    assert ck2.latest_step() == 2
+    got, opt, meta = ck2.restore(params, {"n": jnp.int32(0)})
+    np.testing.assert_array_equal(got["b"]["c"], params["b"]["c"])
+    assert int(opt["n"]) == 3 and meta["data_state"] == {"i": 1} and meta["step"] == 2
+    assert [p.name for p in remove_tmp_dirs(tmp_path / "router_0")] == ["4.orbax-checkpoint-tmp-123"]
+    with pytest.raises(CheckpointError, match="cannot restore .*do not match"):
+        ck2.restore({"a": jnp.arange(4.0), "z": jnp.ones(1)})
+
+
+def test_phase_done_reads_the_latest_meta_and_creates_nothing(tmp_path):
+    from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done
+    assert not phase_done(tmp_path / "expert_0") and not (tmp_path / "expert_0").exists()
+    ck = PhaseCheckpoints(tmp_path / "expert_0")
+    params = {"a": jnp.zeros(2)}
+    ck.save(2, params, params, {"done": False})
+    assert not phase_done(tmp_path / "expert_0")
+    ck.save(4, params, params, {"done": True})
+    assert phase_done(tmp_path / "expert_0")

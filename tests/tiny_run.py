@@ -1,0 +1,59 @@
+"""The tiny pipeline run the training tests share (``configs/tiny.yaml``, run once per test session), and
+helpers to run the CLI in a fresh process.
+
+A test module that needs it defines ``tiny_run = tiny_run_fixture()``; the folder is made once however many
+modules use it. Tests must not change it: copy it first (``shutil.copytree``) to mutate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_RUN: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a child run: one CPU device (not the 8 simulated ones of conftest), the repo importable."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def train_cli(run_dir: Path, *args: str, module: str = "readme_jax.train",
+              pre: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python -m MODULE PRE... --config tiny --run-dir RUN_DIR ARGS...`` in a fresh process."""
+    cmd = [sys.executable, "-m", module, *pre, "--config", "tiny", "--run-dir", str(run_dir), *args]
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+
+
+def step_and_eval_records(run_dir: Path) -> list[dict]:
+    """The step and eval records of ``metrics.jsonl`` without their wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("event") in ("step", "eval"):
+            r.pop("seconds", None)
+            out.append(r)
+    return out
+
+
+def tiny_run_fixture():
+    """A module-scoped fixture ``(run_dir, completed CLI process)`` of the shared tiny run."""
+
+    @pytest.fixture(scope="module")
+    def tiny_run(tmp_path_factory):
+        if "tiny" not in _RUN:
+            run_dir = tmp_path_factory.mktemp("tiny") / "run"
+            proc = train_cli(run_dir)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            _RUN["tiny"] = (run_dir, proc)
+        return _RUN["tiny"]
+
+    return tiny_run
