@@ -29,7 +29,8 @@ from typing import Callable, Iterable
 
 from benchmarks.common import ROW_KEYS, error_row
 
-REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe"}
+REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe", "serve_load": "benchmarks.serve_load",
+                            "codesign": "benchmarks.codesign"}
 DEFAULT_OUT = Path("out/benchmarks")  # git-ignored
 
 
