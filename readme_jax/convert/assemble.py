@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.convert.errors import CheckpointError
 from readme_jax.convert.param_mapping import ParamSpec, llama_params
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
 

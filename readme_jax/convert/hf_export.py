@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.convert.atomic import atomic_dir
-from readme_jax.convert.errors import CheckpointError
+from readme_jax.atomic import atomic_dir
 from readme_jax.convert.param_mapping import llama_params
 from readme_jax.convert.safetensors_io import save_safetensors
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 

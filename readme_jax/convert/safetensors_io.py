@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.convert.errors import CheckpointError
 from readme_jax.convert.param_mapping import ParamSpec
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
