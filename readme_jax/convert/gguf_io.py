@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from readme_jax.convert.errors import CheckpointError
 from readme_jax.convert.param_mapping import ParamSpec
-from readme_jax.model.config import ConfigError, LlamaConfig
+from readme_jax.errors import CheckpointError, ConfigError
+from readme_jax.model.config import LlamaConfig
 
 #: Tensor types this loader dequantises (gguf.quants implements each of them).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
@@ -116,7 +116,8 @@ class GGUFSource:
         return f"{self.path}: tensor {spec.gguf_name(layer)}"
 
     def read(self, spec: ParamSpec, layer: int | None, cfg: LlamaConfig) -> np.ndarray:
-        """The tensor for ``spec`` (layer ``layer``) as float32 in the HF layout, Q/K un-permuted."""
+        """The tensor for ``spec`` (layer ``layer``) as float32 in the HF layout (``[out, in]``, the GGUF
+        shape reversed; e.g. ``[H*hd, D]`` for ``attn_q``), Q/K un-permuted."""
         from gguf import quants
 
         name = spec.gguf_name(layer)

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.convert.atomic import atomic_dir
-from readme_jax.convert.errors import CheckpointError
+from readme_jax.atomic import atomic_dir
 from readme_jax.convert.param_mapping import llama_params
 from readme_jax.convert.safetensors_io import save_safetensors
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 
 def hf_tensors(model) -> dict[str, np.ndarray]:
-    """HF name -> host array (HF layout, the model's param dtype) for every parameter of a dense Llama."""
+    """HF name -> host array for every parameter of a dense Llama, in the model's param dtype: each stacked
+    ``[L, in, out]`` weight becomes L tensors ``[out, in]`` (norms ``[L, D]`` -> L x ``[D]``; see param_mapping)."""
     cfg: LlamaConfig = model.config
     out = {}
     for spec in llama_params(cfg):

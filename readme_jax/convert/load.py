@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from readme_jax.convert import checkpoint
-from readme_jax.convert.errors import CheckpointError
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 #: loader(path, config_dict, *, dtype, **config_overrides) -> model
@@ -92,7 +92,7 @@ def load_hf(directory: str | os.PathLike, dtype=jnp.float32, **overrides):
 
 
 def _hf_tokenizer(directory: Path):
-    from readme_jax.data.tokenizer import load_tokenizer
+    from readme_jax.data.tokenizers import load_tokenizer
     return load_tokenizer(directory)
 
 
@@ -106,7 +106,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, **overrides):
     model = build_llama(source, cfg)
     tokenizer = None
     if source.field("tokenizer.ggml.tokens") is not None:
-        from readme_jax.data.tokenizer import tokenizer_from_gguf
+        from readme_jax.data.tokenizers import tokenizer_from_gguf
         tokenizer = tokenizer_from_gguf(source.reader)
     return model, tokenizer
 

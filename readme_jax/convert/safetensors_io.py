@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.convert.errors import CheckpointError
 from readme_jax.convert.param_mapping import ParamSpec
+from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,7 +101,8 @@ class SafetensorsSource:
         return f"{self.file_of(name)}: tensor {name}"
 
     def read(self, spec: ParamSpec, layer: int | None, cfg: LlamaConfig) -> np.ndarray:
-        """The tensor for ``spec`` (layer ``layer``) in the HF layout and its stored dtype."""
+        """The tensor for ``spec`` (layer ``layer``) in the HF layout (``[out, in]`` for linear weights, e.g.
+        ``[F, D]`` for ``gate_proj``) and its stored dtype."""
         return self.get(spec.hf_name(layer))
 
     def get(self, name: str) -> np.ndarray:
@@ -116,8 +117,8 @@ class SafetensorsSource:
 
 def save_safetensors(tensors: dict[str, np.ndarray], directory: str | os.PathLike,
                      max_shard_bytes: int = 5 << 30) -> list[str]:
-    """Write ``tensors`` as ``model.safetensors``, or as shards plus an index when larger than
-    ``max_shard_bytes``. Returns the written file names."""
+    """Write ``tensors`` (HF name -> array of any shape, e.g. ``[out, in]``) as ``model.safetensors``, or as
+    shards plus an index when larger than ``max_shard_bytes``. Returns the written file names."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)

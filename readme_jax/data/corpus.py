@@ -28,9 +28,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,6 +36,7 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from readme_jax import assets
+from readme_jax.atomic import atomic_dir
 from readme_jax.data.sources import (DEFAULT_DOMAINS, CorpusError, Document, SourceText,
                                      default_extractors, folder_documents, user_domains)
 
@@ -53,7 +52,7 @@ MAX_DOC_CHARS = 16_000
 # ---------------------------------------------------------------------------------------- tokenizer
 def default_tokenizer():
     """SmolLM2-135M's tokenizer (read from the pinned GGUF)."""
-    from readme_jax.data.tokenizer import load_tokenizer
+    from readme_jax.data.tokenizers import load_tokenizer
     return load_tokenizer(assets.smollm2_gguf())
 
 
@@ -62,7 +61,7 @@ def resolve_tokenizer(tokenizer: Any):
     if tokenizer is None:
         return default_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        from readme_jax.data.tokenizer import load_tokenizer
+        from readme_jax.data.tokenizers import load_tokenizer
         return load_tokenizer(tokenizer)
     return tokenizer
 
@@ -198,11 +197,9 @@ def build_corpus(out: str | Path, tokenizer: Any = None, domains: Sequence[str] 
         raise CorpusError(f"unknown domain(s) {unknown}; {where}: {available}")
 
     tok = resolve_tokenizer(tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is ordinary data
     t0 = time.time()
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is ordinary data
         manifest: dict[str, Any] = {
             "format": FORMAT_VERSION, "kind": "default" if from_dir is None else "from-dir",
             "source_dir": None if from_dir is None else from_dir.name,
@@ -223,18 +220,6 @@ def build_corpus(out: str | Path, tokenizer: Any = None, domains: Sequence[str] 
             manifest["domains"][domain] = entry
         manifest["build_seconds"] = round(time.time() - t0, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        old = None
-        if out.exists():
-            if not overwrite:
-                raise CorpusError(f"{out}: appeared while building; not replacing it")
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -34,14 +34,14 @@ keyed by the jsonl file's sha256 (from the manifest), the tokenizer's fingerprin
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
 from tqdm.auto import tqdm
 
 from readme_jax import assets
+from readme_jax.atomic import atomic_file
 from readme_jax.data.corpus import Corpus, load_corpus, tokenizer_fingerprint
 
 TextSource = Corpus | str | os.PathLike | Sequence[str]
@@ -98,9 +98,8 @@ def domain_tokens(source: TextSource, domain: str | None, split: str, tokenizer,
     path = folder / f"{rec['sha256'][:24]}-{tokenizer_fingerprint(tokenizer)}-{'bos' if bos else 'nobos'}.npy"
     if not path.exists():
         tokens = tokenize_stream(corpus.texts(domain, split), tokenizer, bos=bos, desc=desc)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as f:
-            np.save(f, tokens)
-        os.replace(f.name, path)  # atomic: concurrent builders write the same bytes
+        with atomic_file(path, suffix=".npy") as tmp:  # concurrent builders write the same bytes
+            np.save(tmp, tokens)
     return np.load(path, mmap_mode="r")
 
 
@@ -217,7 +216,3 @@ def mixed_dataset(source: Corpus | str | os.PathLike | Mapping[str, Sequence[str
             raise ValueError(f"{len(w)} weights for {len(domains)} domains {domains}")
     return _batched(grain.MapDataset.mix(parts, w), batch_size)
 
-
-def describe_batch(batch: Mapping[str, Any]) -> str:
-    """``name: dtype[shape]`` of each array of a batch (for logs)."""
-    return ", ".join(f"{k}: {np.asarray(v).dtype}{list(np.shape(v))}" for k, v in batch.items())

@@ -11,12 +11,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from readme_jax.errors import ConfigError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-
-
-class ConfigError(ValueError):
-    """A config field is missing or has a value this implementation does not support."""
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data.tokenizer import CONFIG_FILE, Tokenizer, TokenizerError, _one_line, resolve_special_ids
+from readme_jax.data.tokenizers.base import (CONFIG_FILE, Tokenizer, TokenizerError, one_line,
+                                             resolve_special_ids)
 
 # SentencePiece piece types (the same numbers as GGUF's token types).
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
@@ -41,7 +42,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise TokenizerError(f"{path}: cannot read SentencePiece model ({_one_line(e)})") from e
+            raise TokenizerError(f"{path}: cannot read SentencePiece model ({one_line(e)})") from e
         return cls.from_serialized(data, config, source=str(path))
 
     @classmethod
@@ -58,7 +59,7 @@ class SentencePieceTokenizer(Tokenizer):
             if processor.get_piece_size() == 0:
                 raise ValueError("no pieces")
         except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError
-            raise TokenizerError(f"{source}: not a valid SentencePiece model file ({_one_line(e)})") from e
+            raise TokenizerError(f"{source}: not a valid SentencePiece model file ({one_line(e)})") from e
         config = config or {}
 
         def own(value: int) -> int | None:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data.tokenizer import (
-    CONFIG_FILE, Tokenizer, TokenizerError, _one_line, resolve_special_ids)
+from readme_jax.data.tokenizers.base import (CONFIG_FILE, Tokenizer, TokenizerError, one_line,
+                                             resolve_special_ids)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class BPETokenizer(Tokenizer):
         try:
             backend = Backend.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
-            raise TokenizerError(f"{path}: not a valid tokenizer.json ({_one_line(e)})") from e
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from e
         config = config or {}
         defaults = {"bos": _first_present(backend, _BOS_GUESSES), "eos": _first_present(backend, _EOS_GUESSES),
                     "pad": None}

@@ -1,0 +1,161 @@
+"""The run config's sections: one frozen dataclass per concern, each checking its own values.
+
+The ``router`` section is :class:`readme_jax.model.router.RouterConfig` itself and ``model.random`` a
+:class:`readme_jax.model.config.LlamaConfig` (their defaults live there); :mod:`readme_jax.config.run`
+assembles the sections into :class:`~readme_jax.config.run.Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from readme_jax.config.loader import filled_elsewhere
+from readme_jax.errors import ConfigError
+from readme_jax.model.config import LlamaConfig
+
+
+def _positive(section: str, **values) -> None:
+    for k, v in values.items():
+        if not (isinstance(v, int) and v >= 1):
+            raise ConfigError(f"{section}.{k}: expected a positive integer, got {v!r}")
+
+
+def _check_dtype(key: str, value: str, allowed: Sequence[str] = ("float32", "bfloat16", "float16")) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The dense parent model."""
+
+    # "smollm2" (the pinned SmolLM2-135M GGUF), "random-tiny" (a random Llama of size `random`), or a
+    # path readme_jax.load_pretrained reads (HF dir, .gguf, a dense checkpoint dir).
+    source: str = "smollm2"
+    # LlamaConfig fields of the random-tiny model. vocab_size is the size of the BPE trained for it (the
+    # model then takes the tokenizer's); the special ids and dtypes are set by the pipeline.
+    random: LlamaConfig | None = dataclasses.field(default=None, metadata=filled_elsewhere(
+        "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "param_dtype"))
+    dtype: str = "float32"          # dtype the dense weights are loaded in
+
+    def __post_init__(self):
+        if not self.source:
+            raise ConfigError("model.source: must name a model ('smollm2', 'random-tiny' or a path)")
+        if self.source == "random-tiny" and not self.random:
+            raise ConfigError("model.random: required when model.source is 'random-tiny' "
+                              "(LlamaConfig fields, e.g. {hidden_size: 64, num_layers: 2, ...})")
+        _check_dtype("model.dtype", self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """Per-domain corpus: an existing one, a user folder, the default sources, or a synthetic one."""
+
+    dir: str | None = None          # an existing built corpus; null -> build into <run_dir>/corpus
+    from_dir: str | None = None     # build from SRC/<domain>/*.txt|*.jsonl (RedPajama layout)
+    synthetic: bool = False         # build from small generated texts (tiny config; offline)
+    domains: tuple[str, ...] | None = None   # subset / order of the domains (null = all)
+    seed: int = 0                   # train/heldout split seed
+    heldout_fraction: float = 0.05
+    min_heldout_chars: int = 180_000
+
+    def __post_init__(self):
+        if self.dir and (self.from_dir or self.synthetic):
+            raise ConfigError("corpus: set only one of corpus.dir, corpus.from_dir, corpus.synthetic")
+        if not 0.0 < self.heldout_fraction < 0.5:
+            raise ConfigError(f"corpus.heldout_fraction: expected a value in (0, 0.5), got {self.heldout_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Calibration statistics and expert extraction (method steps 2-3)."""
+
+    keep_ratio: float = 0.5         # channels kept per domain and layer (paper: 0.5)
+    calib_seqs: int = 16            # calibration sequences per domain (paper: 16)
+    calib_seq_len: int = 512        # tokens per calibration sequence (paper: 4096)
+    calib_batch: int = 4            # sequences per statistics batch
+    num_experts: int | None = None  # must equal the number of domains when set (one expert per domain)
+
+    def __post_init__(self):
+        if not (isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0):
+            raise ConfigError(f"extract.keep_ratio: expected a value in (0, 1], got {self.keep_ratio}")
+        _positive("extract", calib_seqs=self.calib_seqs, calib_seq_len=self.calib_seq_len,
+                  calib_batch=self.calib_batch)
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ConfigError(f"extract.num_experts: expected >= 1 or null, got {self.num_experts}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Alternating router / expert tuning (method step 5)."""
+
+    rounds: int = 2
+    router_steps: int = 100         # optimizer steps per router round
+    expert_steps: int = 12          # optimizer steps per expert round
+    router_batch: int = 16          # sequences per router step (all micro-batches together)
+    expert_batch: int = 4           # sequences per expert step
+    seq_len: int = 512
+    router_pool_seqs: int = 16      # router-training sequences per domain whose targets are precomputed once
+    grad_accum: int = 1             # micro-batches per step (batch % grad_accum == 0)
+    router_lr: float = 1e-3
+    expert_lr: float = 1e-4
+    lr_decay: float = 0.8           # lr x lr_decay per round
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0   # global-norm clipping; null = off
+    dtype: str = "float32"          # compute dtype of the steps (bfloat16: f32 master weights)
+    target_abs: bool = True         # router targets from |feat| (docs/architecture.md) or signed feat (authors' code)
+    seed: int = 0
+    checkpoint_every: int = 4       # optimizer steps between mid-round checkpoints (and one at round end)
+
+    def __post_init__(self):
+        _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
+                  router_batch=self.router_batch, expert_batch=self.expert_batch, seq_len=self.seq_len,
+                  router_pool_seqs=self.router_pool_seqs,
+                  grad_accum=self.grad_accum, checkpoint_every=self.checkpoint_every)
+        for name in ("router_batch", "expert_batch"):
+            if getattr(self, name) % self.grad_accum:
+                raise ConfigError(f"train.{name}={getattr(self, name)} is not a multiple of "
+                                  f"train.grad_accum={self.grad_accum}")
+        for name in ("router_lr", "expert_lr"):
+            v = getattr(self, name)
+            if not v > 0:  # inf is allowed (a divergence test uses it); NaN and <= 0 are not
+                raise ConfigError(f"train.{name}: expected a positive learning rate, got {v}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"train.lr_decay: expected a value in (0, 1], got {self.lr_decay}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip: expected > 0 or null, got {self.grad_clip}")
+        _check_dtype("train.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out perplexity (the protocol of readme_jax.eval.perplexity) and routing metrics."""
+
+    seq_len: int = 512
+    max_tokens: int = 4096          # held-out tokens scored per domain per evaluation
+    batch: int = 4
+    routing_tokens: int = 1024      # held-out tokens per domain for router accuracy / locality / load
+    each_round: bool = False        # also evaluate after every expert round (else: after router round 0 + final)
+
+    def __post_init__(self):
+        _positive("eval", seq_len=self.seq_len, max_tokens=self.max_tokens, batch=self.batch,
+                  routing_tokens=self.routing_tokens)
+        if self.max_tokens < self.seq_len:
+            raise ConfigError(f"eval.max_tokens={self.max_tokens} is less than one window of "
+                              f"eval.seq_len={self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh of the training steps (readme_jax.parallel.mesh). ``data`` devices (-1 = all) each take
+    an equal share of every micro-batch's rows (train.*_batch / grad_accum must divide by it); params and
+    optimizer state are replicated. 1 = no mesh, one device."""
+
+    data: int = 1                   # batch (data-parallel) axis
+
+    def __post_init__(self):
+        if self.data == 0 or self.data < -1:
+            raise ConfigError(f"mesh.data: expected a positive size or -1, got {self.data}")
