@@ -1,5 +1,5 @@
 """Simulated lookahead co-design (issue 9, the simulated part): expert-aware batching and Belady expert caching
-with prefetch, on a Llama-2-7B-class Read-ME served by an A100 (cost model: configs/codesign_a100.yaml).
+with prefetch, on a Llama-2-7B-class Read-ME served by an A100 (cost model: configs/costmodel/a100_llama2_7b.yaml).
 
     python -m benchmarks.codesign [--quick] [--export runs/default/export] [--corpus DIR] [--trace DIR] [--out DIR]
 
@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks.common import error_row, make_row
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "codesign_a100.yaml"
+CONFIG = ROOT / "configs" / "costmodel" / "a100_llama2_7b.yaml"
 DEFAULT_TRACE = "../shared/traces/azure_llm_inference_2023"
 DEFAULT_EXPORT = "runs/default/export"
 DEFAULT_OUT = "runs/codesign"

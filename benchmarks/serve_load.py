@@ -53,7 +53,7 @@ def write_tiny_checkpoint(out: str) -> dict:
 
     from readme_jax import assets
     from readme_jax.convert.checkpoint import save_checkpoint
-    from readme_jax.data.tokenizer import tokenizer_from_gguf
+    from readme_jax.data.tokenizers import tokenizer_from_gguf
     from readme_jax.model.config import LlamaConfig
     from readme_jax.model.llama import Llama
 

@@ -36,7 +36,7 @@ def test_hand_computed_step_time():
 
 
 def test_committed_a100_config():
-    model, hw, serving = load_codesign_config("configs/codesign_a100.yaml")
+    model, hw, serving = load_codesign_config("configs/costmodel/a100_llama2_7b.yaml")
     assert model.expert_bytes == 3 * 4096 * 5504 * 2 and model.attn_bytes == 4 * 4096 * 4096 * 2
     assert check_capacity(model, hw, 5) == 4 and serving["budget"] >= 8
     with pytest.raises(ConfigError, match="k=4"):

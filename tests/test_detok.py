@@ -4,7 +4,7 @@ Llama-2-layout SentencePiece model): no half characters released, and the releas
 import numpy as np
 import pytest
 
-from readme_jax.data.tokenizer import load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import load_tokenizer, tokenizer_from_gguf
 from readme_jax.serve.detok import REPLACEMENT, IncrementalDetokenizer, StopStrings
 
 TEXTS = [

@@ -39,7 +39,7 @@ def byte_tokenizer():
     """Byte-level BPE with no merges (one token per byte) and ChatML specials, as a project Tokenizer."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
 
-    from readme_jax.data.bpe import BPETokenizer, byte_alphabet
+    from readme_jax.data.tokenizers.bpe import BPETokenizer, byte_alphabet
 
     alphabet = byte_alphabet()
     vocab = {t: i for i, t in enumerate(SPECIALS)} | {alphabet[b]: len(SPECIALS) + b for b in range(256)}

@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from readme_jax import load_pretrained
     model, tokenizer = load_pretrained(args.model)
     if args.tokenizer:
-        from readme_jax.data.tokenizer import load_tokenizer
+        from readme_jax.data.tokenizers import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)

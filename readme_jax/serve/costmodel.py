@@ -1,5 +1,5 @@
 """Step-time cost model at paper scale (a Llama-2-7B-class Read-ME on an A100), parameters from
-``configs/codesign_a100.yaml`` (public specifications, cited there).
+``configs/costmodel/a100_llama2_7b.yaml`` (public specifications, cited there).
 
 One step's time, per layer (every layer does the same work, since routing is shared):
     compute c = (attention weights + KV-cache bytes read + distinct experts x expert bytes) / HBM bandwidth
@@ -106,7 +106,7 @@ def _build(cls, section: dict, where: str):
 
 
 def load_codesign_config(path: str | Path) -> tuple[ModelSpec, HardwareSpec, dict]:
-    """(model, hardware, serving settings) from a codesign YAML (see configs/codesign_a100.yaml)."""
+    """(model, hardware, serving settings) from a codesign YAML (see configs/costmodel/a100_llama2_7b.yaml)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such codesign config")

@@ -31,7 +31,7 @@ PROMPT_CONTEXT = 6
 
 class IncrementalDetokenizer:
     """Releases the text of generated ids as soon as it is final. ``tokenizer``: the project's
-    :class:`readme_jax.data.tokenizer.Tokenizer`; ``prompt_ids``: the request's prompt (its last few ids
+    :class:`readme_jax.data.tokenizers.Tokenizer`; ``prompt_ids``: the request's prompt (its last few ids
     are context, so the first generated word keeps its leading space)."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), *, skip_special: bool = True):

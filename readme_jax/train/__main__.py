@@ -41,18 +41,16 @@ def main(argv=None, *, hooks=None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax_compilation_cache")))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    from readme_jax.config import ConfigError, load_config
-    from readme_jax.convert.errors import CheckpointError as ConvertCheckpointError
+    from readme_jax.config import load_config
     from readme_jax.data.sources import CorpusError
-    from readme_jax.errors import CheckpointError
+    from readme_jax.errors import CheckpointError, ConfigError
     from readme_jax.train.pipeline import run_pipeline
     from readme_jax.train.run import PipelineError
     from readme_jax.train.steps import TrainingDivergedError
     try:
         cfg = load_config(args.config, args.overrides)
         run_pipeline(cfg, args.run_dir, stage=args.stage, hooks=hooks)
-    except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError,
-            ConvertCheckpointError) as e:
+    except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,8 @@ The stages (:mod:`readme_jax.train.stages`) read and write through this object o
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import time
 from pathlib import Path
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from readme_jax.config import Config, ConfigError
+from readme_jax.config import Config
+from readme_jax.errors import ConfigError
 from readme_jax.train.checkpointing import phase_done
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
@@ -169,11 +172,10 @@ class Run:
             self.__dict__.pop(name, None)
 
     def router_config(self):
-        from readme_jax.model.router import RouterConfig
         try:
-            return RouterConfig(vocab_size=self.dense.config.vocab_size, num_experts=self.masks.num_experts,
-                                **dict(self.cfg.router))
-        except (TypeError, ValueError) as e:
+            return dataclasses.replace(self.cfg.router, vocab_size=self.dense.config.vocab_size,
+                                       num_experts=self.masks.num_experts)
+        except ValueError as e:
             raise ConfigError(f"router: {e}") from None
 
     def fresh_model(self):

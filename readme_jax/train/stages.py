@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from readme_jax.atomic import atomic_dir, atomic_file, atomic_write_json
-from readme_jax.config import ConfigError
+from readme_jax.errors import ConfigError
 from readme_jax.eval.routing import route_windows, routing_metrics
 from readme_jax.train import targets as targets_lib
 from readme_jax.train.run import PipelineError, Run, say
@@ -92,13 +92,11 @@ def record_eval(run: Run, tag: str, result: dict) -> None:
 def stage_dense(run: Run) -> None:
     """model.source 'random-tiny': synthetic texts (or corpus.from_dir) -> BPE tokenizer -> random Llama."""
     from readme_jax.convert.checkpoint import save_checkpoint
-    from readme_jax.model.config import LlamaConfig
     from readme_jax.model.llama import Llama
     from readme_jax.train import synthetic
 
     cfg = run.cfg
-    rnd = dict(cfg.model.random)
-    vocab = int(rnd.pop("vocab_size", 512))
+    rnd = cfg.model.random
     if cfg.corpus.synthetic:
         texts = synthetic.write_texts(run.texts_dir, seed=cfg.corpus.seed)
     elif cfg.corpus.from_dir:
@@ -106,12 +104,9 @@ def stage_dense(run: Run) -> None:
     else:
         raise PipelineError("model.source 'random-tiny' trains its tokenizer on the corpus texts: set "
                             "corpus.synthetic=true or corpus.from_dir")
-    tok = synthetic.train_tokenizer(texts, run.tokenizer_dir, vocab_size=vocab)
-    try:
-        lcfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                           pad_token_id=tok.pad_id, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype, **rnd)
-    except TypeError as e:
-        raise ConfigError(f"model.random: {e}") from None
+    tok = synthetic.train_tokenizer(texts, run.tokenizer_dir, vocab_size=rnd.vocab_size)
+    lcfg = rnd.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype)
     model = Llama(lcfg, rngs=nnx.Rngs(cfg.train.seed))
     save_checkpoint(run.dense_dir, model, tokenizer=tok, kind="dense", overwrite=True)
     say(f"[dense] random Llama {model.num_params():,} params -> {run.dense_dir}")

@@ -66,7 +66,7 @@ def train_tokenizer(texts_dir: str | Path, out: str | Path, vocab_size: int = 51
     ``out`` (``tokenizer.json`` + ``tokenizer_config.json``) and loaded back with ``load_tokenizer``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from readme_jax.data.tokenizer import load_tokenizer
+    from readme_jax.data.tokenizers import load_tokenizer
 
     files = sorted(str(p) for p in Path(texts_dir).rglob("*.txt"))
     if not files:
