@@ -102,7 +102,7 @@ class Served:
 def make_engine(tokenizer, *, fault_hook=None, **cfg):
     model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
     metrics = EngineMetrics()
-    config = EngineConfig(**({"max_num_seqs": 2, "max_num_batched_tokens": 32, "max_model_len": 256,
+    config = EngineConfig(**({"max_num_seqs": 2, "max_num_batched_tokens": 16, "max_model_len": 256,
                               "max_queue": 1, "default_max_tokens": 8, "scheduler": "decode-first"} | cfg))
     return Engine(model, tokenizer, config, metrics=metrics, fault_hook=fault_hook), metrics
 
@@ -276,7 +276,7 @@ def test_sigterm_drains_and_exits_0(tmp_path, tok):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "readme_jax.serve", "--model", str(ckpt), "--port", str(port),
-                             "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--max-model-len", "256",
+                             "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--max-model-len", "256",
                              "--drain-timeout", "60", "--log-level", "warning"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
