@@ -46,6 +46,18 @@ def compiles() -> int:
     return sum(f._cache_size() for f in (runner_mod._prefill_step, runner_mod._decode_step, runner_mod._route_step))
 
 
+def test_no_compiles_after_warmup(engine):
+    """First test of the module: the engine has only warmed up. 50 requests of 1..99 prompt tokens (chunked
+    past the budget) and 1..11 new tokens compile nothing more."""
+    before = compiles()
+    rng = np.random.default_rng(1)
+    streams = [engine.submit(rng.integers(0, 64, int(n)).tolist(), SamplingParams(max_tokens=int(m), ignore_eos=True))
+               for n, m in zip(rng.integers(1, 100, 50), rng.integers(1, 12, 50))]
+    for s in streams:
+        tokens(s)
+    assert compiles() == before
+
+
 def test_staggered_requests_get_the_tokens_they_get_alone(engine, model):
     """Prompts of 1..70 tokens (70 > the 32-token budget: chunked prefill) arriving while others decode."""
     rng = np.random.default_rng(0)
@@ -87,21 +99,12 @@ def test_stop_tokens_cancel_and_finish_reasons(engine, model):
     assert engine.stats()["active_slots"] == 0
 
 
-def test_no_compiles_after_warmup(engine):
-    before = compiles()
-    rng = np.random.default_rng(1)
-    streams = [engine.submit(rng.integers(0, 64, int(n)).tolist(), SamplingParams(max_tokens=int(m), ignore_eos=True))
-               for n, m in zip(rng.integers(1, 100, 50), rng.integers(1, 12, 50))]
-    for s in streams:
-        tokens(s)
-    assert compiles() == before
-
-
 def test_bounded_queue_and_bad_lengths(model):
     eng = Engine(model, None, EngineConfig(max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64,
                                            max_queue=1))
     eng.ready = True                                      # accept submissions; the thread is never started
     eng.submit([1, 2], SamplingParams(max_tokens=4))
+    assert eng.stats()["queue_depth"] == 1
     with pytest.raises(QueueFullError):
         eng.submit([1, 2], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="max_tokens"):

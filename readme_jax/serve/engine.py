@@ -108,7 +108,8 @@ class Engine:
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = model.config.base.vocab_size if hasattr(model.config, "base") else model.config.vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-        self._inbox: queue.Queue[_Request] = queue.Queue(maxsize=config.max_queue)
+        self._inbox: queue.Queue[_Request] = queue.Queue()
+        self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
         self._waiting: list[_Request] = []             # routed, not fully prefilled
         self._running: dict[int, _Request] = {}        # slot -> request
         self._free = list(range(config.max_num_seqs))
@@ -173,15 +174,16 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
         req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter())
-        try:
+        with self._lock:                     # bounded: requests not yet holding a slot, inbox + routed
+            if self._queued >= self.config.max_queue:
+                raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")
+            self._queued += 1
             self._inbox.put_nowait(req)
-        except queue.Full:
-            raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting)") from None
         self._wake.set()
         return stream
 
     def stats(self) -> dict:
-        return {"queue_depth": self._inbox.qsize() + len(self._waiting), "active_slots": len(self._running),
+        return {"queue_depth": self._queued, "active_slots": len(self._running),
                 "max_num_seqs": self.config.max_num_seqs, "steps": self.step_count, "healthy": self.healthy,
                 "ready": self.ready}
 
@@ -202,6 +204,10 @@ class Engine:
     # --- engine thread ------------------------------------------------------------------------------------
     def _busy(self) -> bool:
         return bool(self._running or self._waiting or not self._inbox.empty())
+
+    def _dequeue(self) -> None:
+        with self._lock:
+            self._queued -= 1
 
     def _all_requests(self) -> list[_Request]:
         reqs = list(self._running.values()) + self._waiting
@@ -286,7 +292,7 @@ class Engine:
             del self.step_log[: len(self.step_log) - self.STEP_LOG]
         if self.metrics is not None:
             self.metrics.on_step(seconds, len(picked), prefill_tokens, distinct)
-            self.metrics.set_gauges(self._inbox.qsize() + len(self._waiting), len(self._running))
+            self.metrics.set_gauges(self._queued, len(self._running))
 
     def _prefill(self, req: _Request, n: int) -> None:
         if req.slot is None:
@@ -294,6 +300,7 @@ class Engine:
                 raise EngineError(f"scheduler {self.scheduler.name!r} admitted {req.id} with no free slot")
             req.slot = self._free.pop(0)
             self._running[req.slot] = req
+            self._dequeue()
         chunk = req.prompt[req.done: req.done + n]
         is_last = req.done + n == len(req.prompt)
         tok, nxt = self.runner.prefill(req.slot, chunk, req.experts[req.done: req.done + n], is_last, req.seed,
@@ -336,6 +343,8 @@ class Engine:
     def _finish(self, req: _Request, reason: str, *, last_tokens: list[int] | None = None, text: str = "") -> None:
         if req.closed:
             return
+        if req.slot is None:
+            self._dequeue()
         if req.slot is not None and self._running.get(req.slot) is req:
             del self._running[req.slot]
             self.runner.free(req.slot)
