@@ -9,6 +9,8 @@ Rows (ratio = baseline time / our time, > 1 = ours faster):
   train_step        forward+backward of a few decoder layers (attention + FFN via run_layers), MoE vs masked-dense
   matmul_ceiling    one [N, D] x [D, Fe] matmul, XLA vs torch: the cap on vs_torch_loop, since both sides are
                     the same matmuls plus data movement
+  moe_decode        decode steps (B = 1 and 8 tokens, 30 layers, residual FFN only): the decode dispatcher
+                    (per-expert lax.cond over static split weights) vs the dense FFN (note: the blocked one)
 
 Expert ids are skewed like pre-gated routing: a Zipf-ish expert distribution with runs of the same expert
 (each token keeps the previous token's expert with probability 0.71, the locality Read-ME reports).
@@ -63,7 +65,7 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
     import jax
     import jax.numpy as jnp
 
-    from readme_jax.model import moe
+    from readme_jax.model import dispatch, moe
     from readme_jax.model.config import LlamaConfig
     from readme_jax.model.decoder import dense_ffn, run_layers
 
@@ -77,11 +79,12 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
         act = jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"]) * token_masks
         return act @ p["w_down"]
 
-    plan_fn = jax.jit(lambda i: moe.plan_dispatch(i, num_experts))
+    blocked = dispatch.Blocked()
+    plan_fn = jax.jit(lambda i: moe.plan_dispatch(i, num_experts, dispatcher=blocked))
     plan = jax.block_until_ready(plan_fn(ids))
-    fwd_moe = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"], impl="blocked"))
-    fwd_moe_plan = jax.jit(lambda ids, h, w: moe.moe_ffn(moe.plan_dispatch(ids, num_experts), h, w["w_gate"],
-                                                         w["w_up"], w["w_down"], impl="blocked"))
+    fwd_moe = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"]))
+    fwd_moe_plan = jax.jit(lambda ids, h, w: moe.moe_ffn(moe.plan_dispatch(ids, num_experts, dispatcher=blocked),
+                                                         h, w["w_gate"], w["w_up"], w["w_down"]))
     fwd_dense = jax.jit(lambda h, w: dense_ffn(w, h)[0])
     fwd_masked = jax.jit(lambda ids, h, w: masked_dense_ffn(w, h, masks[ids]))
     x2d, w_e0 = h.reshape(-1, D), experts["w_up"][0]
@@ -93,9 +96,9 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
            "matmul": lambda: matmul(x2d, w_e0)}
     times = time_calls(fns, repeats=repeats)
     if ragged:   # its own round-robin too: its [E, N, Fe] temporaries would cost the next timed call
-        fwd_ragged = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"],
-                                                            impl="ragged"))
-        times["ragged"] = time_calls({"ragged": lambda: fwd_ragged(plan, h, experts)}, repeats=3)["ragged"]
+        fwd_ragged = jax.jit(lambda plan, h, w: moe.moe_ffn(plan, h, w["w_gate"], w["w_up"], w["w_down"]))
+        plan_r = moe.plan_dispatch(ids, num_experts, dispatcher=dispatch.Ragged())
+        times["ragged"] = time_calls({"ragged": lambda: fwd_ragged(plan_r, h, experts)}, repeats=3)["ragged"]
     if train:
         cfg = LlamaConfig(num_layers=layers)           # SmolLM2-135M dims: D 576, 9 heads / 3 kv heads, F 1536
         key = jax.random.key(1)
@@ -120,7 +123,8 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
 
         @jax.jit
         def step_moe(layers_, ids):
-            return jax.value_and_grad(loss)(layers_, moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts)))
+            return jax.value_and_grad(loss)(layers_, moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts,
+                                                                                      dispatcher=blocked)))
 
         @jax.jit
         def step_masked(layers_, ids):
@@ -131,6 +135,50 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
                                  "train_masked_dense": lambda: step_masked(dense_layers, ids)},
                                 repeats=max(3, repeats // 2)))
     return {"times": times, "group_sizes": [int(x) for x in plan.group_sizes]}
+
+
+def jax_decode_case(num_experts: int, batches: list, layers: int, steps: int, repeats: int) -> dict:
+    """Decode steps of the FFNs alone (x += ffn(x) / 100 through ``layers`` layers, ``steps`` steps in one
+    fori_loop, per-layer weights split once before it as generation does): dense, the decode dispatcher
+    (split experts) and the blocked one. Plans are made once per step. Returns {name: seconds per step}."""
+    import jax
+    import jax.numpy as jnp
+
+    from readme_jax.model import dispatch, moe
+    from readme_jax.model.decoder import dense_ffn
+
+    keys = iter(jax.random.split(jax.random.key(0), 6))
+    rand = lambda shape, scale: jax.random.normal(next(keys), shape, jnp.float32) * scale
+    dense = {"w_gate": rand((layers, D, F), .04), "w_up": rand((layers, D, F), .04),
+             "w_down": rand((layers, F, D), .03)}
+    experts = {"w_gate": rand((layers, num_experts, D, FE), .04), "w_up": rand((layers, num_experts, D, FE), .04),
+               "w_down": rand((layers, num_experts, FE, D), .03)}
+
+    def loop(ffn, prepare, d):
+        @jax.jit
+        def run(h, ids, w):
+            per_layer = [prepare({k: v[i] for k, v in w.items()}) for i in range(layers)]
+
+            def step(_, h):
+                layer_ffn = ffn if d is None else moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts, dispatcher=d))
+                for p in per_layer:
+                    h = h + layer_ffn(p, h)[0] / 100
+                return h
+            return jax.lax.fori_loop(0, steps, step, h)
+        return run
+
+    dec, blk = dispatch.Decode(), dispatch.Blocked()
+    runs = {"dense": (loop(dense_ffn, lambda p: p, None), dense),
+            "decode": (loop(None, dec.prepare_layer, dec), experts),
+            "blocked": (loop(None, lambda p: p, blk), experts)}
+    times, used = {}, {}
+    for B in batches:
+        h = jax.random.normal(jax.random.key(1), (B, 1, D), jnp.float32)
+        ids = jnp.asarray(skewed_expert_ids(B, num_experts, seed=B)).reshape(B, 1)
+        used[B] = int(len(set(ids.reshape(-1).tolist())))
+        t = time_calls({f"{k} B={B}": (lambda f=f, w=w: f(h, ids, w)) for k, (f, w) in runs.items()}, repeats=repeats)
+        times.update({k: {kk: [x / steps for x in vv] for kk, vv in v.items()} for k, v in t.items()})
+    return {"times": times, "experts_used": used}
 
 
 def torch_case(num_experts: int, tokens: int, repeats: int) -> dict:
@@ -217,5 +265,23 @@ def run(quick: bool = False) -> list[dict]:
                                  "tok/s", higher_is_better=True, goal=1.25,
                                  note="run_layers MoE vs masked-dense (authors' training), value_and_grad; "
                                       f"CPU-time ratio {jc['train_masked_dense'] / jc['train_moe']:.2f}"))
+    rows += decode_rows(quick)
     return rows
 
+
+def decode_rows(quick: bool, num_experts: int = 5, layers: int = 30) -> list[dict]:
+    """The moe_decode rows: decode dispatcher vs dense FFN at B = 1 and 8 tokens per step, one subprocess."""
+    batches = [1, 8]
+    case = f"E={num_experts} {layers} layers D={D} Fe={FE} f32"
+    try:
+        j = run_variant("benchmarks.moe:jax_decode_case", {"num_experts": num_experts, "batches": batches,
+                                                            "layers": layers, "steps": 4 if quick else 16,
+                                                            "repeats": 3 if quick else 7})
+    except Exception as e:  # noqa: BLE001
+        return [error_row("moe_decode", case, e)]
+    jt = {k: median(v["wall"]) * 1e3 for k, v in j["times"].items()}
+    return [make_row("moe_decode", f"{case} B={B} decode dispatcher vs dense FFN", jt[f"decode B={B}"],
+                     jt[f"dense B={B}"], "ms/step", higher_is_better=False, goal=None,
+                     note=f"blocked dispatcher {jt[f'blocked B={B}']:.1f} ms/step; "
+                          f"{j['experts_used'][str(B)]} of {num_experts} experts used")
+            for B in batches]

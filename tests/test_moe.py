@@ -1,4 +1,4 @@
-"""MoE FFN: every dispatch kernel equals the masked-dense reference, forward and gradients."""
+"""MoE FFN: every dispatcher equals the masked-dense reference (values; gradients for blocked and ragged)."""
 
 import chex
 import jax
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from readme_jax.model import moe
+from readme_jax.model import dispatch, moe
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import run_layers
+from readme_jax.model.dispatch.blocked import padded_rows
 
 D, FE = 16, 24
 
@@ -35,45 +36,50 @@ def _ids(kind, B, T, E, key):
 
 CASES = [  # (ids kind, B, T, E, (block_size, tail_size)): N = B*T is never a multiple of either size
     ("random", 2, 37, 5, (16, 4)),
-    ("one_expert", 3, 11, 4, (8, 4)),
-    ("zero_expert", 2, 29, 6, (4, 4)),   # one level
+    ("one_expert", 3, 11, 4, (8, 4)),    # every token on one expert
+    ("zero_expert", 2, 29, 6, (4, 4)),   # -1 and E ids; one level
     ("random", 1, 5, 8, (16, 4)),        # fewer tokens than experts and than one block
+    ("random", 2, 7, 1, (8, 4)),         # E = 1
 ]
+
+
+def _dispatcher(name, sizes):
+    return dispatch.Blocked(*sizes) if name == "blocked" else dispatch.get(name)
 
 
 class MoeFfnTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(case=CASES, impl=moe.IMPLS)
-    def test_forward_matches_reference(self, case, impl):
-        kind, B, T, E, (S, s) = case
+    @parameterized.product(case=CASES, name=sorted(dispatch.DISPATCHERS))
+    def test_forward_matches_reference(self, case, name):
+        kind, B, T, E, sizes = case
         kh, kw, ki = jax.random.split(jax.random.key(0), 3)
         h = jax.random.normal(kh, (B, T, D))
         wg, wu, wd = _weights(kw, E)
         ids = _ids(kind, B, T, E, ki)
+        d = _dispatcher(name, sizes)
 
         @self.variant
         def f(ids, h, wg, wu, wd):
-            return moe.moe_ffn(moe.plan_dispatch(ids, E, block_size=S, tail_size=s), h, wg, wu, wd, impl=impl)
+            return moe.moe_ffn(moe.plan_dispatch(ids, E, dispatcher=d), h, wg, wu, wd)
 
         chex.assert_trees_all_close(f(ids, h, wg, wu, wd), moe.reference_moe_ffn(ids, h, wg, wu, wd),
                                     atol=1e-5, rtol=1e-5)
 
     @chex.variants(with_jit=True)
-    @parameterized.product(case=CASES[:3], impl=moe.IMPLS)
-    def test_grads_match_reference(self, case, impl):
-        kind, B, T, E, (S, s) = case
+    @parameterized.product(case=CASES[:3] + CASES[4:], name=["blocked", "ragged"])
+    def test_grads_match_reference(self, case, name):
+        kind, B, T, E, sizes = case
         kh, kw, ki, kc = jax.random.split(jax.random.key(1), 4)
         h = jax.random.normal(kh, (B, T, D))
         ws = _weights(kw, E)
         ids = _ids(kind, B, T, E, ki)
         cot = jax.random.normal(kc, (B, T, D))
-        plan = moe.plan_dispatch(ids, E, block_size=S, tail_size=s)
+        plan = moe.plan_dispatch(ids, E, dispatcher=_dispatcher(name, sizes))
 
         @self.variant
         def grads(plan, h, ws):
-            return jax.grad(lambda h, ws: jnp.sum(moe.moe_ffn(plan, h, *ws, impl=impl) * cot),
-                            argnums=(0, 1))(h, ws)
+            return jax.grad(lambda h, ws: jnp.sum(moe.moe_ffn(plan, h, *ws) * cot), argnums=(0, 1))(h, ws)
 
         ref = jax.grad(lambda h, ws: jnp.sum(moe.reference_moe_ffn(ids, h, *ws) * cot), argnums=(0, 1))(h, ws)
         chex.assert_trees_all_close(grads(plan, h, ws), ref, atol=1e-5, rtol=1e-5)
@@ -85,14 +91,16 @@ def test_plan_covers_every_token_once(kind, sizes):
     B, T, E = 3, 23, 5
     S, s = sizes
     ids = _ids(kind, B, T, E, jax.random.key(2))
-    plan = jax.jit(lambda i: moe.plan_dispatch(i, E, block_size=S, tail_size=s))(ids)
+    plan = jax.jit(lambda i: dispatch.Blocked(S, s).plan(i, E))(ids)
+    ragged = jax.jit(lambda i: dispatch.Ragged().plan(i, E))(ids)
     flat = np.asarray(ids).reshape(-1)
     n = flat.size
     np.testing.assert_array_equal(plan.group_sizes, np.bincount(flat, minlength=E))
-    np.testing.assert_array_equal(plan.sort_idx, np.argsort(flat, kind="stable"))
-    np.testing.assert_array_equal(np.asarray(plan.sort_idx)[plan.unsort_idx], np.arange(n))
+    np.testing.assert_array_equal(ragged.group_sizes, np.bincount(flat, minlength=E))
+    np.testing.assert_array_equal(ragged.sort_idx, np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(ragged.sort_idx)[ragged.unsort_idx], np.arange(n))
     tos, sot = np.asarray(plan.token_of_slot), np.asarray(plan.slot_of_token)
-    assert tos.shape == (moe.padded_rows(n, E, s),)
+    assert tos.shape == (padded_rows(n, E, s),)
     np.testing.assert_array_equal(tos[sot], np.arange(n))
     assert np.sum(tos < n) == n                                   # no token dropped, none duplicated
     # the used blocks tile the padded rows of each expert exactly once
@@ -129,38 +137,73 @@ def test_run_layers_with_moe_ffn_fn():
 
     ref_fn = lambda p, h: (moe.reference_moe_ffn(ids, h, p["w_gate"], p["w_up"], p["w_down"]), None)
     got = jax.jit(lambda layers: jax.value_and_grad(loss)(
-        layers, moe.moe_ffn_fn(moe.plan_dispatch(ids, E, block_size=8, tail_size=4))))(layers)
+        layers, moe.moe_ffn_fn(moe.plan_dispatch(ids, E, dispatcher=dispatch.Blocked(8, 4)))))(layers)
     ref = jax.jit(lambda layers: jax.value_and_grad(loss)(layers, ref_fn))(layers)
     chex.assert_trees_all_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_impl_and_shape_errors():
+def test_dispatcher_and_shape_errors():
     ids = jnp.zeros((1, 4), jnp.int32)
     plan = jax.jit(moe.plan_dispatch, static_argnums=1)(ids, 2)
     wg, wu, wd = _weights(jax.random.key(0), 2)
-    with pytest.raises(ValueError, match="impl"):
-        moe.moe_ffn(plan, jnp.zeros((1, 4, D)), wg, wu, wd, impl="nope")
+    with pytest.raises(ValueError, match="unknown dispatcher 'nope'"):
+        dispatch.get("nope")
     with pytest.raises(ValueError, match="tokens"):
         moe.moe_ffn(plan, jnp.zeros((1, 5, D)), wg, wu, wd)
+    with pytest.raises(ValueError, match="3 experts, the plan 2"):
+        moe.moe_ffn(plan, jnp.zeros((1, 4, D)), *_weights(jax.random.key(0), 3))
     with pytest.raises(ValueError, match="multiple"):
-        moe.plan_dispatch(ids, 2, block_size=12, tail_size=8)
+        moe.plan_dispatch(ids, 2, dispatcher=dispatch.Blocked(block_size=12, tail_size=8))
+    with pytest.raises(ValueError, match="plan made by"):
+        dispatch.Blocked().check_plan(dispatch.Decode().plan(ids, 2))
 
 
-def test_default_block_sizes_small_batch():
-    """The default sizes shrink for small N (here 100 tokens: blocks of 128, tails of 32) and stay exact."""
-    B, T, E = 4, 25, 5
-    kh, kw, ki = jax.random.split(jax.random.key(4), 3)
-    h = jax.random.normal(kh, (B, T, D))
+def test_default_dispatchers():
+    """Decode up to DECODE_MAX_TOKENS tokens, else the backend's many-token kernel (CPU here: blocked, whose
+    default sizes shrink for small N: 100 tokens get blocks of 128, tails of 32), exact either way."""
+    E = 5
+    kw, ki, kh = jax.random.split(jax.random.key(4), 3)
     wg, wu, wd = _weights(kw, E)
-    ids = jax.random.randint(ki, (B, T), 0, E)
-    plan = moe.plan_dispatch(ids, E)
-    assert (plan.block_size, plan.tail_size) == (128, 32)
-    got = jax.jit(moe.moe_ffn)(plan, h, wg, wu, wd)
+    for (B, T), want in (((4, 25), dispatch.Blocked()), ((4, 8), dispatch.Decode()), ((1, 1), dispatch.Decode())):
+        h = jax.random.normal(kh, (B, T, D))
+        ids = jax.random.randint(ki, (B, T), 0, E)
+        plan = moe.plan_dispatch(ids, E)
+        assert plan.dispatcher == want
+        if want == dispatch.Blocked():
+            assert (plan.block_size, plan.tail_size) == (128, 32)
+        got = jax.jit(moe.moe_ffn)(plan, h, wg, wu, wd)
+        chex.assert_trees_all_close(got, moe.reference_moe_ffn(ids, h, wg, wu, wd), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(dispatch.DISPATCHERS))
+def test_inactive_ids_count_for_no_expert(name):
+    """-1 (an inactive serving slot) and ids >= E: output 0, and no expert counts them as in use."""
+    E = 4
+    ids = jnp.asarray([[-1, 2, -1, E, 2, -1]], jnp.int32)
+    h = jax.random.normal(jax.random.key(6), (1, 6, D))
+    plan = moe.plan_dispatch(ids, E, dispatcher=dispatch.get(name))
+    np.testing.assert_array_equal(plan.group_sizes, [0, 0, 2, 0])
+    y = np.asarray(jax.jit(moe.moe_ffn)(plan, h, *_weights(jax.random.key(7), E)))
+    np.testing.assert_array_equal(y[0, [0, 2, 3, 5]], 0.0)
+    assert np.all(np.abs(y[0, [1, 4]]) > 0)
+
+
+def test_decode_split_weights_equal_stacked():
+    """The decode dispatcher reads per-expert split weights (prepare_layer) as it reads stacked ones."""
+    E = 3
+    d = dispatch.Decode()
+    wg, wu, wd = _weights(jax.random.key(8), E)
+    split = d.prepare_layer({"w_gate": wg, "w_up": wu, "w_down": wd, "mlp_norm": jnp.ones(D)})
+    assert len(split["w_gate"]) == E and split["w_gate"][1].shape == (D, FE) and split["mlp_norm"].shape == (D,)
+    ids = jnp.asarray([[2, 0, -1, 2]], jnp.int32)
+    h = jax.random.normal(jax.random.key(9), (1, 4, D))
+    plan = d.plan(ids, E)
+    got = jax.jit(moe.moe_ffn)(plan, h, split["w_gate"], split["w_up"], split["w_down"])
     chex.assert_trees_all_close(got, moe.reference_moe_ffn(ids, h, wg, wu, wd), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["blocked"])
-def test_expert_parallel_matches_local(impl):
+@pytest.mark.parametrize("name", ["blocked"])
+def test_expert_parallel_matches_local(name):
     """shard_map over 8 simulated CPU devices (all-gather dispatch, psum_scatter combine) == the local path."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -179,9 +222,10 @@ def test_expert_parallel_matches_local(impl):
     def loss(h, ws, f):
         return jnp.sum(f(h, ws) * cot)
 
-    ep = lambda h, ws: expert_parallel_moe_ffn(ids_s, h, *ws, mesh=mesh, impl=impl)
+    d = dispatch.get(name)
+    ep = lambda h, ws: expert_parallel_moe_ffn(ids_s, h, *ws, mesh=mesh, dispatcher=d)
     ids_s = put(ids)
     got = jax.jit(lambda h, ws: (ep(h, ws), jax.grad(loss, argnums=(0, 1))(h, ws, ep)))(put(h), jax.tree.map(put, ws))
-    local = lambda h, ws: moe.moe_ffn(moe.plan_dispatch(ids, E), h, *ws, impl=impl)
+    local = lambda h, ws: moe.moe_ffn(moe.plan_dispatch(ids, E, dispatcher=d), h, *ws)
     ref = jax.jit(lambda h, ws: (local(h, ws), jax.grad(loss, argnums=(0, 1))(h, ws, local)))(h, ws)
     chex.assert_trees_all_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The Read-ME model: one routing per call shared by every layer, cached decode, save -> load_pretrained."""
+"""The Read-ME model: one routing per call shared by every layer, routing apart from the backbone, cached
+decode, save -> load_pretrained."""
 
 import chex
 import jax
@@ -8,9 +9,10 @@ import pytest
 from flax import nnx
 
 import readme_jax
-from readme_jax.model import moe
+from readme_jax.convert.readme_checkpoint import save_readme
+from readme_jax.model import dispatch, moe
 from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMe, ReadMeConfig, save_readme
+from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from tests.tiny_models import random_model
 
@@ -64,9 +66,7 @@ def test_every_layer_sees_the_same_expert_ids(model, monkeypatch):
 
         def layer(p, h):
             y, _ = ffn(p, h)
-            # each token's expert, read back from the plan this layer was given
-            ends = jnp.cumsum(plan.group_sizes)
-            return y, jnp.searchsorted(ends, plan.unsort_idx, side="right").astype(jnp.int32)
+            return y, plan.expert_ids             # each token's expert, read back from this layer's plan
         return layer
 
     ids = _ids(0)
@@ -78,7 +78,8 @@ def test_every_layer_sees_the_same_expert_ids(model, monkeypatch):
     # the router's ids through the scanned stack; oracle ids through the Python-loop stack
     for m, given, want in ((model, None, routed), (looped, fixed, np.asarray(fixed).reshape(-1))):
         calls.clear()
-        _, _, aux = jax.jit(lambda ids, e: m.hidden_states(ids, expert_ids=e, ffn_fn=probe))(ids, given)
+        _, _, aux = jax.jit(lambda ids, e: m.hidden_states(ids, expert_ids=e, ffn_fn=probe,
+                                                           dispatcher=dispatch.Decode()))(ids, given)
         assert len(calls) == 1
         aux = np.asarray(aux)
         assert aux.shape == (CFG.base.num_layers, ids.size)
@@ -121,6 +122,62 @@ def test_cached_decode_equals_full(model):
     inc = np.concatenate(outs, axis=1)
     assert np.all(np.asarray(cache.router.index) == T) and np.all(np.asarray(cache.backbone.index) == T)
     np.testing.assert_allclose(inc[mask], full[mask], atol=2e-5, rtol=2e-5)
+
+
+def test_backbone_never_routes_and_equals_the_routed_call(model):
+    """backbone(expert_ids=router's ids) == the routed call; a prebuilt plan == its ids; the dispatchers agree,
+    -1 ids included; a routed call is refused a plan and expert ids together."""
+    ids = _ids(5)
+    routed = model.route(ids)
+
+    @jax.jit
+    def forms(ids, routed):
+        by_ids, _, _ = model.backbone(ids, expert_ids=routed)
+        plan = moe.plan_dispatch(routed, E, dispatcher=dispatch.Blocked())
+        by_plan, _, _ = model.backbone(ids, plan=plan)
+        return model(ids), model.tok.decode(by_ids), model.tok.decode(by_plan)
+
+    full, by_ids, by_plan = (np.asarray(x) for x in forms(ids, routed))
+    np.testing.assert_allclose(by_ids, full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(by_plan, full, atol=1e-5, rtol=1e-5)
+    inactive = routed.at[0, 3:6].set(-1)
+    x = {name: np.asarray(jax.jit(lambda i, e, d=d: model.backbone(i, expert_ids=e, dispatcher=d)[0])(ids, inactive))
+         for name, d in dispatch.DISPATCHERS.items()}
+    np.testing.assert_allclose(x["blocked"], x["decode"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(x["blocked"], x["ragged"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of plan= or expert_ids="):
+        model.backbone(ids)
+    with pytest.raises(ValueError, match="plan made by"):
+        model.backbone(ids, plan=dispatch.Decode().plan(routed, E), dispatcher=dispatch.Blocked())
+
+
+def test_route_apart_from_run_with_caches(model):
+    """Serving's way: an incremental router step per new token (own cache), then the backbone on its own
+    cache with those ids (decode dispatcher, split layers): the same ids and logits as the full routed call."""
+    T, P = 9, 5
+    ids = _ids(6, (2, T))
+    mask = np.ones((2, T), bool)
+    mask[1, :3] = False                                                # left padding
+    full_ids = np.asarray(jax.jit(lambda i, m: model.route(i, attention_mask=m))(ids, jnp.asarray(mask)))
+    full = np.asarray(jax.jit(lambda i, m: model(i, attention_mask=m))(ids, jnp.asarray(mask)))
+
+    @jax.jit
+    def step(new, m, rcache, bcache):
+        e, rcache = model.route(new, attention_mask=m, router_cache=rcache)
+        layers = model.decode_layers(dispatch.Decode())
+        x, bcache, _ = model.backbone(new, expert_ids=e, cache=bcache, attention_mask=m, layers=layers,
+                                      dispatcher=dispatch.Decode())
+        return e, model.tok.decode(x), rcache, bcache
+
+    rcache, bcache = model.router.init_cache(2, 16), model.init_backbone_cache(2, 16)
+    e, logits, rcache, bcache = step(ids[:, :P], jnp.asarray(mask[:, :P]), rcache, bcache)
+    got_ids, got = [np.asarray(e)], [np.asarray(logits)]
+    for t in range(P, T):
+        e, logits, rcache, bcache = step(ids[:, t:t + 1], jnp.ones((2, 1), bool), rcache, bcache)
+        got_ids.append(np.asarray(e))
+        got.append(np.asarray(logits))
+    np.testing.assert_array_equal(np.concatenate(got_ids, 1)[mask], full_ids[mask])
+    np.testing.assert_allclose(np.concatenate(got, 1)[mask], full[mask], atol=2e-5, rtol=2e-5)
 
 
 def test_save_load_pretrained_same_logits(model, tmp_path):

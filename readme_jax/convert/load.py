@@ -6,14 +6,13 @@
   * an HF directory (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``),
   * a ``.gguf`` file (or a directory holding exactly one and no config.json),
   * a directory written by ``python -m readme_jax.convert`` / the training pipeline (``config.json`` carries a
-    ``"readme_jax": {"kind": ...}`` marker). Kind ``"dense"`` loads here; other kinds dispatch to the loader
-    registered for them with :func:`register_loader` (the Read-ME MoE registers ``"readme"``).
+    ``"readme_jax": {"kind": ...}`` marker), loaded by the loader of its kind in ``LOADERS`` ("dense" here,
+    "readme" in convert/readme_checkpoint.py); :func:`register_loader` adds a kind.
 Pickled checkpoints (``.bin``, ``.pt``, ``.pth``) are refused: they can run arbitrary code when loaded.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -22,14 +21,12 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from readme_jax.convert import checkpoint
+from readme_jax.convert.readme_checkpoint import load_readme_checkpoint
 from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
 
 #: loader(path, config_dict, *, dtype, **config_overrides) -> model
 Loader = Callable[..., Any]
-_LOADERS: dict[str, Loader] = {}
-#: Modules imported on first use of a kind, so they can register its loader.
-_KIND_MODULES = {"readme": "readme_jax.model.readme"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -40,19 +37,13 @@ def register_loader(kind: str, fn: Loader) -> None:
     ``dtype`` is None (keep the stored dtype) or the dtype to cast params and compute to. The tokenizer is
     loaded by :func:`load_pretrained` itself (``path/tokenizer``).
     """
-    _LOADERS[kind] = fn
+    LOADERS[kind] = fn
 
 
 def _loader_for(kind: str, where: Path) -> Loader:
-    if kind not in _LOADERS and kind in _KIND_MODULES:
-        try:
-            importlib.import_module(_KIND_MODULES[kind])
-        except ImportError as e:
-            raise CheckpointError(f"{where}: checkpoint kind {kind!r} needs {_KIND_MODULES[kind]}, "
-                                  f"which cannot be imported ({e})") from e
-    if kind not in _LOADERS:
-        raise CheckpointError(f"{where}: readme_jax.kind is {kind!r}, expected one of {sorted(_LOADERS)}")
-    return _LOADERS[kind]
+    if kind not in LOADERS:
+        raise CheckpointError(f"{where}: readme_jax.kind is {kind!r}, expected one of {sorted(LOADERS)}")
+    return LOADERS[kind]
 
 
 def _with_dtype(cfg: LlamaConfig, dtype, overrides: dict) -> LlamaConfig:
@@ -121,7 +112,8 @@ def _load_dense_checkpoint(path: Path, config: dict, *, dtype=None, **overrides)
     return checkpoint.restore_params(path, abstract_llama(_with_dtype(cfg, dtype, overrides)))
 
 
-register_loader("dense", _load_dense_checkpoint)
+#: The checkpoint kinds of this project and their loaders (register_loader adds one).
+LOADERS: dict[str, Loader] = {"dense": _load_dense_checkpoint, "readme": load_readme_checkpoint}
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, **config_overrides):

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from readme_jax.atomic import atomic_file
 from readme_jax.model.config import LlamaConfig
 
 
@@ -113,11 +114,9 @@ class ExpertMasks:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``domain`` (packed bits) and the domain names to ``path`` (.npz), atomically."""
-        path = os.fspath(path)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, domain=np.packbits(self.domain, axis=-1), shape=np.asarray(self.domain.shape),
-                 domains=np.asarray(self.domains, dtype=str))
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, domain=np.packbits(self.domain, axis=-1), shape=np.asarray(self.domain.shape),
+                     domains=np.asarray(self.domains, dtype=str))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpertMasks":

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from readme_jax.model.layers import swiglu_hidden
+from readme_jax.model.decoder import dense_ffn_with_aux
 
 
 def _unpack(batch: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -53,12 +53,7 @@ def _accumulate(graphdef, state, sums, count, input_ids, attention_mask, count_m
     model = nnx.merge(graphdef, state)
     weight = count_mask.astype(jnp.float32)                                           # [B, T]
 
-    def ffn(p, h):
-        dt = h.dtype
-        act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))           # [B, T, F]
-        stat = jnp.einsum("btf,bt->f", jnp.abs(act).astype(jnp.float32), weight)
-        return act @ p["w_down"].astype(dt), stat
-
+    ffn = dense_ffn_with_aux(lambda p, act: jnp.einsum("btf,bt->f", jnp.abs(act).astype(jnp.float32), weight))
     _, _, stats = model.hidden_states(input_ids, attention_mask=attention_mask, ffn_fn=ffn)
     return sums + stats, count + jnp.sum(weight)
 

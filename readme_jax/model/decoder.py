@@ -21,7 +21,6 @@ from readme_jax.model.layers import attention_mask, gqa_attention, rms_norm, swi
 from readme_jax.model.rope import apply_rope, rope_sin_cos
 
 FFNFn = Callable[[dict, jnp.ndarray], tuple[jnp.ndarray, Any]]
-ATTENTION_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")
 
 
 @flax.struct.dataclass
@@ -71,11 +70,20 @@ def _write_rows(buf: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.n
     return buf.at[jnp.arange(B)[:, None], cols].set(new.astype(buf.dtype), mode="drop")
 
 
+def dense_ffn_with_aux(aux_fn: Callable[[dict, jnp.ndarray], Any]) -> FFNFn:
+    """The dense SwiGLU FFN whose aux is ``aux_fn(layer_params, act)``, act [B, T, F] = SiLU(h W_gate) *
+    (h W_up), the down_proj input (statistics and routing targets reduce it in the layer that makes it).
+    Returns ``ffn(layer_params, h [B, T, D]) -> (y [B, T, D], aux)``."""
+    def ffn(p: dict, h: jnp.ndarray):
+        dt = h.dtype
+        act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))
+        return act @ p["w_down"].astype(dt), aux_fn(p, act)
+    return ffn
+
+
 def dense_ffn(p: dict, h: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-    """The dense SwiGLU FFN: h [B, T, D] -> [B, T, D]."""
-    dt = h.dtype
-    act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))
-    return act @ p["w_down"].astype(dt), None
+    """The dense SwiGLU FFN: h [B, T, D] -> ([B, T, D], None); w_gate/w_up [D, F], w_down [F, D]."""
+    return dense_ffn_with_aux(lambda p, act: None)(p, h)
 
 
 def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None = None) -> jnp.ndarray:

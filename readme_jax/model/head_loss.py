@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from readme_jax.parallel.varying import vary_like, zeros_like_varying
+from readme_jax.model.varying import vary_like, zeros_like_varying
 
 DEFAULT_CHUNK = 512
 

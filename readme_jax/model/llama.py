@@ -22,7 +22,8 @@ from readme_jax.model.head_loss import head_nll
 from readme_jax.model.layers import rms_norm
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
+    """A parameter of ``shape`` drawn from N(0, std^2) in float32, stored in ``dtype`` (every init here)."""
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
@@ -33,10 +34,10 @@ class AttentionLayers(nnx.Module):
         L, D, dt = cfg.num_layers, cfg.hidden_size, cfg.weight_dtype
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.attn_norm = nnx.Param(jnp.ones((L, D), dt))
-        self.wq = _normal(rngs, (L, D, q_dim), dt)
-        self.wk = _normal(rngs, (L, D, kv_dim), dt)
-        self.wv = _normal(rngs, (L, D, kv_dim), dt)
-        self.wo = _normal(rngs, (L, q_dim, D), dt)
+        self.wq = normal_param(rngs, (L, D, q_dim), dt)
+        self.wk = normal_param(rngs, (L, D, kv_dim), dt)
+        self.wv = normal_param(rngs, (L, D, kv_dim), dt)
+        self.wo = normal_param(rngs, (L, q_dim, D), dt)
         self.mlp_norm = nnx.Param(jnp.ones((L, D), dt))
 
     def arrays(self) -> dict:
@@ -48,9 +49,9 @@ class DenseFFN(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         L, D, F, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
-        self.w_gate = _normal(rngs, (L, D, F), dt)
-        self.w_up = _normal(rngs, (L, D, F), dt)
-        self.w_down = _normal(rngs, (L, F, D), dt)
+        self.w_gate = normal_param(rngs, (L, D, F), dt)
+        self.w_up = normal_param(rngs, (L, D, F), dt)
+        self.w_down = normal_param(rngs, (L, F, D), dt)
 
     def arrays(self) -> dict:
         return {"w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
@@ -62,9 +63,9 @@ class Embedding(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         V, D, dt = cfg.vocab_size, cfg.hidden_size, cfg.weight_dtype
         self.cfg = cfg
-        self.embed = _normal(rngs, (V, D), dt)
+        self.embed = normal_param(rngs, (V, D), dt)
         self.final_norm = nnx.Param(jnp.ones((D,), dt))
-        self.lm_head = None if cfg.tie_word_embeddings else _normal(rngs, (D, V), dt)
+        self.lm_head = None if cfg.tie_word_embeddings else normal_param(rngs, (D, V), dt)
 
     def encode(self, input_ids: jnp.ndarray) -> jnp.ndarray:
         """<int32>[B, T] -> [B, T, D] in the compute dtype."""
@@ -103,7 +104,8 @@ class Llama(nnx.Module):
         return KVCache.init(self.config, batch, max_len, dtype)
 
     def hidden_states(self, input_ids, *, attention_mask=None, cache=None, ffn_fn=dense_ffn, layers=None):
-        """The decoder stack without the LM head: (x [B, T, D], cache, aux [L, ...]).
+        """input_ids <int32>[B, T] (attention_mask <bool>[B, T], False on left padding) through the decoder
+        stack without the LM head: (x [B, T, D], cache, aux [L, ...]).
 
         ``ffn_fn(layer_params, h) -> (y, aux)`` replaces the FFN (statistics passes use it to collect
         per-layer activations; see readme_jax.model.decoder). ``layers``: the layer weights to use, e.g.
@@ -125,7 +127,8 @@ class Llama(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def token_nll(self, input_ids, targets, *, attention_mask=None):
-        """<float32>[B, T]: -log p(targets | input_ids) per position, the logits never materialised."""
+        """<float32>[B, T]: -log p(targets <int32>[B, T] | input_ids <int32>[B, T]) per position, the logits
+        never materialised."""
         x, _, _ = self.hidden_states(input_ids, attention_mask=attention_mask)
         return self.tok.nll(x, targets)
 

@@ -11,7 +11,7 @@ It sees only token ids x_<=t (never the backbone's hidden states), so every queu
 before the backbone runs, and its expert id is used by *all* backbone layers. The trunk is a Llama decoder
 stack (the same pure functions and KVCache as the dense model, with K = H kv heads): RMSNorm, RoPE,
 1/sqrt(head_dim) attention scaling, SwiGLU MLP, then a final RMSNorm and a linear head to E logits.
-Differences from the authors' code (PAPER.md): no q/k/v/o biases, a gated (SwiGLU) MLP as in the paper's
+Differences from the authors' code (docs/architecture.md): no q/k/v/o biases, a gated (SwiGLU) MLP as in the paper's
 Table 1, 1/sqrt(hd) scaling (their script divides by 1), and an optional low-rank token embedding.
 """
 
@@ -28,7 +28,7 @@ from flax import nnx
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers
 from readme_jax.model.layers import rms_norm
-from readme_jax.model.llama import AttentionLayers, DenseFFN
+from readme_jax.model.llama import AttentionLayers, DenseFFN, normal_param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +113,6 @@ def top1_expert(logits: jnp.ndarray) -> jnp.ndarray:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02) -> nnx.Param:
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
-
-
 class Router(nnx.Module):
     """Token embedding -> n causal transformer blocks -> RMSNorm -> Linear to E logits (see module doc).
 
@@ -130,13 +126,13 @@ class Router(nnx.Module):
         trunk = config.trunk_config()
         dt = trunk.weight_dtype
         width = config.dim if config.embed_rank is None else config.embed_rank
-        self.embed = _normal(rngs, (config.vocab_size, width), dt)
-        self.embed_proj = None if config.embed_rank is None else _normal(
+        self.embed = normal_param(rngs, (config.vocab_size, width), dt)
+        self.embed_proj = None if config.embed_rank is None else normal_param(
             rngs, (width, config.dim), dt, std=width ** -0.5)
         self.attn = AttentionLayers(trunk, rngs)
         self.mlp = DenseFFN(trunk, rngs)
         self.final_norm = nnx.Param(jnp.ones((config.dim,), dt))
-        self.head = _normal(rngs, (config.dim, config.num_experts), dt)
+        self.head = normal_param(rngs, (config.dim, config.num_experts), dt)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """The router's own KV cache (n_layers layers, Dr-wide): [n_layers, B, S, H, hd]."""

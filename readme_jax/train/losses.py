@@ -3,13 +3,13 @@
 Letters: B batch, T time, V vocab, L layers, F ffn channels, E experts.
 
 * :func:`lm_loss` - next-token cross-entropy, mean over ``loss_mask``.
-* :func:`router_targets` - the routing-distillation targets ``dist [L, B, T, E]`` of PAPER.md "Routing-
-  distillation loss (code)", computed *inside* the dense forward by an ``ffn_fn`` whose aux is the per-layer
-  ``dist``: the [B, T, F] down_proj inputs are reduced to [B, T, E] in the layer that makes them, so they
-  never stack across layers.
+* :func:`router_targets` - the routing-distillation targets ``dist [L, B, T, E]`` of the paper's routing-
+  distillation loss in the authors' code form (docs/architecture.md), computed *inside* the dense forward
+  by an ``ffn_fn`` whose aux is the per-layer ``dist``: the [B, T, F] down_proj inputs are reduced to
+  [B, T, E] in the layer that makes them, so they never stack across layers.
 * :func:`distill_loss` - 0.75 x CE(hard target, label smoothing 0.5) + 0.25 x soft CE (T = 1), summed over
   layers against the one router output, masked mean over tokens.
-* :func:`router_accuracy`, :func:`routing_locality` - the metrics reported next to perplexity.
+* :func:`router_accuracy` - reported next to perplexity (routing locality: readme_jax/eval/routing.py).
 
 Per layer l (N = N_l = size of one expert-specific mask at layer l; every expert's has the same size):
     feat      = the dense model's down_proj input at layer l              [B, T, F]  (signed, as the code)
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.model.decoder import positions_from_mask, run_layers
-from readme_jax.model.layers import swiglu_hidden
+from readme_jax.model.decoder import dense_ffn_with_aux, positions_from_mask, run_layers
+from readme_jax.model.router import top1_expert
 
 HARD_WEIGHT = 0.75
 SOFT_WEIGHT = 0.25
@@ -122,11 +122,7 @@ def router_targets(dense_model, input_ids: jnp.ndarray, attention_mask: jnp.ndar
     layers = dict(dense_model.layer_arrays())
     layers["specific"] = jnp.swapaxes(jnp.asarray(specific_masks, jnp.float32), 0, 1)   # [L, E, F]
 
-    def ffn(p, h):
-        dt = h.dtype
-        act = swiglu_hidden(h, p["w_gate"].astype(dt), p["w_up"].astype(dt))      # [B, T, F]
-        return act @ p["w_down"].astype(dt), layer_targets(act, p["specific"], use_abs, max_n)
-
+    ffn = dense_ffn_with_aux(lambda p, act: layer_targets(act, p["specific"], use_abs, max_n))
     x = dense_model.tok.encode(input_ids)
     _, _, dist = run_layers(layers, x, positions=positions_from_mask(attention_mask),
                             attention_mask_=attention_mask, cfg=cfg, ffn_fn=ffn)
@@ -135,14 +131,14 @@ def router_targets(dense_model, input_ids: jnp.ndarray, attention_mask: jnp.ndar
 
 # --------------------------------------------------------------------------------- distillation
 def distill_loss(router_logits: jnp.ndarray, dist: jnp.ndarray, token_mask: jnp.ndarray) -> jnp.ndarray:
-    """Routing-distillation loss (PAPER.md, code form), summed over layers, masked mean over tokens.
+    """Routing-distillation loss (the authors' code form, docs/architecture.md), summed over layers, masked mean over tokens.
 
     router_logits <float>[B, T, E]; dist <float32>[L, B, T, E]; token_mask <float|bool>[B, T].
     Returns <float32>[].
     """
     E = router_logits.shape[-1]
     logp = jax.nn.log_softmax(router_logits.astype(jnp.float32), axis=-1)[None]       # [1, B, T, E]
-    hard = jax.nn.one_hot(jnp.argmax(dist, axis=-1), E, dtype=jnp.float32)
+    hard = jax.nn.one_hot(top1_expert(dist), E, dtype=jnp.float32)
     smoothed = (1.0 - LABEL_SMOOTHING) * hard + LABEL_SMOOTHING / E
     ce_hard = -jnp.sum(smoothed * logp, axis=-1)                                       # [L, B, T]
     t = TEMPERATURE
@@ -157,18 +153,6 @@ def distill_loss(router_logits: jnp.ndarray, dist: jnp.ndarray, token_mask: jnp.
 # -------------------------------------------------------------------------------------- metrics
 def router_accuracy(router_logits: jnp.ndarray, dist: jnp.ndarray, token_mask: jnp.ndarray) -> jnp.ndarray:
     """Share of tokens where argmax(router) == argmax(sum over layers of dist). <float32>[]."""
-    hit = jnp.argmax(router_logits, axis=-1) == jnp.argmax(jnp.sum(dist, axis=0), axis=-1)
+    hit = top1_expert(router_logits) == top1_expert(jnp.sum(dist, axis=0))
     w = token_mask.astype(jnp.float32)
     return jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def routing_locality(expert_ids, token_mask=None) -> tuple[int, int]:
-    """(tokens whose expert equals the previous token's, tokens with a previous token), both masked.
-
-    expert_ids <int>[B, T]; token_mask <bool>[B, T] or None. Counted on the host (NumPy).
-    """
-    ids = np.asarray(expert_ids)
-    m = np.ones(ids.shape, bool) if token_mask is None else np.asarray(token_mask, bool)
-    pair = m[:, 1:] & m[:, :-1]
-    same = (ids[:, 1:] == ids[:, :-1]) & pair
-    return int(same.sum()), int(pair.sum())

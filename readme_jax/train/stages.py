@@ -248,7 +248,7 @@ def stage_export(run: Run) -> None:
     held-out batch, then rename it into place (a failed check leaves ``export/`` as it was)."""
     from readme_jax.convert.load import load_pretrained
     from readme_jax.eval.perplexity import heldout_windows
-    from readme_jax.model.readme import save_readme
+    from readme_jax.convert.readme_checkpoint import save_readme
     model = run.trained_model()
     ev = run.cfg.eval
     ids, _ = heldout_windows(run.corpus, run.corpus.domains[0], run.tokenizer, seq_len=ev.seq_len,

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from readme_jax.model.router import top1_expert
 from readme_jax.parallel import data_parallel
 from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
@@ -193,7 +194,7 @@ def make_expert_step(graphdef, tx: optax.GradientTransformation, *, num_experts:
     def loss_fn(trainable, frozen, mb):
         ids = mb["input_ids"]
         model = nnx.merge(graphdef, trainable, frozen)
-        expert_ids = jax.lax.stop_gradient(jnp.argmax(model.router(ids), axis=-1).astype(jnp.int32))
+        expert_ids = jax.lax.stop_gradient(top1_expert(model.router(ids)))
         load = jnp.mean(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=(0, 1))
         loss, count = lm_loss(model.token_nll(ids, mb["targets"], expert_ids=expert_ids), mb["loss_mask"])
         return loss, count, {"load": load}

@@ -1,0 +1,41 @@
+"""Dispatchers of the routed MoE FFN: one interface (base.py), one kernel per file.
+
+    from readme_jax.model import dispatch
+    d = dispatch.default_dispatcher(num_tokens)        # Decode for a few tokens, else Blocked (CPU) / Ragged
+    plan = d.plan(expert_ids, num_experts)             # once per batch, outside the layer scan
+    y = moe.moe_ffn(plan, h, w_gate, w_up, w_down)     # permute -> expert FFN -> unpermute
+
+See base.py for the interface, its contract (ids outside [0, E) get no expert) and how the resident-slot
+and expert-parallel dispatchers fit behind it.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from readme_jax.model.dispatch.base import Dispatcher
+from readme_jax.model.dispatch.blocked import Blocked, BlockedPlan
+from readme_jax.model.dispatch.decode import Decode, DecodePlan
+from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
+
+#: The decode dispatcher is the default up to this many tokens per call (a decode step over the slots).
+DECODE_MAX_TOKENS = 32
+DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode())}
+
+__all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan",
+           "DECODE_MAX_TOKENS", "DISPATCHERS", "default_dispatcher", "get"]
+
+
+def default_dispatcher(num_tokens: int | None = None) -> Dispatcher:
+    """Decode for at most DECODE_MAX_TOKENS tokens, else Ragged on GPU/TPU and Blocked on CPU (where XLA
+    lowers ragged_dot to a dense masked loop). ``num_tokens`` None: the many-token default."""
+    if num_tokens is not None and num_tokens <= DECODE_MAX_TOKENS:
+        return DISPATCHERS["decode"]
+    return DISPATCHERS["ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"]
+
+
+def get(name: str) -> Dispatcher:
+    """The dispatcher called ``name`` ("blocked", "ragged", "decode") with its default settings."""
+    if name not in DISPATCHERS:
+        raise ValueError(f"dispatch.get: unknown dispatcher {name!r}, expected one of {sorted(DISPATCHERS)}")
+    return DISPATCHERS[name]
