@@ -9,6 +9,8 @@ import pytest
 from readme_jax.generation import generate_ids
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
+from readme_jax.model.readme import ReadMe, ReadMeConfig
+from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve import runner as runner_mod
 from readme_jax.serve.api import QueueFullError
@@ -131,3 +133,38 @@ def test_engine_failure_reaches_every_request(model):
     last = list(s)[-1]
     assert last.finish_reason == "error" and "injected" in last.error
     assert not eng.healthy
+
+
+RCFG = ReadMeConfig(
+    base=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2,
+                     num_kv_heads=1, head_dim=8, max_position_embeddings=128),
+    num_experts=3, expert_dim=12,
+    router=RouterConfig(vocab_size=40, dim=16, n_heads=2, mlp_dim=16, num_experts=3, embed_rank=4, max_len=128))
+
+
+def test_readme_engine_routes_ahead_and_matches_generate():
+    """Read-ME: the router runs on each prompt at arrival and on each sampled token right after sampling;
+    the backbone gets those ids. Tokens equal ``generate`` alone; the experts the engine ran for each decode
+    token equal routing the whole sequence at once; idle slots count as no expert."""
+    import jax.numpy as jnp
+
+    model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
+                         overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
+    eng = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64,
+                                           min_prefill_bucket=16))
+    eng.start()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 40, n).tolist() for n in (5, 20, 2, 9)]
+    streams = [eng.submit(p, SamplingParams(max_tokens=7, ignore_eos=True)) for p in prompts]
+    outs = [tokens(s)[0] for s in streams]
+    log = list(eng.step_log)
+    eng.shutdown(5)
+    for p, got in zip(prompts, outs):
+        assert got == generate_ids(model, [p], 7)[0]
+    for rid, p, got in zip([st.request_id for st in streams], prompts, outs):
+        full = np.asarray(model.route(jnp.asarray([p + got], jnp.int32)))[0]
+        ran = [e for entry in log for r, e in zip(entry["decode_requests"], entry["decode_experts"]) if r == rid]
+        assert ran == full[len(p): len(p) + len(got) - 1].tolist()     # each decode token's expert, ahead
+    for entry in log:
+        if entry["decode_tokens"]:
+            assert entry["distinct_experts"] == len(set(entry["decode_experts"])) <= 3

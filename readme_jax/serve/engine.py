@@ -98,13 +98,13 @@ class Engine:
     """See the module docstring. Thread-safe ``submit``; everything else runs on the engine thread."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), *, metrics=None,
-                 fault_hook: Callable[[int], None] | None = None, decode_dispatcher=None):
+                 fault_hook: Callable[[int], None] | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.fault_hook = fault_hook
         self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=config.max_model_len,
-                                  prefill_buckets=config.prefill_buckets(), decode_dispatcher=decode_dispatcher)
+                                  prefill_buckets=config.prefill_buckets())
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = model.config.base.vocab_size if hasattr(model.config, "base") else model.config.vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
@@ -268,10 +268,8 @@ class Engine:
             prefill_tokens += n
             self._prefill(by_id[rid], n)
         picked = [s for s in pick.decodes if s in self._running and self._running[s].pending is not None]
-        distinct = None
+        distinct, reqs, experts = None, [self._running[s] for s in picked], [self._running[s].pending_expert for s in picked]
         if picked:
-            reqs = [self._running[s] for s in picked]
-            experts = [r.pending_expert for r in reqs]
             if self.runner.is_moe:
                 distinct = len({e for e in experts if e >= 0})
             toks, nxts = self.runner.decode(picked, [r.pending for r in reqs], experts, [r.seed for r in reqs],
@@ -286,7 +284,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         entry = {"step": self.step_count, "seconds": seconds, "decode_tokens": len(picked),
                  "prefill_tokens": prefill_tokens, "distinct_experts": distinct,
-                 "decode_experts": [self._running[s].pending_expert for s in picked if s in self._running]}
+                 "decode_experts": experts, "decode_requests": [r.id for r in reqs]}
         self.step_log.append(entry)
         if len(self.step_log) > self.STEP_LOG:
             del self.step_log[: len(self.step_log) - self.STEP_LOG]

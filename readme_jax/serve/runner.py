@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from readme_jax.model import dispatch
 from readme_jax.model.decoder import KVCache, unstack_layers
 from readme_jax.sampling import sample_rows
 
@@ -134,8 +135,7 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 class ModelRunner:
     """Owns the params, the slot caches and the compiled steps (see the module docstring)."""
 
-    def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...],
-                 decode_dispatcher=None):
+    def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...]):
         self.model = model
         self.num_slots, self.max_len = num_slots, max_len
         self.prefill_buckets = tuple(sorted(prefill_buckets))
@@ -145,12 +145,14 @@ class ModelRunner:
                                                           if (big << (i - 1)) < max_len)
         self.is_moe = hasattr(model, "route")
         self.num_experts = model.config.num_experts if self.is_moe else 0
-        self.dispatcher = decode_dispatcher
+        # decode: the "decode" dispatcher (reads only the experts some slot uses), weights split per layer
+        # (and per expert) once; prefill chunks plan with the default dispatcher for their size.
+        self.dispatcher = dispatch.get("decode") if self.is_moe else None
         self.graphdef, self.params = nnx.split(model)
-        self.layers = unstack_layers(model.layer_arrays())
+        self.layers = model.decode_layers(self.dispatcher) if self.is_moe else unstack_layers(model.layer_arrays())
         rows = num_slots + 1                                        # + the scratch row
-        self.caches = SlotCaches(backbone=model.init_cache(rows, max_len) if not self.is_moe else
-                                 KVCache.init(model.config.base, rows, max_len),
+        self.caches = SlotCaches(backbone=model.init_backbone_cache(rows, max_len) if self.is_moe else
+                                 model.init_cache(rows, max_len),
                                  router=model.router.init_cache(rows, max_len) if self.is_moe else None)
 
     @property
