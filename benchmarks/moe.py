@@ -139,8 +139,10 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
 
 def jax_decode_case(num_experts: int, batches: list, layers: int, steps: int, repeats: int) -> dict:
     """Decode steps of the FFNs alone (x += ffn(x) / 100 through ``layers`` layers, ``steps`` steps in one
-    fori_loop, per-layer weights split once before it as generation does): dense, the decode dispatcher
-    (split experts) and the blocked one. Plans are made once per step. Returns {name: seconds per step}."""
+    fori_loop): dense, the decode dispatcher (on split and on stacked [E, D, Fe] weights) and the blocked
+    one. Per-layer weights are split (in the variant's layout) once, outside the timed calls, as a decode
+    loop does before its first step; plans are made once per step.
+    Returns {"times": {name: seconds per step}, "experts_used": {B: count}}."""
     import jax
     import jax.numpy as jnp
 
@@ -153,24 +155,26 @@ def jax_decode_case(num_experts: int, batches: list, layers: int, steps: int, re
              "w_down": rand((layers, F, D), .03)}
     experts = {"w_gate": rand((layers, num_experts, D, FE), .04), "w_up": rand((layers, num_experts, D, FE), .04),
                "w_down": rand((layers, num_experts, FE, D), .03)}
+    split = lambda w, prepare: jax.block_until_ready(jax.jit(lambda w: [prepare({k: v[i] for k, v in w.items()})
+                                                                        for i in range(layers)])(w))
 
-    def loop(ffn, prepare, d):
+    def loop(d):
         @jax.jit
-        def run(h, ids, w):
-            per_layer = [prepare({k: v[i] for k, v in w.items()}) for i in range(layers)]
-
+        def run(h, ids, per_layer):
             def step(_, h):
-                layer_ffn = ffn if d is None else moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts, dispatcher=d))
+                ffn = dense_ffn if d is None else moe.moe_ffn_fn(moe.plan_dispatch(ids, num_experts, dispatcher=d))
                 for p in per_layer:
-                    h = h + layer_ffn(p, h)[0] / 100
+                    h = h + ffn(p, h)[0] / 100
                 return h
             return jax.lax.fori_loop(0, steps, step, h)
         return run
 
     dec, blk = dispatch.Decode(), dispatch.Blocked()
-    runs = {"dense": (loop(dense_ffn, lambda p: p, None), dense),
-            "decode": (loop(None, dec.prepare_layer, dec), experts),
-            "blocked": (loop(None, lambda p: p, blk), experts)}
+    runs = {"dense": (loop(None), split(dense, lambda p: p)),
+            "decode": (loop(dec), split(experts, dec.prepare_layer)),
+            "decode_stacked": (loop(dec), split(experts, lambda p: p)),
+            "blocked": (loop(blk), split(experts, lambda p: p))}
+    del dense, experts
     times, used = {}, {}
     for B in batches:
         h = jax.random.normal(jax.random.key(1), (B, 1, D), jnp.float32)
@@ -282,6 +286,7 @@ def decode_rows(quick: bool, num_experts: int = 5, layers: int = 30) -> list[dic
     jt = {k: median(v["wall"]) * 1e3 for k, v in j["times"].items()}
     return [make_row("moe_decode", f"{case} B={B} decode dispatcher vs dense FFN", jt[f"decode B={B}"],
                      jt[f"dense B={B}"], "ms/step", higher_is_better=False, goal=None,
-                     note=f"blocked dispatcher {jt[f'blocked B={B}']:.1f} ms/step; "
-                          f"{j['experts_used'][str(B)]} of {num_experts} experts used")
+                     note=f"blocked dispatcher {jt[f'blocked B={B}']:.1f} ms/step, decode on stacked (unsplit) "
+                          f"weights {jt[f'decode_stacked B={B}']:.1f}; {j['experts_used'][str(B)]} of "
+                          f"{num_experts} experts used")
             for B in batches]

@@ -159,17 +159,19 @@ def test_dispatcher_and_shape_errors():
 
 
 def test_default_dispatchers():
-    """Decode up to DECODE_MAX_TOKENS tokens, else the backend's many-token kernel (CPU here: blocked, whose
-    default sizes shrink for small N: 100 tokens get blocks of 128, tails of 32), exact either way."""
+    """CPU: decode up to DECODE_MAX_TOKENS tokens, else blocked, whose default sizes shrink for small N
+    (100 tokens get blocks of 128, tails of 32); exact either way."""
     E = 5
     kw, ki, kh = jax.random.split(jax.random.key(4), 3)
     wg, wu, wd = _weights(kw, E)
-    for (B, T), want in (((4, 25), dispatch.Blocked()), ((4, 8), dispatch.Decode()), ((1, 1), dispatch.Decode())):
+    n = dispatch.DECODE_MAX_TOKENS
+    for (B, T), want in (((4, 25), dispatch.Blocked()), ((1, n + 1), dispatch.Blocked()),
+                         ((1, n), dispatch.Decode()), ((1, 1), dispatch.Decode())):
         h = jax.random.normal(kh, (B, T, D))
         ids = jax.random.randint(ki, (B, T), 0, E)
         plan = moe.plan_dispatch(ids, E)
         assert plan.dispatcher == want
-        if want == dispatch.Blocked():
+        if (B, T) == (4, 25):
             assert (plan.block_size, plan.tail_size) == (128, 32)
         got = jax.jit(moe.moe_ffn)(plan, h, wg, wu, wd)
         chex.assert_trees_all_close(got, moe.reference_moe_ffn(ids, h, wg, wu, wd), atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from readme_jax.model.config import LlamaConfig
-from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers
+from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers, unstack_layers
 from readme_jax.model.head_loss import head_nll
 from readme_jax.model.layers import rms_norm
 
@@ -99,6 +99,11 @@ class Llama(nnx.Module):
     def layer_arrays(self) -> dict:
         """All per-layer weights as one dict of stacked [L, ...] arrays."""
         return {**self.attn.arrays(), **self.ffn.arrays()}
+
+    def decode_layers(self) -> tuple[dict, ...]:
+        """The L per-layer weight dicts, split once before a decode loop (``decoder.unstack_layers``); the
+        ``layers=`` of the calls inside it (ReadMe.decode_layers is the same for the MoE)."""
+        return unstack_layers(self.layer_arrays())
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype)

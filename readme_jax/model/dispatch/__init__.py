@@ -1,7 +1,7 @@
 """Dispatchers of the routed MoE FFN: one interface (base.py), one kernel per file.
 
     from readme_jax.model import dispatch
-    d = dispatch.default_dispatcher(num_tokens)        # Decode for a few tokens, else Blocked (CPU) / Ragged
+    d = dispatch.default_dispatcher(num_tokens)        # CPU: Decode for a few tokens, else Blocked; GPU/TPU: Ragged
     plan = d.plan(expert_ids, num_experts)             # once per batch, outside the layer scan
     y = moe.moe_ffn(plan, h, w_gate, w_up, w_down)     # permute -> expert FFN -> unpermute
 
@@ -18,8 +18,10 @@ from readme_jax.model.dispatch.blocked import Blocked, BlockedPlan
 from readme_jax.model.dispatch.decode import Decode, DecodePlan
 from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
 
-#: The decode dispatcher is the default up to this many tokens per call (a decode step over the slots).
-DECODE_MAX_TOKENS = 32
+#: The decode dispatcher is the default up to this many tokens per call (a decode step over a few slots).
+#: Each expert in use runs on every row, so past a few rows it is compute-bound; measured (benchmarks/moe.py,
+#: moe_decode, 30 layers, E=5): B=1 about 0.5x the dense FFN's time, B=8 about the dense FFN's.
+DECODE_MAX_TOKENS = 8
 DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode())}
 
 __all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan",
@@ -27,11 +29,16 @@ __all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Deco
 
 
 def default_dispatcher(num_tokens: int | None = None) -> Dispatcher:
-    """Decode for at most DECODE_MAX_TOKENS tokens, else Ragged on GPU/TPU and Blocked on CPU (where XLA
-    lowers ragged_dot to a dense masked loop). ``num_tokens`` None: the many-token default."""
+    """GPU/TPU: Ragged. CPU: Decode for at most DECODE_MAX_TOKENS tokens, else Blocked (XLA lowers
+    ragged_dot to a dense masked loop there). ``num_tokens`` None: the many-token default.
+
+    Decode is not the GPU/TPU default (unmeasured there: a conditional may cost a predicate read-back per
+    expert and layer); pass it explicitly to try."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        return DISPATCHERS["ragged"]
     if num_tokens is not None and num_tokens <= DECODE_MAX_TOKENS:
         return DISPATCHERS["decode"]
-    return DISPATCHERS["ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"]
+    return DISPATCHERS["blocked"]
 
 
 def get(name: str) -> Dispatcher:

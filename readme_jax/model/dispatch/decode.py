@@ -1,5 +1,5 @@
-"""The "decode" dispatcher: a few tokens (a decode step over serving slots, N <= ~32), read only the
-experts some token uses, each from static weights.
+"""The "decode" dispatcher: a few tokens (a decode step over a few serving slots), read only the experts
+some token uses, each from static weights.
 
 For each expert e (a static Python loop), ``lax.cond(any token has e, ...)`` runs e's SwiGLU on all N rows
 and keeps the rows of e's tokens; an expert no token uses costs one predicate. There is no sort and no
@@ -13,7 +13,8 @@ form, made once before the loop: a static ``w[e]`` of a stacked array taken insi
 (only when its branch runs).
 
 Compute is E_used x N rows per layer (each used expert sees every row), so this pays while the step is
-bound by reading the weights, i.e. for small N; plan/permute/unpermute are free.
+bound by reading the weights, i.e. for small N (``dispatch.DECODE_MAX_TOKENS``); plan/permute/unpermute
+are free.
 
 Dimension names: N tokens, D model, Fe expert width, E experts.
 """
