@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.model.decoder import unstack_layers
 from readme_jax.sampling import sample_token, validate_sampling
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this, so nearby lengths share one compile
@@ -41,12 +40,13 @@ def decode(graphdef, state, cache, last_logits, rng, temperature, top_p, eos_id,
     """Sample up to ``max_new_tokens`` tokens per row, one ``lax.while_loop`` step per token.
 
     The loop stops early once every row has produced ``eos_id`` (pass -1 to never stop). The layer weights
-    are split per layer once, before the loop (``unstack_layers``), so no step re-slices the stacked weights.
+    are split per layer (and per expert) once, before the loop (``model.decode_layers(B)``), so no step
+    re-slices the stacked weights.
     Returns (tokens <int32>[B, max_new_tokens] (``pad_id`` after a row's EOS and past the last step),
     number of steps run, cache)."""
     model = nnx.merge(graphdef, state)
-    layers = unstack_layers(model.layer_arrays())
     B = last_logits.shape[0]
+    layers = model.decode_layers(B)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
 
     def cond(carry):

@@ -164,7 +164,7 @@ def test_route_apart_from_run_with_caches(model):
     @jax.jit
     def step(new, m, rcache, bcache):
         e, rcache = model.route(new, attention_mask=m, router_cache=rcache)
-        layers = model.decode_layers(dispatch.Decode())
+        layers = model.decode_layers(dispatcher=dispatch.Decode())
         x, bcache, _ = model.backbone(new, expert_ids=e, cache=bcache, attention_mask=m, layers=layers,
                                       dispatcher=dispatch.Decode())
         return e, model.tok.decode(x), rcache, bcache

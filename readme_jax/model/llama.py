@@ -100,9 +100,10 @@ class Llama(nnx.Module):
         """All per-layer weights as one dict of stacked [L, ...] arrays."""
         return {**self.attn.arrays(), **self.ffn.arrays()}
 
-    def decode_layers(self) -> tuple[dict, ...]:
+    def decode_layers(self, num_tokens: int = 1) -> tuple[dict, ...]:
         """The L per-layer weight dicts, split once before a decode loop (``decoder.unstack_layers``); the
-        ``layers=`` of the calls inside it (ReadMe.decode_layers is the same for the MoE)."""
+        ``layers=`` of the calls inside it (ReadMe.decode_layers is the same for the MoE; ``num_tokens``, the
+        tokens per step, only matters there)."""
         return unstack_layers(self.layer_arrays())
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

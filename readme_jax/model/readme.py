@@ -16,7 +16,7 @@ Route apart from run (serving: a token is routed as soon as it is known, the bac
     x, bcache, aux = model.backbone(new_ids, plan=plan, cache=bcache, attention_mask=m)   # never routes
     x, bcache, aux = model.backbone(new_ids, expert_ids=ids, cache=bcache)                # plans, never routes
     logits = model.tok.decode(x)                                                  # [B, T, D] -> [B, T, V]
-    layers = model.decode_layers(d)          # per-layer weights in d's layout, once before a decode loop
+    layers = model.decode_layers(dispatcher=d)   # per-layer weights in d's layout, once before a decode loop
 
 Routing happens once per call, before the layer scan: expert ids -> a dispatcher's plan
 (``moe.plan_dispatch``, model/dispatch/) -> the same plan is closed over by every layer's FFN. Expert ids
@@ -123,10 +123,11 @@ class ReadMe(nnx.Module):
         """Per-layer weights stacked along L (expert weights keep their E axis inside each layer)."""
         return {**self.attn.arrays(), **self.experts.arrays()}
 
-    def decode_layers(self, dispatcher: dispatch.Dispatcher | None = None) -> tuple[dict, ...]:
-        """The L per-layer weight dicts in ``dispatcher``'s layout (default: the one for a decode step),
-        split once before a decode loop (see ``decoder.unstack_layers``)."""
-        d = dispatcher or dispatch.default_dispatcher(1)
+    def decode_layers(self, num_tokens: int = 1, dispatcher: dispatch.Dispatcher | None = None) -> tuple[dict, ...]:
+        """The L per-layer weight dicts in ``dispatcher``'s layout (default: the one a call of ``num_tokens``
+        tokens plans with, ``dispatch.default_dispatcher``), split once before a decode loop (see
+        ``decoder.unstack_layers``)."""
+        d = dispatcher or dispatch.default_dispatcher(num_tokens)
         return tuple(d.prepare_layer(p) for p in unstack_layers(self.layer_arrays()))
 
     def init_backbone_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -165,7 +166,7 @@ class ReadMe(nnx.Module):
         expert), planned here once with ``dispatcher`` (default ``dispatch.default_dispatcher(B*T)``).
         input_ids <int32>[B, T]; attention_mask <bool>[B, T] (False on left padding); cache: the backbone's
         KVCache (``init_backbone_cache``), advanced by T. ``layers``: as in ``Llama.hidden_states`` (e.g.
-        ``decode_layers(d)``, made once before a decode loop). ``ffn_fn(plan) -> layer_ffn`` builds the layer
+        ``decode_layers(dispatcher=d)``, made once before a decode loop). ``ffn_fn(plan) -> layer_ffn`` builds the layer
         FFN from the plan (default ``moe.moe_ffn_fn``); ``layer_ffn(layer_params, h [B, T, D]) -> (y, aux)``
         sees this layer's w_gate/w_up [E, D, Fe], w_down [E, Fe, D] (see readme_jax.model.decoder).
         """

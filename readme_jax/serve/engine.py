@@ -34,8 +34,10 @@ from readme_jax.sampling import SamplingParams
 from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
                                   RunningDecode, WaitingPrefill)
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
+from readme_jax.serve.expert_cache import ExpertCache, LazyFuture, WindowFuture, make_policy
 from readme_jax.serve.runner import ModelRunner
 from readme_jax.serve.schedulers import make_scheduler
+from readme_jax.serve.simulate import predict_future
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class EngineConfig:
     scheduler: str = "decode-first"
     scheduler_options: tuple[tuple[str, object], ...] = ()
     min_prefill_bucket: int = 16
+    expert_slots: int | None = None      # Read-ME: k resident experts per layer for decode (None: all E)
+    expert_policy: str = "belady"        # serve.expert_cache.make_policy name
+    belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",
@@ -104,7 +109,12 @@ class Engine:
         self.metrics = metrics
         self.fault_hook = fault_hook
         self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=config.max_model_len,
-                                  prefill_buckets=config.prefill_buckets())
+                                  prefill_buckets=config.prefill_buckets(), expert_slots=config.expert_slots)
+        self.cache = None
+        if self.runner.pool is not None:
+            pool = self.runner.pool
+            self.cache = ExpertCache(pool.capacity, make_policy(config.expert_policy), num_layers=pool.num_layers,
+                                     expert_bytes=pool.expert_bytes / pool.num_layers)
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = model.config.base.vocab_size if hasattr(model.config, "base") else model.config.vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
@@ -272,11 +282,17 @@ class Engine:
         if picked:
             if self.runner.is_moe:
                 distinct = len({e for e in experts if e >= 0})
-            toks, nxts = self.runner.decode(picked, [r.pending for r in reqs], experts, [r.seed for r in reqs],
-                                            [r.params.temperature for r in reqs], [r.params.top_p for r in reqs])
-            for r, tok, nxt in zip(reqs, toks.tolist(), nxts.tolist()):
-                r.waited = 0
-                self._emit(r, tok, nxt)
+            for group in self._passes(experts, lambda: predict_future(
+                    self.scheduler, {w.request_id: w for w in waiting}, {d.slot: d for d in running},
+                    list(self._free), pick, self.config.max_num_batched_tokens, self.config.belady_window)):
+                idx = [i for i, e in enumerate(experts) if group is None or e in group]
+                toks, nxts = self.runner.decode([picked[i] for i in idx], [reqs[i].pending for i in idx],
+                                                [experts[i] for i in idx], [reqs[i].seed for i in idx],
+                                                [reqs[i].params.temperature for i in idx],
+                                                [reqs[i].params.top_p for i in idx])
+                for i, tok, nxt in zip(idx, toks.tolist(), nxts.tolist()):
+                    reqs[i].waited = 0
+                    self._emit(reqs[i], tok, nxt)
         for s, r in self._running.items():
             if s not in picked and r.pending is not None:
                 r.waited += 1
@@ -291,6 +307,24 @@ class Engine:
         if self.metrics is not None:
             self.metrics.on_step(seconds, len(picked), prefill_tokens, distinct)
             self.metrics.set_gauges(self._queued, len(self._running))
+
+    def _passes(self, experts: list[int], predict):
+        """Without an expert cache: one pass (None = every token). With one: the step's expert set S in passes
+        of at most k experts (resident first, then by id, as the cache processes S); before each pass the
+        cache references its experts (the policy sees the rest of this step, then ``predict()``'s next steps)
+        and the resident pool loads what the cache now holds. Yields each pass's expert set."""
+        if self.cache is None:
+            yield None
+            return
+        need = sorted({e for e in experts if e >= 0}, key=lambda e: (e not in self.cache.resident, e))
+        k = self.cache.capacity
+        groups = [set(need[i: i + k]) for i in range(0, len(need), k)]
+        for g, group in enumerate(groups):
+            rest = set().union(*groups[g + 1:]) if g + 1 < len(groups) else set()
+            future = LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
+            self.cache.reference(group, future if self.config.expert_policy == "belady" else WindowFuture(()))
+            self.runner.pool.sync(self.cache.resident)
+            yield group
 
     def _prefill(self, req: _Request, n: int) -> None:
         if req.slot is None:

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from readme_jax.model import dispatch
+from readme_jax.model import dispatch, moe
 from readme_jax.model.decoder import KVCache, unstack_layers
 from readme_jax.sampling import sample_rows
+from readme_jax.serve.resident import ResidentPool
 
 
 @flax.struct.dataclass
@@ -60,11 +61,16 @@ def _put_rows(cache: KVCache | None, slots: jnp.ndarray, rows: KVCache | None) -
                    next_pos=cache.next_pos.at[slots].set(rows.next_pos))
 
 
-def _backbone(model, ids, mask, experts, cache, layers, dispatcher):
-    """Backbone only (never routes): ids/mask/experts [M, T] -> (x [M, T, D], cache)."""
+def _backbone(model, ids, mask, experts, cache, layers, dispatcher, num_experts=None):
+    """Backbone only (never routes): ids/mask/experts [M, T] -> (x [M, T, D], cache). ``num_experts``: plan
+    over that many experts (the resident pool's k slots, ``experts`` then being slot ids)."""
     if hasattr(model, "backbone"):
-        x, cache, _ = model.backbone(ids, expert_ids=experts, attention_mask=mask, cache=cache, layers=layers,
-                                     dispatcher=dispatcher)
+        if num_experts is not None:
+            plan = moe.plan_dispatch(experts, num_experts, dispatcher=dispatcher)
+            x, cache, _ = model.backbone(ids, plan=plan, attention_mask=mask, cache=cache, layers=layers)
+        else:
+            x, cache, _ = model.backbone(ids, expert_ids=experts, attention_mask=mask, cache=cache, layers=layers,
+                                         dispatcher=dispatcher)
     else:
         x, cache, _ = model.hidden_states(ids, attention_mask=mask, cache=cache, layers=layers)
     return x, cache
@@ -83,7 +89,8 @@ def _sample_and_route(model, x_last, rcache, valid, seeds, positions, temps, top
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
 def _prefill_step(graphdef, params, caches: SlotCaches, slot, ids, n_real, experts, is_last, seed, temp, top_p):
-    """One right-padded chunk ids <int32>[1, T] (n_real real tokens, their experts [1, T]) into ``slot``."""
+    """One right-padded chunk ids <int32>[1, T] (n_real real tokens, their experts [1, T]) into ``slot``.
+    Reads every expert's weights from the model (the resident pool serves decode steps only)."""
     model = nnx.merge(graphdef, params)
     slots = slot[None]
     mask = jnp.arange(ids.shape[1])[None, :] < n_real
@@ -103,15 +110,21 @@ def _prefill_step(graphdef, params, caches: SlotCaches, slot, ids, n_real, exper
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dispatcher"), donate_argnames=("caches",))
 def _decode_step(graphdef, params, layers, caches: SlotCaches, slots, tokens, experts, valid, seeds, temps,
-                 top_ps, dispatcher=None):
+                 top_ps, pool=None, dispatcher=None):
     """One token for each of M picked slots: slots/tokens/experts/seeds <int32>[M], valid <bool>[M] (False:
     bucket padding, pointed at the scratch row), temps/top_ps <f32>[M] -> (caches, next tokens [M], their
-    experts [M])."""
-    model = nnx.merge(graphdef, params)
+    experts [M]). ``params``: the model's states (a tuple, merged with ``graphdef``). With ``pool`` (the
+    resident expert pool, w [L, k, ...]), ``experts`` are slot ids, ``params`` hold no expert weights and
+    ``layers`` only the attention weights: the step reads experts from the pool alone."""
+    model = nnx.merge(graphdef, *params)
+    k = None
+    if pool is not None:
+        k = pool["w_gate"].shape[1]
+        layers = tuple({**p, **{name: pool[name][l] for name in pool}} for l, p in enumerate(layers))
     backbone = _rows(caches.backbone, slots)
     mask = valid[:, None]
     x, backbone = _backbone(model, tokens[:, None], mask, jnp.where(valid, experts, -1)[:, None], backbone,
-                            layers, dispatcher)
+                            layers, dispatcher, k)
     tok, nxt, rcache = _sample_and_route(model, x[:, 0], _rows(caches.router, slots), valid, seeds,
                                          backbone.next_pos, temps, top_ps)
     caches = SlotCaches(backbone=_put_rows(caches.backbone, slots, backbone),
@@ -135,7 +148,8 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 class ModelRunner:
     """Owns the params, the slot caches and the compiled steps (see the module docstring)."""
 
-    def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...]):
+    def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...],
+                 expert_slots: int | None = None):
         self.model = model
         self.num_slots, self.max_len = num_slots, max_len
         self.prefill_buckets = tuple(sorted(prefill_buckets))
@@ -149,7 +163,19 @@ class ModelRunner:
         # (and per expert) once; prefill chunks plan with the default dispatcher for their size.
         self.dispatcher = dispatch.get("decode") if self.is_moe else None
         self.graphdef, self.params = nnx.split(model)
-        self.layers = model.decode_layers(self.dispatcher) if self.is_moe else unstack_layers(model.layer_arrays())
+        self.pool = None
+        if expert_slots is not None:
+            if not self.is_moe:
+                raise ValueError("ModelRunner: expert_slots needs a Read-ME model (a dense model has no experts)")
+            self.pool = ResidentPool(model.experts.arrays(), expert_slots)
+            # decode: params without the experts (zero-size stand-ins), layers without expert weights
+            self.decode_graphdef, experts, rest = nnx.split(model, nnx.PathContains("experts"), ...)
+            stub = jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), experts)
+            self.decode_params = (stub, rest)
+            self.layers = unstack_layers(model.attn.arrays())
+        else:
+            self.decode_graphdef, self.decode_params = self.graphdef, (self.params,)
+            self.layers = model.decode_layers(dispatcher=self.dispatcher) if self.is_moe else unstack_layers(model.layer_arrays())
         rows = num_slots + 1                                        # + the scratch row
         self.caches = SlotCaches(backbone=model.init_backbone_cache(rows, max_len) if self.is_moe else
                                  model.init_cache(rows, max_len),
@@ -189,7 +215,8 @@ class ModelRunner:
 
     def decode(self, slots: list[int], tokens: list[int], experts: list[int], seeds: list[int],
                temperatures: list[float], top_ps: list[float]) -> tuple[np.ndarray, np.ndarray]:
-        """Advance each of ``slots`` by its pending token. Returns (next tokens [m], their experts [m])."""
+        """Advance each of ``slots`` by its pending token. Returns (next tokens [m], their experts [m]).
+        With a resident pool every expert of ``experts`` must be resident (``pool.sync`` first)."""
         m = len(slots)
         M = _bucket(m, self.decode_buckets)
         pad = M - m
@@ -197,11 +224,13 @@ class ModelRunner:
         def arr(values, fill, dtype):
             return jnp.asarray(np.asarray(list(values) + [fill] * pad, dtype))
 
+        if self.pool is not None:
+            experts = self.pool.remap(experts)
         self.caches, tok, nxt = _decode_step(
-            self.graphdef, self.params, self.layers, self.caches, arr(slots, self.scratch, np.int32),
+            self.decode_graphdef, self.decode_params, self.layers, self.caches, arr(slots, self.scratch, np.int32),
             arr(tokens, 0, np.int32), arr(experts, -1, np.int32), arr([True] * m, False, bool),
             arr(seeds, 0, np.int32), arr(temperatures, 0.0, np.float32), arr(top_ps, 1.0, np.float32),
-            dispatcher=self.dispatcher)
+            pool=None if self.pool is None else self.pool.fast, dispatcher=self.dispatcher)
         tok, nxt = jax.device_get((tok, nxt))
         return tok[:m], nxt[:m]
 
