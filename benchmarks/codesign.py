@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(CONFIG.relative_to(ROOT)))
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}, git-ignored)")
     a = ap.parse_args(argv)
-    from benchmarks import print_table
+    from benchmarks.runner import print_table
     rows = run(a.quick, export=a.export, corpus=a.corpus, trace=a.trace, out=a.out, config=a.config)
     print_table(rows, title="codesign (simulated; ratio > 1: ours better)")
     return 0
