@@ -61,8 +61,15 @@ def resolve_tokenizer(tokenizer: Any):
     if tokenizer is None:
         return default_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        from readme_jax.data.tokenizers import load_tokenizer
-        return load_tokenizer(tokenizer)
+        from readme_jax.data.tokenizers import TokenizerError, load_tokenizer
+        try:
+            tok = load_tokenizer(tokenizer)
+        except TokenizerError as e:
+            raise CorpusError(" ".join(str(e).split())) from None
+        if tok is None:
+            raise CorpusError(f"{tokenizer}: no tokenizer files in this folder (expected a tokenizer.json, a "
+                              "SentencePiece .model or a .gguf file)")
+        return tok
     return tokenizer
 
 
