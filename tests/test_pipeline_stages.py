@@ -137,5 +137,6 @@ def test_domain_with_too_few_calibration_tokens_is_a_clear_error(tmp_path):
 def test_rerun_with_different_training_config_is_refused(tiny_run):
     from readme_jax.train.pipeline import run_pipeline
     from readme_jax.train.records import StaleRunError
-    with pytest.raises(StaleRunError, match=r"other settings \(stage 'targets': train.rounds; stage 'rounds': train.rounds\)"):
+    with pytest.raises(StaleRunError,
+                       match=r"other settings \(stage 'rounds': train.rounds; stage 'export': train.rounds\)"):
         run_pipeline(load_config("tiny", ["train.rounds=3"]), tiny_run[0], stage="plots", progress=False)

@@ -70,7 +70,7 @@ def test_second_run_on_a_folder_is_refused_and_the_first_finishes_as_alone(tiny_
     ("model.random.hidden_size=0", "model.random.hidden_size: expected a positive integer, got 0"),
     ("corpus.domains=[alpha,zeta]", "corpus.domains=['alpha', 'zeta']: unknown domain(s) ['zeta']; the synthetic "
                                     "corpus has ['alpha', 'beta', 'gamma']"),
-    ("extract.keep_ratio=0.01", "extract.keep_ratio=0.01 keeps 1 of the F=64"),
+    ("extract.keep_ratio=0.005", "extract.keep_ratio=0.005 keeps 0 of the F=64"),
     ("extract.keep_ratio=1", "no expert has channels of its own"),
     ("extract.num_experts=4", "extract.num_experts=4 but the corpus has 3 domains"),
     ("router.n_heads=0", "router.n_heads: expected a positive integer, got 0"),
@@ -113,7 +113,8 @@ def test_eval_only_change_re_evaluates_from_the_checkpoints(tiny_run, tmp_path, 
     (run_dir / "eval" / "router_0.json").unlink()
     # the same config: only the missing evaluation runs, rebuilt from router_0's checkpoint: the same numbers
     assert main(["--config", "tiny", "--run-dir", str(run_dir)]) == 0
-    assert json.loads((run_dir / "eval/router_0.json").read_text()) == json.loads((ref / "eval/router_0.json").read_text())
+    router_0 = (json.loads((d / "eval/router_0.json").read_text()) for d in (run_dir, ref))
+    assert next(router_0) == next(router_0)
     # an evaluation setting changes: every evaluation is redone with it, nothing is retrained
     assert main(["--config", "tiny", "--run-dir", str(run_dir), "eval.max_tokens=128"]) == 0
     out = capsys.readouterr()
@@ -172,3 +173,62 @@ def test_sampling_values_are_refused_by_library_cli_and_server():
             parse_request("completion", {"model": "m", "prompt": [1, 2], field: value}, None, model_name="m",
                           max_model_len=64, default_max_tokens=4)
         assert e.value.status == 400 and e.value.param == field
+
+
+def test_convert_removes_its_leftovers_warns_of_unused_tensors_and_a_full_disk_is_one_line(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import errno
+    import os
+
+    import numpy as np
+
+    from readme_jax.convert import hf_export
+    from readme_jax.convert.__main__ import main as convert_main
+    from readme_jax.convert.assemble import UnusedTensorsWarning
+    from readme_jax.convert.safetensors_io import save_safetensors
+    from readme_jax.model.config import LlamaConfig
+    from readme_jax.model.llama import Llama
+    from tests.tiny_models import random_model
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    src = tmp_path / "src"
+    src.mkdir()
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
+    save_safetensors({**hf_export.hf_tensors(random_model(lambda r: Llama(cfg, rngs=r))), **extra}, src)
+    (src / "config.json").write_text(json.dumps(cfg.to_hf()))
+    out = tmp_path / "out"
+    (tmp_path / ".out.tmp-killed").mkdir()                    # an earlier convert to OUT, killed mid-write
+    (tmp_path / ".out.old-killed").mkdir()
+    with pytest.warns(UnusedTensorsWarning, match=r"1 tensor\(s\) the model does not use: "
+                                                  r"model.layers.0.self_attn.rotary_emb.inv_freq"):
+        assert convert_main([str(src), str(out)]) == 0
+    assert (out / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # the disk fills up while the HF shards are written: one line naming the file, nothing at OUT
+
+    def full(tensors, directory, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "model.safetensors"))
+    monkeypatch.setattr(hf_export, "save_safetensors", full)
+    capsys.readouterr()
+    assert convert_main([str(out), str(tmp_path / "hf"), "--to-hf"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "model.safetensors" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_corpus_lists_the_files_it_skipped(tmp_path):
+    from readme_jax.data.corpus import build_corpus, skipped_note
+    from tests.test_corpus import ByteTokenizer
+    src = tmp_path / "src"
+    for d in ("a", "b"):
+        (src / d).mkdir(parents=True)
+        (src / d / "doc.txt").write_text(f"{d} words here. " * 400)
+    (src / "a" / "empty.txt").write_text("  \n")
+    (src / "a" / "loop").symlink_to(src / "a")                 # a folder linking to itself
+    (src / "b" / "self.txt").symlink_to(src / "b" / "self.txt")  # a link to itself
+    m = build_corpus(tmp_path / "out", ByteTokenizer(), from_dir=src, min_heldout_chars=200, heldout_fraction=0.1)
+    assert m["domains"]["a"]["skipped"] == [{"file": "empty.txt", "reason": "empty file"},
+                                            {"file": "loop", "reason": "symlink to a folder, not followed"}]
+    assert m["domains"]["b"]["skipped"] == [{"file": "self.txt", "reason": "unreadable link (Too many levels of "
+                                                                           "symbolic links)"}]
+    assert skipped_note(m) == ("skipped source files (a 2, b 1): listed with the reason under "
+                               "domains.<domain>.skipped in manifest.json")

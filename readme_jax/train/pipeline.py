@@ -29,7 +29,6 @@ refused, unless the stage is an evaluation, which is re-run), ``metrics.jsonl`` 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import jax
 
 from readme_jax.atomic import atomic_write_text
 from readme_jax.config import Config
+from readme_jax.convert.checkpoint import remove_leftovers
 from readme_jax.eval.routing import SUMMARY_COLUMNS, summary_table
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.lock import RunLock
@@ -46,15 +46,9 @@ from readme_jax.train.run import PipelineError, Run, say
 from readme_jax.train.stages import STAGE_NAMES, STAGES
 
 def remove_litter(run: Run) -> list[Path]:
-    """Delete the temp folders interrupted atomic writes of this run left (``.<name>.tmp-*`` / ``.<name>.old-*``
-    next to their target: the export, a checkpoint, an ``eval/*.json``, ...); the run holds the folder's lock,
-    so none of them is in use. Returns what was removed."""
-    removed = []
-    for pattern in (".*.tmp-*", ".*.old-*"):
-        for p in sorted(run.dir.rglob(pattern)):
-            if p.exists():
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                removed.append(p)
+    """Delete what interrupted atomic writes of this run left (``.<name>.tmp-*`` / ``.<name>.old-*`` next to
+    the export, a checkpoint, an ``eval/*.json``, ...): the run holds the folder's lock, so none is in use."""
+    removed = remove_leftovers(run.dir, recursive=True)
     if removed:
         say(f"[run] removed {len(removed)} leftover(s) of interrupted writes: "
             f"{', '.join(str(p.relative_to(run.dir)) for p in removed[:5])}{' ...' if len(removed) > 5 else ''}")

@@ -119,7 +119,7 @@ def stage_dense(run: Run) -> None:
 
 def stage_corpus(run: Run) -> None:
     """Build the per-domain corpus into the run folder, or verify corpus.dir against its manifest."""
-    from readme_jax.data.corpus import build_corpus, verify_corpus
+    from readme_jax.data.corpus import build_corpus, skipped_note, verify_corpus
     c = run.cfg.corpus
     if c.dir:
         problems = verify_corpus(c.dir)
@@ -133,6 +133,9 @@ def stage_corpus(run: Run) -> None:
     manifest = build_corpus(run.corpus_dir, run.tokenizer, c.domains, seed=c.seed, from_dir=from_dir,
                             heldout_fraction=c.heldout_fraction, min_heldout_chars=c.min_heldout_chars)
     run.cfg.check_domains(list(manifest["domains"]))
+    note = skipped_note(manifest)
+    if note:
+        say(f"[corpus] {note}")
     rows = [f"{d}: train {e['splits']['train']['tokens']:,} / heldout {e['splits']['heldout']['tokens']:,} tokens"
             for d, e in manifest["domains"].items()]
     say("[corpus] " + "; ".join(rows))
