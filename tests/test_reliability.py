@@ -151,11 +151,20 @@ def test_environment_faults_are_one_line(tmp_path, capsys):
     a_file.write_text("x")
     assert main(["--config", "tiny", "--run-dir", str(a_file)]) == 2
     assert f"RunLockError: {a_file}: --run-dir is a file" in capsys.readouterr().err
+    for d in ("a", "b"):
+        (tmp_path / "src" / d).mkdir(parents=True)
+        (tmp_path / "src" / d / "doc.txt").write_text("some text. " * 50)
     for tok in (tmp_path / "absent", a_file):
-        assert corpus_main(["build", str(tmp_path / "out"), "--tokenizer", str(tok), "--from-dir", str(tmp_path)]) == 2
+        assert corpus_main(["build", str(tmp_path / "out"), "--tokenizer", str(tok),
+                            "--from-dir", str(tmp_path / "src")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tok}") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+class _VocabOnly:
+    """As much of a tokenizer as parsing a request of token ids needs."""
+    vocab_size = 64
 
 
 def test_sampling_values_are_refused_by_library_cli_and_server():
@@ -170,7 +179,7 @@ def test_sampling_values_are_refused_by_library_cli_and_server():
         flag = "--" + field.replace("_", "-")
         assert generate_main(["--model", "absent", flag, str(value), "hi"]) == 2   # before the model loads
         with pytest.raises(APIError) as e:
-            parse_request("completion", {"model": "m", "prompt": [1, 2], field: value}, None, model_name="m",
+            parse_request("completion", {"model": "m", "prompt": [1, 2], field: value}, _VocabOnly(), model_name="m",
                           max_model_len=64, default_max_tokens=4)
         assert e.value.status == 400 and e.value.param == field
 
@@ -221,7 +230,8 @@ def test_corpus_lists_the_files_it_skipped(tmp_path):
     src = tmp_path / "src"
     for d in ("a", "b"):
         (src / d).mkdir(parents=True)
-        (src / d / "doc.txt").write_text(f"{d} words here. " * 400)
+        for i in range(4):
+            (src / d / f"doc{i}.txt").write_text(f"{d} words {i} here. " * 100)
     (src / "a" / "empty.txt").write_text("  \n")
     (src / "a" / "loop").symlink_to(src / "a")                 # a folder linking to itself
     (src / "b" / "self.txt").symlink_to(src / "b" / "self.txt")  # a link to itself
