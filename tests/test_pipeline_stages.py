@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from readme_jax.config import Config, load_config
+from readme_jax.errors import CheckpointError
 from readme_jax.train import losses
 from readme_jax.train.stages import STAGE_NAMES, STAGES
 from tests.faults import Faults
@@ -90,9 +91,10 @@ def test_router_pool_is_the_dense_targets_and_a_router_round_resumes_after_a_fai
     # the disk fills up at the checkpoint of step 4: the write fails, step 2 stays the latest checkpoint
     trainer = Trainer(cfg, tmp_path, model, pool, run.masks.specific, run.corpus, run.tokenizer,
                       MetricsLog(tmp_path / "m.jsonl"), progress=False, hooks=Faults(disk_full_at=("router_0", 4)))
-    with pytest.raises(OSError) as e:
+    with pytest.raises(CheckpointError, match=r"router_0/4: writing the checkpoint failed .*last good checkpoint "
+                                              r"is step 2") as e:
         trainer.run(router_0)
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.__cause__.errno == errno.ENOSPC
     assert trainer.checkpoints(router_0).latest_step() == 2 and not trainer.is_done(router_0)
     trainer.hooks = Faults()                                             # the rerun resumes from step 2
     trainer.run(router_0)
@@ -134,6 +136,7 @@ def test_domain_with_too_few_calibration_tokens_is_a_clear_error(tmp_path):
 
 def test_rerun_with_different_training_config_is_refused(tiny_run):
     from readme_jax.train.pipeline import run_pipeline
-    from readme_jax.train.run import PipelineError
-    with pytest.raises(PipelineError, match=r"different \['train'\] settings"):
+    from readme_jax.train.records import StaleRunError
+    with pytest.raises(StaleRunError,
+                       match=r"other settings \(stage 'rounds': train.rounds; stage 'export': train.rounds\)"):
         run_pipeline(load_config("tiny", ["train.rounds=3"]), tiny_run[0], stage="plots", progress=False)

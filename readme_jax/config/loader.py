@@ -19,7 +19,7 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -37,10 +37,13 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
-def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *, omit: tuple[str, ...] = ()) -> Any:
+def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *, omit: tuple[str, ...] = (),
+          checks: Mapping[str, Callable[[str, Any], None]] | None = None) -> Any:
     """An instance of dataclass ``cls`` from a (YAML) mapping; missing keys keep their defaults.
 
-    ``key`` is the dotted name of the section (for messages); ``omit`` are fields the config may not set.
+    ``key`` is the dotted name of the section (for messages); ``omit`` are fields the config may not set;
+    ``checks`` maps a dotted key to ``check(key, value)``, run on the coerced value (defaults included)
+    before the dataclass is built (ranges a dataclass does not check itself).
     """
     data = {} if data is None else data
     what = f"section {key}" if key else "the config"
@@ -56,8 +59,15 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *, omit: tup
     if unknown:
         kind = "key(s)" if key else "section(s)"
         raise ConfigError(f"unknown {kind} {unknown}; known in {what}: {sorted(fields)}")
-    kwargs = {k: coerce(_join(key, k), v, hints[k], omit=fields[k].metadata.get(_FILLED, ()))
+    kwargs = {k: coerce(_join(key, k), v, hints[k], omit=fields[k].metadata.get(_FILLED, ()), checks=checks)
               for k, v in data.items()}
+    for name, f in fields.items():
+        check = (checks or {}).get(_join(key, name))
+        if check is not None:
+            value = kwargs[name] if name in kwargs else (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            if value is not None:
+                check(_join(key, name), value)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # the dataclass's own checks (ConfigError is a ValueError)
@@ -65,7 +75,8 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *, omit: tup
         raise ConfigError(message if message.startswith(key) else f"{key}: {message}") from None
 
 
-def coerce(key: str, value: Any, tp: Any, *, omit: tuple[str, ...] = ()) -> Any:
+def coerce(key: str, value: Any, tp: Any, *, omit: tuple[str, ...] = (),
+           checks: Mapping[str, Callable[[str, Any], None]] | None = None) -> Any:
     """``value`` (from YAML or an override) as type ``tp``; ConfigError naming ``key`` when it cannot be."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -78,12 +89,12 @@ def coerce(key: str, value: Any, tp: Any, *, omit: tuple[str, ...] = ()) -> Any:
             if arg is type(None):
                 continue
             try:
-                return coerce(key, value, arg, omit=omit)
+                return coerce(key, value, arg, omit=omit, checks=checks)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, key, omit=omit)
+        return build(tp, value, key, omit=omit, checks=checks)
     if tp is Any:
         return value
     if origin is tuple:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from readme_jax.config.checks import FIELD_CHECKS, check_config
 from readme_jax.config.loader import apply_override, build, filled_elsewhere, merge, plain
 from readme_jax.config.sections import (CorpusConfig, EvalConfig, ExtractConfig, MeshConfig, ModelConfig,
                                         TrainConfig)
@@ -95,6 +96,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if overrides:
         source += " + overrides"
     try:
-        return build(Config, data)
+        cfg = build(Config, data, checks=FIELD_CHECKS)
+        check_config(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

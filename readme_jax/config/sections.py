@@ -8,6 +8,7 @@ assembles the sections into :class:`~readme_jax.config.run.Config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 from readme_jax.config.loader import filled_elsewhere
@@ -65,6 +66,11 @@ class CorpusConfig:
             raise ConfigError("corpus: set only one of corpus.dir, corpus.from_dir, corpus.synthetic")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"corpus.heldout_fraction: expected a value in (0, 0.5), got {self.heldout_fraction}")
+        if self.seed < 0 or self.min_heldout_chars < 0:
+            bad = "seed" if self.seed < 0 else "min_heldout_chars"
+            raise ConfigError(f"corpus.{bad}: expected an integer >= 0, got {getattr(self, bad)}")
+        if self.domains is not None and (not self.domains or len(set(self.domains)) != len(self.domains)):
+            raise ConfigError(f"corpus.domains: expected distinct domain names or null, got {list(self.domains)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +125,16 @@ class TrainConfig:
                                   f"train.grad_accum={self.grad_accum}")
         for name in ("router_lr", "expert_lr"):
             v = getattr(self, name)
-            if not v > 0:  # inf is allowed (a divergence test uses it); NaN and <= 0 are not
-                raise ConfigError(f"train.{name}: expected a positive learning rate, got {v}")
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"train.{name}: expected a finite positive learning rate, got {v}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"train.lr_decay: expected a value in (0, 1], got {self.lr_decay}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"train.grad_clip: expected > 0 or null, got {self.grad_clip}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay: expected a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"train.grad_clip: expected a finite number > 0 or null, got {self.grad_clip}")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed: expected an integer >= 0, got {self.seed}")
         _check_dtype("train.dtype", self.dtype, ("float32", "bfloat16"))
 
 

@@ -2,7 +2,9 @@
 
 Convert SRC (an HF safetensors directory, a .gguf file, or a readme_jax checkpoint) into OUT: our own
 checkpoint directory (orbax params + config.json + tokenizer) by default, or an HF directory with
-``--to-hf``. OUT is written atomically; on any error the command prints one line and exits 1.
+``--to-hf``. OUT is written atomically (leftovers of an interrupted earlier write to OUT are removed first); on any
+error, a full disk included, the command prints one line naming the file and exits 1. Source tensors the
+model does not use are named in a warning.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and not args.overwrite:
             raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
+        from readme_jax.convert.checkpoint import remove_leftovers
         from readme_jax.convert.load import load_pretrained
+
+        for p in remove_leftovers(out.absolute().parent, out.name):   # of an interrupted earlier convert to OUT
+            print(f"removed {p} (left by an interrupted write)", file=sys.stderr)
 
         model, tokenizer = load_pretrained(args.src, dtype=args.dtype)
         if args.to_hf:

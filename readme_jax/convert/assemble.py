@@ -6,6 +6,7 @@ source tensor at a time, into a numpy buffer of the target dtype, then moved to 
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import jax.numpy as jnp
@@ -25,6 +26,16 @@ class ParamReader(Protocol):
         """One tensor in the HF layout, ``spec.source_shape(cfg)`` (e.g. ``[F, D]`` for ``w_gate``)."""
 
     def describe(self, spec: ParamSpec, layer: int | None) -> str: ...
+
+    def name_of(self, spec: ParamSpec, layer: int | None) -> str:
+        """The source's own name of the tensor ``spec`` reads (e.g. ``model.layers.0.mlp.gate_proj.weight``)."""
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor the source holds."""
+
+
+class UnusedTensorsWarning(UserWarning):
+    """The source holds tensors the model does not read (the message names them and the source)."""
 
 
 def abstract_llama(cfg: LlamaConfig) -> Llama:
@@ -70,6 +81,21 @@ def llama_from_params(cfg: LlamaConfig, params: dict) -> Llama:
     return nnx.merge(graphdef, state)
 
 
-def build_llama(reader: ParamReader, cfg: LlamaConfig) -> Llama:
-    """Read every parameter of ``cfg`` from ``reader`` and return the model."""
-    return llama_from_params(cfg, host_params(reader, cfg))
+def warn_unused(reader: ParamReader, cfg: LlamaConfig, where: str) -> list[str]:
+    """Warn (:class:`UnusedTensorsWarning`) naming the tensors of ``reader`` no parameter of ``cfg`` reads
+    (e.g. a rotary ``inv_freq`` buffer, or weights of a layer beyond ``num_layers``); returns them."""
+    used = {reader.name_of(spec, i) for spec in llama_params(cfg)
+            for i in (range(cfg.num_layers) if spec.per_layer else (None,))}
+    unused = sorted(set(reader.tensor_names()) - used)
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" ... ({len(unused)} in all)" if len(unused) > 8 else "")
+        warnings.warn(f"{where}: {len(unused)} tensor(s) the model does not use: {shown}", UnusedTensorsWarning,
+                      stacklevel=3)
+    return unused
+
+
+def build_llama(reader: ParamReader, cfg: LlamaConfig, where: str = "source") -> Llama:
+    """Read every parameter of ``cfg`` from ``reader`` and return the model (warning about unused tensors)."""
+    model = llama_from_params(cfg, host_params(reader, cfg))
+    warn_unused(reader, cfg, where)
+    return model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,29 @@ def save_checkpoint(out: str | os.PathLike, model: nnx.Module, *, tokenizer=None
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.wait_until_finished()      # orbax writes asynchronously: a failed write raises here
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
     return Path(out)
+
+
+def remove_leftovers(folder: str | os.PathLike, name: str = "*", *, recursive: bool = False) -> list[Path]:
+    """Delete what interrupted atomic writes (:mod:`readme_jax.atomic`) of ``name`` left in ``folder``: the
+    ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings of the target (under ``folder`` at any depth when
+    ``recursive``). Only for targets the caller owns (no other writer may be at work on them). Returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for kind in ("tmp", "old"):
+        pattern = f".{name}.{kind}-*"
+        for p in sorted(folder.rglob(pattern) if recursive else folder.glob(pattern)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:

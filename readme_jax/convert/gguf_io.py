@@ -112,6 +112,12 @@ class GGUFSource:
             raise CheckpointError(f"{self.path}: {e}") from e
 
     # ------------------------------------------------------------------ tensors
+    def name_of(self, spec: ParamSpec, layer: int | None) -> str:
+        return spec.gguf_name(layer)
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
     def describe(self, spec: ParamSpec, layer: int | None) -> str:
         return f"{self.path}: tensor {spec.gguf_name(layer)}"
 

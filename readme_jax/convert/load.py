@@ -78,7 +78,7 @@ def load_hf(directory: str | os.PathLike, dtype=jnp.float32, **overrides):
         if pickles:
             _refuse_pickle(pickles[0])
     with SafetensorsSource(directory) as source:
-        model = build_llama(source, cfg)
+        model = build_llama(source, cfg, str(directory))
     return model, _hf_tokenizer(directory)
 
 
@@ -94,7 +94,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, **overrides):
 
     source = GGUFSource(path)
     cfg = _with_dtype(source.config(), dtype or jnp.float32, overrides)
-    model = build_llama(source, cfg)
+    model = build_llama(source, cfg, str(path))
     tokenizer = None
     if source.field("tokenizer.ggml.tokens") is not None:
         from readme_jax.data.tokenizers import tokenizer_from_gguf

@@ -96,6 +96,12 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def name_of(self, spec: ParamSpec, layer: int | None) -> str:
+        return spec.hf_name(layer)
+
+    def tensor_names(self) -> list[str]:
+        return self.keys()
+
     def describe(self, spec: ParamSpec, layer: int | None) -> str:
         name = spec.hf_name(layer)
         return f"{self.file_of(name)}: tensor {name}"

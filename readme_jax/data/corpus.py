@@ -61,8 +61,15 @@ def resolve_tokenizer(tokenizer: Any):
     if tokenizer is None:
         return default_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        from readme_jax.data.tokenizers import load_tokenizer
-        return load_tokenizer(tokenizer)
+        from readme_jax.data.tokenizers import TokenizerError, load_tokenizer
+        try:
+            tok = load_tokenizer(tokenizer)
+        except TokenizerError as e:
+            raise CorpusError(" ".join(str(e).split())) from None
+        if tok is None:
+            raise CorpusError(f"{tokenizer}: no tokenizer files in this folder (expected a tokenizer.json, a "
+                              "SentencePiece .model or a .gguf file)")
+        return tok
     return tokenizer
 
 
@@ -291,6 +298,15 @@ def verify_corpus(root: str | Path) -> list[str]:
     return problems
 
 
+def skipped_note(manifest: dict) -> str | None:
+    """One line naming how many source files each domain skipped (listed in the manifest), or None."""
+    counts = {d: len(e.get("skipped", [])) for d, e in manifest["domains"].items()}
+    if not any(counts.values()):
+        return None
+    parts = ", ".join(f"{d} {n}" for d, n in counts.items() if n)
+    return f"skipped source files ({parts}): listed with the reason under domains.<domain>.skipped in {MANIFEST}"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _table(manifest: dict) -> str:
     rows = [f"{'domain':<12}{'split':<9}{'docs':>8}{'chars':>13}{'tokens':>12}"]
@@ -321,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     from_dir=args.from_dir, heldout_fraction=args.heldout_fraction,
                                     min_heldout_chars=args.min_heldout_chars, overwrite=args.overwrite)
             print(_table(manifest))
+            note = skipped_note(manifest)
+            if note:
+                print(note)
             print(f"wrote {args.out} in {manifest['build_seconds']} s")
             return 0
         problems = verify_corpus(args.out)

@@ -258,13 +258,16 @@ def folder_documents(folder: str | os.PathLike) -> SourceText:
     with a ``"text"`` field is one. Errors (:class:`CorpusError`) name the file, and the line for JSONL:
     an empty folder, a file that is not UTF-8, a line that is not JSON or has no string ``"text"``."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+    files, skipped = _domain_files(folder)
     if not files:
         raise CorpusError(f"{folder}: empty domain folder (no .txt or .jsonl files)")
     docs, records = [], []
     for path in files:
         rel = path.relative_to(folder).as_posix()
         data = path.read_bytes()
+        if not data.strip():
+            skipped.append({"file": rel, "reason": "empty file"})
+            continue
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -287,4 +290,32 @@ def folder_documents(folder: str | os.PathLike) -> SourceText:
                 docs.append(Document(f"{rel}:{lineno}", normalise(obj["text"])))
     if not docs:
         raise CorpusError(f"{folder}: no non-empty documents")
-    return SourceText(docs, [{"name": folder.name, "files": records, "pinned": False}])
+    return SourceText(docs, [{"name": folder.name, "files": records, "pinned": False}],
+                      sorted(skipped, key=lambda r: r["file"]))
+
+
+def _domain_files(folder: Path) -> tuple[list[Path], list[dict]]:
+    """(the ``*.txt`` / ``*.jsonl`` files under ``folder``, sorted; the entries skipped, with the reason).
+    Symlinked folders are not followed (a link back up would loop); a symlink that loops or points nowhere
+    is skipped."""
+    files, skipped = [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        root_path = Path(root)
+        for d in list(dirs):
+            if (root_path / d).is_symlink():
+                skipped.append({"file": (root_path / d).relative_to(folder).as_posix(),
+                                "reason": "symlink to a folder, not followed"})
+        dirs[:] = sorted(d for d in dirs if not (root_path / d).is_symlink())
+        for name in names:
+            path = root_path / name
+            if path.suffix not in (".txt", ".jsonl"):
+                continue
+            try:
+                path.stat()                     # follows a symlink: ELOOP / ENOENT when it loops or dangles
+            except OSError as e:
+                skipped.append({"file": path.relative_to(folder).as_posix(),
+                                "reason": f"unreadable link ({e.strerror})"})
+                continue
+            if path.is_file():
+                files.append(path)
+    return sorted(files), skipped

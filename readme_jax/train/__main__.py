@@ -44,14 +44,22 @@ def main(argv=None, *, hooks=None) -> int:
     from readme_jax.config import load_config
     from readme_jax.data.sources import CorpusError
     from readme_jax.errors import CheckpointError, ConfigError
+    from readme_jax.data.tokenizers import TokenizerError
+    from readme_jax.train.lock import RunLockError
     from readme_jax.train.pipeline import run_pipeline
+    from readme_jax.train.records import StaleRunError
     from readme_jax.train.run import PipelineError
     from readme_jax.train.steps import TrainingDivergedError
     try:
         cfg = load_config(args.config, args.overrides)
         run_pipeline(cfg, args.run_dir, stage=args.stage, hooks=hooks)
-    except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except (ConfigError, PipelineError, TrainingDivergedError, CorpusError, CheckpointError, RunLockError,
+            StaleRunError, TokenizerError) as e:
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:      # the environment's faults: a full disk, a read-only folder, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {type(e).__name__}: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

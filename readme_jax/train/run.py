@@ -195,18 +195,22 @@ class Run:
         """Record ``model`` as the model after the last round (stage 'rounds' just trained it)."""
         self._model = model
 
-    def trained_model(self):
-        """The model after the last round (every phase must be done)."""
-        if self._model is not None:
-            return self._model
+    def model_after(self, phase: Phase):
+        """The model right after ``phase``: the extracted model with the last router and the last backbone
+        params of the schedule up to ``phase`` (each from its phase's final checkpoint)."""
+        sched = phases(self.cfg)
+        upto = sched[:sched.index(phase) + 1]
         model = self.fresh_model()
         trainer = self.trainer(model)
-        sched = phases(self.cfg)
-        missing = [p.name for p in sched if not trainer.is_done(p)]
+        missing = [p.name for p in upto if not trainer.is_done(p)]
         if missing:
             raise PipelineError(f"{self.dir}/checkpoints: phases {missing} are not finished; run stage 'rounds'")
-        last = {p.kind: p for p in sched}
-        for p in last.values():
+        for p in {p.kind: p for p in upto}.values():
             trainer.load_done(p)
-        self._model = model
         return model
+
+    def trained_model(self):
+        """The model after the last round (every phase must be done)."""
+        if self._model is None:
+            self._model = self.model_after(phases(self.cfg)[-1])
+        return self._model

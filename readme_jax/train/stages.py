@@ -3,7 +3,9 @@
 Each :class:`Stage` names its function, the outputs that mark it done, the config keys its outputs depend
 on, and the earlier stages whose outputs it reads. A stage is skipped when it is done (by default: every
 output exists); a change to one of its ``keys`` invalidates it and, through ``needs``, every stage that reads
-it. A key is ``"section"`` (every key of that config section) or ``"section.key"``.
+it. A key is ``"section"`` (every key of that config section) or ``"section.key"``. The pipeline records
+the values of each stage's keys when it runs (:mod:`readme_jax.train.records`): a changed key of an
+``evaluation`` stage re-runs it from the saved checkpoints; of any other stage, the run is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class Stage:
 
     name: the ``--stage`` name; fn: ``fn(run)`` runs the stage; outputs: ``outputs(run)``, the paths that
     mark it done; keys: the config keys its outputs depend on; needs: the stages whose outputs it reads;
-    done: ``done(run)``, when being done is more than every output existing (None: they all exist).
+    done: ``done(run)``, when being done is more than every output existing (None: they all exist);
+    evaluation: its outputs are measurements of earlier outputs, so a change to its keys re-runs it (never
+    refused).
     """
     name: str
     fn: Callable[[Run], None]
@@ -39,6 +43,7 @@ class Stage:
     keys: tuple[str, ...]
     needs: tuple[str, ...] = ()
     done: Callable[[Run], bool] | None = None
+    evaluation: bool = False
 
     def is_done(self, run: Run) -> bool:
         if self.done is not None:
@@ -114,7 +119,7 @@ def stage_dense(run: Run) -> None:
 
 def stage_corpus(run: Run) -> None:
     """Build the per-domain corpus into the run folder, or verify corpus.dir against its manifest."""
-    from readme_jax.data.corpus import build_corpus, verify_corpus
+    from readme_jax.data.corpus import build_corpus, skipped_note, verify_corpus
     c = run.cfg.corpus
     if c.dir:
         problems = verify_corpus(c.dir)
@@ -128,6 +133,9 @@ def stage_corpus(run: Run) -> None:
     manifest = build_corpus(run.corpus_dir, run.tokenizer, c.domains, seed=c.seed, from_dir=from_dir,
                             heldout_fraction=c.heldout_fraction, min_heldout_chars=c.min_heldout_chars)
     run.cfg.check_domains(list(manifest["domains"]))
+    note = skipped_note(manifest)
+    if note:
+        say(f"[corpus] {note}")
     rows = [f"{d}: train {e['splits']['train']['tokens']:,} / heldout {e['splits']['heldout']['tokens']:,} tokens"
             for d, e in manifest["domains"].items()]
     say("[corpus] " + "; ".join(rows))
@@ -217,12 +225,10 @@ def stage_targets(run: Run) -> None:
                    "seconds": round(time.time() - t0, 1)})
     say(f"[targets] {len(pool)} sequences x {t.seq_len} tokens, dist {tuple(pool.dist.shape)} "
         f"({pool.dist.nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f} s) -> {run.router_targets_path}")
-    heldout_routing(run)
 
 
 def stage_rounds(run: Run) -> None:
-    """router_r, expert_r for r < train.rounds (each resumable mid-round), evaluating the MoE after router_0
-    (before any expert tuning) and, with eval.each_round, after every expert round but the last."""
+    """router_r, expert_r for r < train.rounds (each resumable mid-round)."""
     model = run.fresh_model()
     trainer = run.trainer(model, run.router_pool)
     for phase in phases(run.cfg):
@@ -232,11 +238,24 @@ def stage_rounds(run: Run) -> None:
             t0 = time.time()
             trainer.run(phase)
             say(f"[{phase.name}] done in {time.time() - t0:.1f} s")
-        last = phase.round == run.cfg.train.rounds - 1
-        want = phase.name == "router_0" or (phase.kind == "expert" and run.cfg.eval.each_round and not last)
-        if want and not run.eval_path(phase.name).exists():
-            record_eval(run, phase.name, moe_metrics(run, model))
     run.set_trained_model(model)
+    run.forget("_dense_and_tokenizer")   # the steps donate buffers the extracted model shared with the parent
+
+
+def round_eval_phases(run: Run) -> list:
+    """The phases evaluated on their own: router_0 (the MoE before any expert tuning) and, with
+    eval.each_round, every expert round but the last (the last is stage 'final_eval')."""
+    last = run.cfg.train.rounds - 1
+    return [p for p in phases(run.cfg)
+            if p.name == "router_0" or (p.kind == "expert" and run.cfg.eval.each_round and p.round != last)]
+
+
+def stage_round_evals(run: Run) -> None:
+    """The MoE after each phase of :func:`round_eval_phases`, rebuilt from the extracted experts and the
+    phases' saved checkpoints (evaluations missing from ``eval/`` only)."""
+    for phase in round_eval_phases(run):
+        if not run.eval_path(phase.name).exists():
+            record_eval(run, phase.name, moe_metrics(run, run.model_after(phase)))
 
 
 def stage_final_eval(run: Run) -> None:
@@ -272,6 +291,7 @@ def stage_plots(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------- table
 _EVAL_WINDOWS = ("eval.seq_len", "eval.max_tokens", "eval.batch")
+_MOE_EVAL = (*_EVAL_WINDOWS, "eval.routing_tokens")
 
 STAGES: tuple[Stage, ...] = (
     Stage("dense", stage_dense, lambda r: [r.dense_dir / "config.json"],
@@ -280,23 +300,26 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", stage_corpus, lambda r: [r.corpus_dir / "manifest.json"], keys=("corpus",), needs=("dense",),
           done=lambda r: not r.cfg.corpus.dir and (r.corpus_dir / "manifest.json").is_file()),
     Stage("dense_eval", stage_dense_eval, lambda r: [r.eval_path("dense")], keys=_EVAL_WINDOWS,
-          needs=("dense", "corpus")),
+          needs=("dense", "corpus"), evaluation=True),
     Stage("stats", stage_stats, lambda r: [r.scores_path],
           keys=("extract.calib_seqs", "extract.calib_seq_len", "extract.calib_batch"), needs=("dense", "corpus")),
     Stage("extract", stage_extract, lambda r: [r.masks_path, r.report_path],
           keys=("extract.keep_ratio", "extract.num_experts", "router"), needs=("dense", "stats")),
-    Stage("targets", stage_targets, lambda r: [r.router_targets_path, r.heldout_routing_path],
+    Stage("targets", stage_targets, lambda r: [r.router_targets_path],
           keys=("train.router_pool_seqs", "train.seq_len", "train.seed", "train.dtype", "train.target_abs",
-                "extract.calib_batch", *_EVAL_WINDOWS, "eval.routing_tokens"),
+                "extract.calib_batch"),
           needs=("dense", "corpus", "extract")),
-    Stage("rounds", stage_rounds, lambda r: [*(r.phase_dir(p) for p in phases(r.cfg)), r.eval_path("router_0")],
-          keys=("router", "train", "eval"), needs=("dense", "corpus", "extract", "targets"),
-          done=lambda r: r.phases_done() and r.eval_path("router_0").is_file()),
-    Stage("final_eval", stage_final_eval, lambda r: [r.eval_path("final")], keys=("eval",),
-          needs=("corpus", "targets", "rounds")),
-    Stage("export", stage_export, lambda r: [r.export_dir / "config.json"], keys=("eval.seq_len", "eval.batch"),
-          needs=("corpus", "rounds")),
+    Stage("rounds", stage_rounds, lambda r: [r.phase_dir(p) for p in phases(r.cfg)],
+          keys=("router", "train"), needs=("dense", "corpus", "extract", "targets"),
+          done=lambda r: r.phases_done()),
+    Stage("round_evals", stage_round_evals, lambda r: [r.eval_path(p.name) for p in round_eval_phases(r)],
+          keys=_MOE_EVAL + ("eval.each_round",), needs=("corpus", "extract", "rounds"), evaluation=True),
+    Stage("final_eval", stage_final_eval, lambda r: [r.eval_path("final")], keys=_MOE_EVAL,
+          needs=("corpus", "extract", "rounds"), evaluation=True),
+    # the logits check of the export runs on eval.seq_len x eval.batch tokens, but the export is the same
+    Stage("export", stage_export, lambda r: [r.export_dir / "config.json"], keys=(), needs=("corpus", "rounds")),
     Stage("plots", stage_plots, lambda r: [r.plots_dir / f"{n}.png" for n in ("loss", "perplexity", "load")],
-          keys=(), needs=("dense_eval", "rounds", "final_eval"), done=lambda r: False),   # cheap: always redrawn
+          keys=(), needs=("dense_eval", "rounds", "round_evals", "final_eval"), done=lambda r: False,
+          evaluation=True),   # cheap: always redrawn
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -35,12 +35,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from readme_jax.config import Config
-from readme_jax.parallel.mesh import DATA_AXIS, make_mesh, replicate, shard_batch
+from readme_jax.errors import CheckpointError
+from readme_jax.parallel.mesh import replicate, shard_batch
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done, remove_tmp_dirs
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.optim import make_optimizer, round_lr
+from readme_jax.train.preflight import train_mesh
 from readme_jax.train.targets import PoolSampler, RouterPool
 
 
@@ -88,14 +90,7 @@ class Trainer:
         self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
         self.hooks = TrainHooks() if hooks is None else hooks
         self._steps: dict[str, tuple[Callable, Any]] = {}
-        self.mesh = make_mesh(cfg.mesh.data)
-        m = 1 if self.mesh is None else self.mesh.shape[DATA_AXIS]
-        t = cfg.train
-        for name in ("router_batch", "expert_batch"):
-            micro = getattr(t, name) // t.grad_accum
-            if micro % m:
-                raise ValueError(f"train.{name}={getattr(t, name)} / train.grad_accum={t.grad_accum} = {micro} "
-                                 f"rows per micro-batch is not divisible by the {m} devices of mesh.data")
+        self.mesh = train_mesh(cfg)
 
     def _step_fn(self, phase: Phase, graphdef):
         """(jitted step, unit-lr optimizer) of the phase's kind, built once and reused by every round."""
@@ -190,11 +185,21 @@ class Trainer:
             bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}")
             done = step + 1 == phase.steps
             if done or (step + 1) % t.checkpoint_every == 0:
-                hooks.before_checkpoint(phase.name, step + 1)
-                ck.save(step + 1, trainable, opt_state, {
-                    "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
-                    "done": done, "data_state": _jsonable(it.get_state()),
-                    "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
+                try:
+                    hooks.before_checkpoint(phase.name, step + 1)
+                    ck.save(step + 1, trainable, opt_state, {
+                        "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
+                        "done": done, "data_state": _jsonable(it.get_state()),
+                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
+                except OSError as e:      # a full disk, ...: the previous checkpoint is still the latest
+                    remove_tmp_dirs(ckdir)
+                    kept = ck.latest_step()
+                    raise CheckpointError(
+                        f"{ckdir}/{step + 1}: writing the checkpoint failed ({e.strerror or e}"
+                        f"{': ' + str(e.filename) if e.filename else ''}); "
+                        + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
+                           "from it" if kept is not None else "rerunning the same command restarts the phase")
+                    ) from e
             hooks.on_step(phase.name, step + 1)
         bar.close()
         nnx.update(self.model, trainable)
