@@ -33,7 +33,12 @@ def parse_args(argv):
                     help=f"context per request (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
     ap.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     ap.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
-    ap.add_argument("--scheduler", default="decode-first", help="batching policy (decode-first, prefill-first)")
+    ap.add_argument("--scheduler", default="decode-first",
+                    help="batching policy (decode-first, prefill-first, expert-aware)")
+    ap.add_argument("--max-wait", type=int, default=8, help="expert-aware: steps a decode token may wait at most")
+    ap.add_argument("--expert-slots", type=int, default=None,
+                    help="Read-ME: resident experts per layer for decode (default: all); the rest in host memory")
+    ap.add_argument("--expert-policy", default="belady", help="expert cache policy (belady, lru, lfu, fifo, random)")
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from readme_jax import assets
     from readme_jax.convert.load import load_pretrained
+    from readme_jax.errors import ConfigError
     from readme_jax.serve.engine import Engine, EngineConfig
     from readme_jax.serve.metrics import EngineMetrics
     from readme_jax.serve.server import create_app, serve
@@ -70,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"got {max_model_len}")
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=max_model_len, max_queue=args.max_queue,
-                           default_max_tokens=args.default_max_tokens, scheduler=args.scheduler)
+                           default_max_tokens=args.default_max_tokens, scheduler=args.scheduler,
+                           scheduler_options=(("max_wait", args.max_wait),) if args.scheduler == "expert-aware" else (),
+                           expert_slots=args.expert_slots, expert_policy=args.expert_policy)
         metrics = EngineMetrics()
         engine = Engine(model, tokenizer, cfg, metrics=metrics)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(engine, tokenizer, model_name=name, max_model_len=max_model_len,
