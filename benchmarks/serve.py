@@ -41,8 +41,11 @@ batching and its static ``generate`` in batches of C (see :mod:`benchmarks.serve
 
 Output: the runner's table (rows), ``OUT/serve.json`` (settings, setup times, every run's summary) and
 ``OUT/serve.png`` (tokens/s per system and concurrency; stacked step breakdown), OUT default
-``runs/bench/serve`` (git-ignored). ``--quick``: 16 requests, C = 4 and 8, a 128-token budget, 1 round,
-4 requests for the Read-ME part: a smoke run of a few minutes.
+``runs/bench/serve`` (git-ignored). ``--quick``: 16 requests, C = 8 only, a 64-token budget (fewer prefill
+buckets to compile), 1 round, 8 requests for the Read-ME part: a smoke run of a few minutes.
+
+One worker holds our engines for both parts (an engine of SmolLM2 at 8 slots serves both), another
+transformers; the transformers worker exits before the Read-ME part loads its model.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ from benchmarks.common import REPO_ROOT, VariantError, error_row, make_row, thre
 NAME = "serve"
 FULL = dict(requests=64, concurrencies=(8, 32), budget=256, max_len=320, rounds=2, pair_slots=(1, 8),
             pair_requests=16, breakdown_repeats=5)
-QUICK = dict(requests=16, concurrencies=(4, 8), budget=128, max_len=320, rounds=1, pair_slots=(1, 4),
-             pair_requests=4, breakdown_repeats=2)
+QUICK = dict(requests=16, concurrencies=(8,), budget=64, max_len=320, rounds=1, pair_slots=(1, 8),
+             pair_requests=8, breakdown_repeats=2)
 SCALE, PROMPT_RANGE, OUTPUT_RANGE = 1 / 8, (16, 256), (8, 64)
 GOAL_TPS, GOAL_EFFICIENCY, GOAL_READM_1, GOAL_ROUTER_SHARE = 1.3, 0.85, 1 / 0.8, 0.02
 TRACE_FILE = "AzureLLMInferenceTrace_conv.csv"
@@ -214,20 +217,28 @@ def worker_main(target: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ phases
+def _log(msg: str) -> None:
+    print(f"[serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _summary(res: dict, requests: list) -> dict:
     tokens = sum(n for _, n in requests)
     return {"wall_s": res["wall_s"], "tokens_per_s": tokens / res["wall_s"], "output_tokens": tokens}
 
 
-def serving_phase(cfg: dict, corpus: Path, lengths: list, out: dict) -> list:
-    """Ours vs transformers at each concurrency; fills ``out``; returns the workload's requests."""
-    with Worker(OURS) as ours, Worker(PEERS) as hf:
-        ours.send("setup", models={"smollm2": "smollm2"})
-        hf.send("setup")
-        out["setup"] = {"ours": ours.recv(), "transformers": hf.recv()}
-        requests = ours.call("workload", corpus=str(corpus), lengths=lengths)["requests"]
-        out["prepare"] = {str(c): ours.call("prepare", model="smollm2", slots=c, budget=cfg["budget"],
-                                            max_len=cfg["max_len"]) for c in cfg["concurrencies"]}
+def _prepare(ours: Worker, cfg: dict, model: str, slots: int) -> dict:
+    p = ours.call("prepare", model=model, slots=slots, budget=cfg["budget"], max_len=cfg["max_len"])
+    _log(f"{model} {slots} slots: " + ("engine reused" if p["reused"] else
+                                       f"compiled in {p['compile_s']:.0f} s, warmed up in {p['warmup_s']:.1f} s"))
+    return p
+
+
+def serving_phase(cfg: dict, ours: Worker, requests: list, out: dict) -> None:
+    """Ours vs transformers at each concurrency (ours' SmolLM2 already loaded); fills ``out``."""
+    with Worker(PEERS) as hf:
+        out["setup"] = {"transformers": hf.call("setup")}
+        _log(f"transformers loaded in {out['setup']['transformers']['load_s']:.0f} s")
+        out["prepare"] = {str(c): _prepare(ours, cfg, "smollm2", c) for c in cfg["concurrencies"]}
         runs: dict = {f"{s}@{c}": [] for s in SYSTEMS for c in cfg["concurrencies"]}
         for rnd in range(cfg["rounds"]):
             for c in cfg["concurrencies"]:
@@ -240,63 +251,70 @@ def serving_phase(cfg: dict, corpus: Path, lengths: list, out: dict) -> list:
                     else:
                         res = hf.call("run_static", requests=requests, slots=c)
                     runs[f"{system}@{c}"].append(res)
-        ours.call("shutdown")
+                    _log(f"round {rnd + 1}: {system} C={c}: {_summary(res, requests)['tokens_per_s']:.1f} tok/s")
     out["runs"] = {}
     for key, rs in runs.items():
         system, c = key.split("@")
         s = [_summary(r, requests) for r in rs]
         entry = {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in s), "repeats": s}
         if system == "ours":
-            eff = [engine_efficiency(x["tokens_per_s"], int(c), r["steps"]) for x, r in zip(s, rs)]
-            entry["efficiency"] = eff
+            entry["efficiency"] = [engine_efficiency(x["tokens_per_s"], int(c), r["steps"]) for x, r in zip(s, rs)]
             entry["compiles_during_runs"] = sum(r["compiles_during_run"] for r in rs)
         if system == "hf_cb":
             entry["config"], entry["attn_implementation"] = rs[0]["config"], rs[0]["attn_implementation"]
-        entry["tokens"] = rs[-1]["tokens"]
         out["runs"][key] = entry
-    for c in cfg["concurrencies"]:
-        ours_tokens = out["runs"][f"ours@{c}"]["tokens"]
-        out.setdefault("identity", {})[str(c)] = {
-            peer: token_identity(ours_tokens, out["runs"][f"{peer}@{c}"]["tokens"]) for peer in ("hf_static", "hf_cb")}
-    for entry in out["runs"].values():
-        del entry["tokens"]
-    return requests
+    out["identity"] = {str(c): {peer: token_identity(runs[f"ours@{c}"][-1]["tokens"], runs[f"{peer}@{c}"][-1]["tokens"])
+                                for peer in ("hf_static", "hf_cb")} for c in cfg["concurrencies"]}
 
 
-def readme_phase(cfg: dict, requests: list, export: Path, out: dict) -> None:
-    """Read-ME vs its dense parent on the same engine at each of cfg["pair_slots"]; fills ``out``."""
-    has_export = export.is_dir()
-    pair = {"dense": "smollm2", "readme": str(export)} if has_export else {"dense": "tiny-dense",
-                                                                           "readme": "tiny-readme"}
-    reqs = requests[: cfg["pair_requests"]]
+def readme_phase(cfg: dict, ours: Worker, requests: list, export: Path, out: dict) -> None:
+    """Read-ME vs its dense parent on the same engine at each of cfg["pair_slots"]; fills ``out``. If the
+    Read-ME model cannot be served, the dense half is still measured and out["error"] says why."""
+    pair = ({"dense": "smollm2", "readme": str(export)} if export.is_dir() else
+            {"dense": "tiny-dense", "readme": "tiny-readme"})
     out["models"] = pair
-    with Worker(OURS) as w:
-        out["setup"] = w.call("setup", models=pair)
-        out["prepare"] = {f"{m}@{s}": w.call("prepare", model=m, slots=s, budget=cfg["budget"],
-                                             max_len=cfg["max_len"]) for s in cfg["pair_slots"] for m in pair}
-        runs: dict = {f"{m}@{s}": [] for s in cfg["pair_slots"] for m in pair}
-        for rnd in range(cfg["rounds"]):
-            for s in cfg["pair_slots"]:
-                for m in rotate(tuple(pair), rnd):
-                    runs[f"{m}@{s}"].append(w.call("run", model=m, slots=s, requests=reqs))
-        context = int(statistics.median(len(p) + n / 2 for p, n in reqs))
-        out["runs"] = {}
-        for key, rs in runs.items():
-            m, s = key.split("@")
-            steps = [st for r in rs for st in r["steps"]]
-            full, width = full_steps(steps, int(s))
-            experts = []
-            if full and full[0]["distinct_experts"] is not None:
-                target = statistics.median_low(st["distinct_experts"] for st in full)
-                experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
-            step_wall = statistics.median(st["seconds"] for st in full) if full else float("nan")
-            bd = w.call("breakdown", model=m, slots=width or int(s), context=context, experts=experts,
-                        step_wall_s=step_wall, repeats=cfg["breakdown_repeats"])
-            out["runs"][key] = {"ms_per_token": statistics.median(ms_per_output_token(r["steps"]) for r in rs),
-                                "full_step_width": width, "breakdown": bd,
-                                "distinct_experts_mean": (statistics.fmean(st["distinct_experts"] for st in full)
-                                                          if full and full[0]["distinct_experts"] is not None else None)}
-        w.call("shutdown")
+    ours.call("release", keep=[["smollm2", s] for s in cfg["pair_slots"]])      # the serving phase's other engines
+    out["setup"] = ours.call("load", models={"readme": pair["readme"]} | ({} if pair["dense"] == "smollm2" else
+                                                                         {"tiny-dense": pair["dense"]}))
+    names = {"dense": "smollm2" if pair["dense"] == "smollm2" else "tiny-dense", "readme": "readme"}
+    out["prepare"] = {}
+    for s in cfg["pair_slots"]:
+        for m in ("dense", "readme"):
+            try:
+                out["prepare"][f"{m}@{s}"] = _prepare(ours, cfg, names[m], s)
+            except VariantError as e:
+                if m == "dense":
+                    raise
+                out["error"] = str(e)
+                names.pop("readme")
+    reqs = requests[: cfg["pair_requests"]]
+    runs: dict = {f"{m}@{s}": [] for s in cfg["pair_slots"] for m in names}
+    for rnd in range(cfg["rounds"]):
+        for s in cfg["pair_slots"]:
+            for m in rotate(tuple(names), rnd):
+                res = ours.call("run", model=names[m], slots=s, requests=reqs)
+                runs[f"{m}@{s}"].append(res)
+                _log(f"round {rnd + 1}: {m} {s} slots: {ms_per_output_token(res['steps']) or float('nan'):.1f} "
+                     f"ms/token")
+    context = int(statistics.median(len(p) + n / 2 for p, n in reqs))
+    out["runs"] = {}
+    for key, rs in runs.items():
+        m, s = key.split("@")
+        steps = [st for r in rs for st in r["steps"]]
+        full, width = full_steps(steps, int(s))
+        moe = bool(full) and full[0]["distinct_experts"] is not None
+        experts = []
+        if moe:
+            target = statistics.median_low(st["distinct_experts"] for st in full)
+            experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
+        bd = ours.call("breakdown", model=names[m], slots=width or int(s), context=context, experts=experts,
+                       step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"),
+                       repeats=cfg["breakdown_repeats"])
+        per_token = [x for x in (ms_per_output_token(r["steps"]) for r in rs) if x is not None]
+        out["runs"][key] = {"ms_per_token": statistics.median(per_token) if per_token else None,
+                            "full_step_width": width, "breakdown": bd,
+                            "distinct_experts_mean": statistics.fmean(st["distinct_experts"] for st in full)
+                            if moe else None}
 
 
 def resolve_trace(trace: Path) -> Path:
@@ -325,6 +343,14 @@ def rows_of(result: dict) -> list[dict]:
     rows: list[dict] = []
     cfg, s = result["config"], result.get("serving", {})
     quick = " --quick: smoke only;" if result["quick"] else ""
+    prep = {**s.get("prepare", {}), **result.get("readme", {}).get("prepare", {})}
+    hf = s.get("setup", {}).get("transformers", {})
+    rows.append(make_row(NAME, "setup, excluded from every timing", result["elapsed_s"], None, "s total",
+                         higher_is_better=False,
+                         note=f"ours: load {result['setup']['load_s']:.0f} s; compile + warm-up per engine: " +
+                              ", ".join(f"{k} {v['compile_s']:.0f}+{v['warmup_s']:.0f} s" for k, v in prep.items()
+                                        if not v["reused"]) +
+                              (f"; transformers load {hf['load_s']:.0f} s" if hf else "")))
     if "error" in s:
         rows.append(error_row(NAME, "serving (ours vs transformers)", s["error"]))
     for c in cfg["concurrencies"] if "runs" in s else ():
@@ -358,26 +384,27 @@ def rows_of(result: dict) -> list[dict]:
     rm = result.get("readme", {})
     if "error" in rm:
         rows.append(error_row(NAME, "Read-ME vs dense (same engine)", rm["error"]))
+    stand_in = "random tiny stand-ins (no export); " if rm.get("models", {}).get("readme") == "tiny-readme" else ""
     for slots in cfg["pair_slots"] if "runs" in rm else ():
-        d, r = rm["runs"][f"dense@{slots}"], rm["runs"][f"readme@{slots}"]
-        stand_in = "" if rm["models"]["readme"] != "tiny-readme" else "random tiny stand-ins (no export); "
+        label = f"{slots} slot{'s' * (slots > 1)}"
+        d, r = rm["runs"][f"dense@{slots}"], rm["runs"].get(f"readme@{slots}")
+        db = d["breakdown"]["ms"]
+        rows.append(make_row(NAME, f"dense step breakdown, {label}", db["engine_step"], None, "ms/step",
+                             higher_is_better=False, note=stand_in + ", ".join(f"{k} {db[k]:.1f}" for k in PIECES)
+                             + f" ms; {d['ms_per_token']:.1f} ms/token over decode-only steps"))
+        if r is None:
+            continue
         bd = r["breakdown"]["ms"]
-        note = (f"{stand_in}decode-only steps; Read-ME step: " +
-                ", ".join(f"{k} {bd[k]:.1f}" for k in PIECES) + " ms")
+        note = f"{stand_in}decode-only steps; Read-ME step: " + ", ".join(f"{k} {bd[k]:.1f}" for k in PIECES) + " ms"
         if r["distinct_experts_mean"] is not None:
             note += f"; {r['distinct_experts_mean']:.1f} distinct experts per full step"
-        rows.append(make_row(NAME, f"Read-ME vs dense parent, {slots} slot{'s' * (slots > 1)}", r["ms_per_token"],
-                             d["ms_per_token"], "ms/token", higher_is_better=False,
-                             goal=GOAL_READM_1 if slots == 1 else None, note=note))
-        db = d["breakdown"]["ms"]
-        rows.append(make_row(NAME, f"dense step breakdown, {slots} slot{'s' * (slots > 1)}", db["engine_step"], None,
-                             "ms/step", higher_is_better=False,
-                             note=", ".join(f"{k} {db[k]:.1f}" for k in PIECES) + " ms"))
-        share = bd["router"] / bd["engine_step"] if bd["engine_step"] > 0 else None
-        if share is not None:
-            rows.append(make_row(NAME, f"router share of a Read-ME step, {slots} slot{'s' * (slots > 1)}",
-                                 100 * share, 100 * GOAL_ROUTER_SHARE, "% of step", higher_is_better=False, goal=1.0,
-                                 note=f"router {bd['router']:.2f} ms of {bd['engine_step']:.1f} ms; ratio = 2% / share"))
+        rows.append(make_row(NAME, f"Read-ME vs dense parent, {label}", r["ms_per_token"], d["ms_per_token"],
+                             "ms/token", higher_is_better=False, goal=GOAL_READM_1 if slots == 1 else None, note=note))
+        if bd["engine_step"] > 0:
+            share = bd["router"] / bd["engine_step"]
+            rows.append(make_row(NAME, f"router share of a Read-ME step, {label}", 100 * share,
+                                 100 * GOAL_ROUTER_SHARE, "% of step", higher_is_better=False, goal=1.0,
+                                 note=f"router {bd['router']:.2f} of {bd['engine_step']:.1f} ms; ratio = 2% / share"))
     return rows
 
 
@@ -403,7 +430,7 @@ def plot(result: dict, path: Path) -> Path | None:
         a.legend(fontsize=8)
     a.set_title(f"{cfg['requests']} Azure-conv requests at t=0, SmolLM2-135M f32, 2 threads")
     if "runs" in rm:
-        keys = [f"{m}@{sl}" for sl in cfg["pair_slots"] for m in ("dense", "readme")]
+        keys = [f"{m}@{sl}" for sl in cfg["pair_slots"] for m in ("dense", "readme") if f"{m}@{sl}" in rm["runs"]]
         bottom = [0.0] * len(keys)
         for piece in PIECES:
             vals = [max(rm["runs"][k]["breakdown"]["ms"][piece], 0.0) for k in keys]
@@ -429,22 +456,22 @@ def measure(quick: bool = False, *, corpus: Path | None = None, trace: Path = DE
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tr = read_azure_csv(resolve_trace(Path(trace)))
+    trace_csv = resolve_trace(Path(trace))
+    tr = read_azure_csv(trace_csv)
     lengths = request_lengths(tr.prompt, tr.output, cfg["requests"])
     corpus = resolve_corpus(None if corpus is None else Path(corpus), out)
-    result: dict = {"quick": quick, "config": cfg, "trace": str(resolve_trace(Path(trace)).name),
-                    "corpus": str(corpus), "lengths": lengths, "serving": {}, "readme": {}}
-    requests: list = []
-    try:
-        requests = serving_phase(cfg, corpus, lengths, result["serving"])
-    except Exception as e:  # noqa: BLE001 - a failed phase becomes an error row; the other still runs
-        result["serving"] = {"error": f"{type(e).__name__}: {e}"}
-    try:
-        if not requests:
-            raise RuntimeError("no workload (the serving phase failed before building it)")
-        readme_phase(cfg, requests, Path(export), result["readme"])
-    except Exception as e:  # noqa: BLE001
-        result["readme"] = {"error": f"{type(e).__name__}: {e}"}
+    result: dict = {"quick": quick, "config": cfg, "trace": trace_csv.name, "corpus": str(corpus),
+                    "lengths": lengths, "serving": {}, "readme": {}}
+    with Worker(OURS) as ours:
+        result["setup"] = ours.call("load", models={"smollm2": "smollm2"})
+        _log(f"ours: SmolLM2 loaded in {result['setup']['load_s']:.0f} s")
+        requests = ours.call("workload", corpus=str(corpus), lengths=lengths)["requests"]
+        for phase, fn in (("serving", lambda o: serving_phase(cfg, ours, requests, o)),
+                          ("readme", lambda o: readme_phase(cfg, ours, requests, Path(export), o))):
+            try:
+                fn(result[phase])
+            except Exception as e:  # noqa: BLE001 - a failed phase becomes an error row; the other still runs
+                result[phase] = {"error": f"{type(e).__name__}: {e}"}
     result["elapsed_s"] = time.perf_counter() - t0
     result["rows"] = rows_of(result)
     (out / "serve.json").write_text(json.dumps(result, indent=1, default=str))
@@ -459,7 +486,7 @@ def run(quick: bool = False) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 requests, C = 4 and 8, 1 round: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="16 requests, C = 8, 1 round: a smoke run")
     ap.add_argument("--corpus", type=Path, default=None, help="a built corpus (default: the default run's, "
                                                                "else built under --out)")
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help=f"folder holding {TRACE_FILE} (or the CSV)")

@@ -5,7 +5,7 @@ Models (``setup(models={name: spec})``): "smollm2" (the pinned GGUF via ``load_p
 ``load_pretrained`` path (e.g. a default-run Read-ME export), or "tiny-dense" / "tiny-readme" (random,
 hidden 64, 2 layers, SmolLM2's vocabulary: the stand-in while no export exists; their timings mean nothing).
 One engine per (model, slots), compiled and warmed up by ``prepare`` (both timed and reported, never in a
-timed run); ``run`` gives all requests at t=0 and returns every request's tokens, the wall time and the
+timed run; ``release`` shuts engines down); ``run`` gives all requests at t=0 and returns every request's tokens, the wall time and the
 engine's step log of that run.
 
 Step breakdown (``breakdown``): at the shapes of a full decode step (M = the decode bucket of ``slots``,
@@ -82,12 +82,15 @@ def _median_s(fns: dict, repeats: int) -> dict[str, float]:
 class EngineWorker:
     """Ops called by ``benchmarks.serve.Worker`` (each returns a JSON-able dict)."""
 
-    def setup(self, models: dict) -> dict:
+    def __init__(self):
+        self.models, self.engines, self.prepared, self._tiny = {}, {}, {}, {}
+
+    def load(self, models: dict) -> dict:
+        """Load {name: spec} (see the module docstring) next to the models already loaded."""
         t0 = time.perf_counter()
-        self.models, self.engines, shared = {}, {}, {}
         info = {}
         for name, spec in models.items():
-            model, tok, how = _load(spec, shared)
+            model, tok, how = _load(spec, self._tiny)
             self.models[name] = (model, tok)
             info[name] = {"how": how, "moe": hasattr(model, "route")}
         return {"load_s": time.perf_counter() - t0, "models": info}
@@ -125,7 +128,12 @@ class EngineWorker:
         """Build, compile (every bucket) and warm up the engine of (model, slots); returns the timings."""
         from readme_jax.sampling import SamplingParams
         from readme_jax.serve.engine import Engine, EngineConfig
+        if (model, slots) in self.engines:
+            return {**self.prepared[(model, slots)], "reused": True}
         m, tok = self.models[model]
+        if hasattr(m, "route") and not hasattr(m, "backbone"):
+            raise RuntimeError(f"{model}: this ReadMe has no backbone() (the route-apart backbone the engine's "
+                               f"runner calls, issue 8 item 1), so the engine cannot serve it on this branch")
         t0 = time.perf_counter()
         eng = Engine(m, tok, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=budget, max_model_len=max_len,
                                           max_queue=256))
@@ -139,10 +147,19 @@ class EngineWorker:
         for s in streams:
             for _ in s:
                 pass
-        self.engines[(model, slots)] = eng
         r = eng.runner
-        return {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0, "prefill_buckets": list(r.prefill_buckets),
-                "decode_buckets": list(r.decode_buckets), "budget": budget, "max_len": max_len}
+        self.engines[(model, slots)] = eng
+        self.prepared[(model, slots)] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0,
+                                         "prefill_buckets": list(r.prefill_buckets),
+                                         "decode_buckets": list(r.decode_buckets), "budget": budget, "max_len": max_len}
+        return {**self.prepared[(model, slots)], "reused": False}
+
+    def release(self, keep: list) -> dict:
+        """Shut down every engine but those of ``keep`` = [[model, slots], ...] (frees their caches)."""
+        keep = {(m, s) for m, s in keep}
+        for key in [k for k in self.engines if k not in keep]:
+            self.engines.pop(key).shutdown(drain_timeout=5)
+        return {"engines": [list(k) for k in self.engines]}
 
     def run(self, model: str, slots: int, requests: list) -> dict:
         """All requests at t=0, greedy, EOS off: tokens per request, wall s, this run's step log."""
@@ -263,9 +280,3 @@ class EngineWorker:
         ms["host"] = 1e3 * step_wall_s - ms["step"]
         ms["engine_step"] = 1e3 * step_wall_s
         return {"ms": ms, "bucket": M, "context": ctx, "experts": ex[:slots].tolist()}
-
-    def shutdown(self) -> dict:
-        for eng in self.engines.values():
-            eng.shutdown(drain_timeout=5)
-        self.engines.clear()
-        return {}
