@@ -279,14 +279,13 @@ def readme_phase(cfg: dict, ours: Worker, requests: list, export: Path, out: dic
     names = {"dense": "smollm2" if pair["dense"] == "smollm2" else "tiny-dense", "readme": "readme"}
     out["prepare"] = {}
     for s in cfg["pair_slots"]:
-        for m in ("dense", "readme"):
-            try:
-                out["prepare"][f"{m}@{s}"] = _prepare(ours, cfg, names[m], s)
-            except VariantError as e:
-                if m == "dense":
-                    raise
-                out["error"] = str(e)
-                names.pop("readme")
+        out["prepare"][f"dense@{s}"] = _prepare(ours, cfg, names["dense"], s)
+        try:
+            if "readme" in names:
+                out["prepare"][f"readme@{s}"] = _prepare(ours, cfg, names["readme"], s)
+        except VariantError as e:
+            out["error"] = str(e)
+            del names["readme"]
     reqs = requests[: cfg["pair_requests"]]
     runs: dict = {f"{m}@{s}": [] for s in cfg["pair_slots"] for m in names}
     for rnd in range(cfg["rounds"]):
