@@ -211,7 +211,8 @@ def worker_main(target: str) -> int:
         try:
             reply = {"ok": True, "result": getattr(handler, msg["op"])(**msg["args"])}
         except Exception as e:  # noqa: BLE001 - reported to the parent, which turns it into an error row
-            reply = {"ok": False, "error": f"{msg['op']}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"}
+            traceback.print_exc()                          # the worker's stderr (its tail ends a crash report)
+            reply = {"ok": False, "error": f"{msg['op']}: {type(e).__name__}: {e}"}
         proto.write(json.dumps(reply) + "\n")
     return 0
 
