@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
     r = measure(args.quick, corpus=args.corpus, trace=args.trace, export=args.export, out=args.out)
-    from benchmarks import print_table
+    from benchmarks.runner import print_table
     print_table(r["rows"], title="serve (ratio > 1: ours / Read-ME better)")
     print(f"wrote {args.out / 'serve.json'} and {r['png']} ({r['elapsed_s']:.0f}s)")
     return 0
