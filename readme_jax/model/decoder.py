@@ -62,12 +62,15 @@ class KVCache:
         return self.k.shape[1]
 
 
-def _write_rows(buf: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """buf [B, S, ...], new [B, T, ...], index <int32>[B] -> buf with buf[b, index[b] + t] = new[b, t]
-    (entries past S dropped)."""
+def _write_rows(buf: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray, layer: int | None = None) -> jnp.ndarray:
+    """buf [B, S, ...] (or [L, B, S, ...] with ``layer``), new [B, T, ...], index <int32>[B] -> buf with
+    buf[(layer,) b, index[b] + t] = new[b, t] (entries past S dropped): only the new entries are written."""
     B, T = new.shape[:2]
     cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    return buf.at[jnp.arange(B)[:, None], cols].set(new.astype(buf.dtype), mode="drop")
+    rows = jnp.arange(B)[:, None]
+    if layer is not None:
+        return buf.at[layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[rows, cols].set(new.astype(buf.dtype), mode="drop")
 
 
 def dense_ffn_with_aux(aux_fn: Callable[[dict, jnp.ndarray], Any]) -> FFNFn:
@@ -94,9 +97,10 @@ def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None 
     return jnp.maximum(pos, 0)
 
 
-def _attention_block(p, x, sin, cos, mask, kv, index, cfg):
+def _attention_block(p, x, sin, cos, mask, kv, index, cfg, layer=None):
     """Pre-norm attention with residual. x [B, T, D]; sin/cos [B, T, hd/2]; mask <bool>[B, T, S];
-    kv: None or this layer's cache (k, v) [B, S, K, hd], written at index <int32>[B] -> (x [B, T, D], kv)."""
+    kv: None or this layer's cache (k, v) [B, S, K, hd] (or, with ``layer``, the whole stack's [L, B, S, K, hd],
+    written in place at that layer), written at index <int32>[B] -> (x [B, T, D], kv)."""
     B, T, _ = x.shape
     dt = x.dtype
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -106,8 +110,8 @@ def _attention_block(p, x, sin, cos, mask, kv, index, cfg):
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     if kv is not None:
         ck, cv = kv
-        k, v = _write_rows(ck, k, index), _write_rows(cv, v, index)
-        kv = (k, v)
+        kv = (_write_rows(ck, k, index, layer), _write_rows(cv, v, index, layer))
+        k, v = (c if layer is None else c[layer] for c in kv)
         k, v = k.astype(dt), v.astype(dt)
     out = gqa_attention(q, k, v, mask).reshape(B, T, cfg.num_heads * cfg.head_dim)
     return x + out @ p["wo"].astype(dt), kv
@@ -144,8 +148,8 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
         key_mask = _write_rows(cache.key_mask, attention_mask_, index)
         mask = attention_mask(index[:, None] + jnp.arange(T)[None, :], key_mask, cfg.sliding_window)
 
-    def layer(x, p, kv):
-        x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg)
+    def layer(x, p, kv, i=None):
+        x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg, i)
         y, aux = ffn_fn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
         return x + y, kv, aux
 
@@ -160,13 +164,12 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
             return x, (kv, aux)
         x, (kvs, aux) = jax.lax.scan(body, x, (layers, kvs))
     else:
-        outs = []
-        for i in range(cfg.num_layers):
+        auxs = []                     # the stacked cache is threaded through: each layer writes its new
+        for i in range(cfg.num_layers):  # entries in place (no per-layer slice copies, no re-stacking)
             p = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda a: a[i], layers)
-            kv = None if kvs is None else (kvs[0][i], kvs[1][i])
-            x, kv, aux = layer(x, p, kv)
-            outs.append((kv, aux))
-        kvs, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+            x, kvs, aux = layer(x, p, kvs, None if kvs is None else i)
+            auxs.append(aux)
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxs) if auxs else None
     if cache is not None:
         n_new = jnp.sum(attention_mask_, axis=1, dtype=jnp.int32)
         past_last = jnp.max(attention_mask_ * jnp.arange(1, T + 1, dtype=jnp.int32)[None, :], axis=1)
