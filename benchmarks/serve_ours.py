@@ -75,8 +75,8 @@ def _compiles() -> int:
 
 def _median_s(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call of each no-argument callable, timed round-robin after one warm-up round."""
-    from benchmarks.common import interleave
-    return {k: v["wall"] for k, v in interleave(fns, warmup=1, repeats=repeats).items()}
+    from benchmarks.common import median, time_calls
+    return {k: median(v["wall"]) for k, v in time_calls(fns, warmup=1, repeats=repeats).items()}
 
 
 class EngineWorker:
