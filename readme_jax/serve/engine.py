@@ -154,8 +154,13 @@ class Engine:
         r = self.runner
         for T in r.prefill_buckets:
             r.prefill(r.scratch, [0] * T, np.full(T, -1, np.int32), True, 0, 0.0, 1.0)
-        for M in r.decode_buckets:
-            r.decode([r.scratch] * M, [0] * M, [-1] * M, [0] * M, [0.0] * M, [1.0] * M)
+        for M in r.decode_buckets:                    # gathered buckets, and (most slots) every row at once
+            if 2 * M <= r.num_slots:
+                r.decode([r.scratch] * M, [0] * M, [-1] * M, [0] * M, [0.0] * M, [1.0] * M)
+        n = r.num_slots
+        r.decode(list(range(n)), [0] * n, [-1] * n, [0] * n, [0.0] * n, [1.0] * n)
+        for s in range(n):
+            r.free(s)
         for T in r.route_buckets:
             r.route_prompt([0] * T)
         r.free(r.scratch)

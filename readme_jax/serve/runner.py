@@ -14,7 +14,9 @@ next token, routes it with one incremental router step, and returns both to the 
 before every step the scheduler knows the expert of every waiting token. The backbone never routes.
 
 Buckets: a prefill chunk of n tokens is right-padded to the smallest prefill bucket >= n (padding tokens get
-expert -1 and no cache entry); a decode step over m picked slots runs the smallest power-of-two bucket >= m.
+expert -1 and no cache entry); a decode step over m picked slots gathers their cache rows into the smallest
+power-of-two bucket >= m, or, when m is more than half the slots, runs every row in place (unpicked rows
+masked), which saves the gather and scatter of whole cache rows.
 After ``warmup()`` no request triggers a compile. Decode splits the stacked layer weights per layer once
 (``decoder.unstack_layers``): a scan over stacked weights copies every layer's weights at every step on CPU.
 
@@ -113,7 +115,8 @@ def _decode_step(graphdef, params, layers, caches: SlotCaches, slots, tokens, ex
                  top_ps, pool=None, dispatcher=None):
     """One token for each of M picked slots: slots/tokens/experts/seeds <int32>[M], valid <bool>[M] (False:
     bucket padding, pointed at the scratch row), temps/top_ps <f32>[M] -> (caches, next tokens [M], their
-    experts [M]). ``params``: the model's states (a tuple, merged with ``graphdef``). With ``pool`` (the
+    experts [M]). ``slots`` None: M = every row (B + 1), row i being slot i (unpicked rows invalid): no
+    gather or scatter of cache rows, for steps that pick most slots. ``params``: the model's states (a tuple, merged with ``graphdef``). With ``pool`` (the
     resident expert pool, w [L, k, ...]), ``experts`` are slot ids, ``params`` hold no expert weights and
     ``layers`` only the attention weights: the step reads experts from the pool alone."""
     model = nnx.merge(graphdef, *params)
@@ -121,12 +124,15 @@ def _decode_step(graphdef, params, layers, caches: SlotCaches, slots, tokens, ex
     if pool is not None:
         k = pool["w_gate"].shape[1]
         layers = tuple({**p, **{name: pool[name][l] for name in pool}} for l, p in enumerate(layers))
-    backbone = _rows(caches.backbone, slots)
+    whole = slots is None                       # every row of the caches at once: no gather, no scatter
+    backbone = caches.backbone if whole else _rows(caches.backbone, slots)
     mask = valid[:, None]
     x, backbone = _backbone(model, tokens[:, None], mask, jnp.where(valid, experts, -1)[:, None], backbone,
                             layers, dispatcher, k)
-    tok, nxt, rcache = _sample_and_route(model, x[:, 0], _rows(caches.router, slots), valid, seeds,
-                                         backbone.next_pos, temps, top_ps)
+    tok, nxt, rcache = _sample_and_route(model, x[:, 0], caches.router if whole else _rows(caches.router, slots),
+                                         valid, seeds, backbone.next_pos, temps, top_ps)
+    if whole:
+        return SlotCaches(backbone=backbone, router=rcache), tok, nxt
     caches = SlotCaches(backbone=_put_rows(caches.backbone, slots, backbone),
                         router=_put_rows(caches.router, slots, rcache))
     return caches, tok, nxt
@@ -218,21 +224,25 @@ class ModelRunner:
         """Advance each of ``slots`` by its pending token. Returns (next tokens [m], their experts [m]).
         With a resident pool every expert of ``experts`` must be resident (``pool.sync`` first)."""
         m = len(slots)
-        M = _bucket(m, self.decode_buckets)
-        pad = M - m
-
-        def arr(values, fill, dtype):
-            return jnp.asarray(np.asarray(list(values) + [fill] * pad, dtype))
-
         if self.pool is not None:
             experts = self.pool.remap(experts)
+        whole = 2 * m > self.num_slots               # most slots: run every row in place (see _decode_step)
+        M = self.num_slots + 1 if whole else _bucket(m, self.decode_buckets)
+
+        def arr(values, fill, dtype):
+            out = np.full(M, fill, dtype)
+            out[np.asarray(slots) if whole else np.arange(m)] = values
+            return jnp.asarray(out)
+
         self.caches, tok, nxt = _decode_step(
-            self.decode_graphdef, self.decode_params, self.layers, self.caches, arr(slots, self.scratch, np.int32),
-            arr(tokens, 0, np.int32), arr(experts, -1, np.int32), arr([True] * m, False, bool),
-            arr(seeds, 0, np.int32), arr(temperatures, 0.0, np.float32), arr(top_ps, 1.0, np.float32),
+            self.decode_graphdef, self.decode_params, self.layers, self.caches,
+            None if whole else arr(slots, self.scratch, np.int32), arr(tokens, 0, np.int32),
+            arr(experts, -1, np.int32), arr([True] * m, False, bool), arr(seeds, 0, np.int32),
+            arr(temperatures, 0.0, np.float32), arr(top_ps, 1.0, np.float32),
             pool=None if self.pool is None else self.pool.fast, dispatcher=self.dispatcher)
         tok, nxt = jax.device_get((tok, nxt))
-        return tok[:m], nxt[:m]
+        rows = np.asarray(slots) if whole else np.arange(m)
+        return tok[rows], nxt[rows]
 
     def free(self, slot: int) -> None:
         """Forget a finished slot's sequence (index, mask and position back to 0) so it can be reused."""
