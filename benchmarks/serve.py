@@ -307,7 +307,7 @@ def readme_phase(cfg: dict, ours: Worker, requests: list, export: Path, out: dic
         if moe:
             target = statistics.median_low(st["distinct_experts"] for st in full)
             experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
-        bd = ours.call("breakdown", model=names[m], slots=width or int(s), context=context, experts=experts,
+        bd = ours.call("breakdown", model=names[m], slots=int(s), width=width or None, context=context, experts=experts,
                        step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"),
                        repeats=cfg["breakdown_repeats"])
         per_token = [x for x in (ms_per_output_token(r["steps"]) for r in rs) if x is not None]

@@ -187,9 +187,10 @@ class EngineWorker:
 
     # ---------------------------------------------------------------------------------------- breakdown
     def breakdown(self, model: str, slots: int, context: int, experts: list, step_wall_s: float,
-                  repeats: int = 5) -> dict:
-        """Milliseconds per piece of one decode step over ``slots`` (see the module docstring). experts: the
-        expert id of each slot in a real full step of the run (ignored for a dense model)."""
+                  repeats: int = 5, width: int | None = None) -> dict:
+        """Milliseconds per piece of one decode step of ``width`` tokens (default: every one of ``slots``) on the
+        engine with ``slots`` slots (see the module docstring). experts: the expert id of each token in a real
+        full step of the run (ignored for a dense model)."""
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -199,6 +200,7 @@ class EngineWorker:
         from readme_jax.sampling import sample_rows
 
         eng = self.engines[(model, slots)]
+        slots = width or slots                               # from here on: the tokens of the timed step
         r = eng.runner
         m = r.model
         cfg = m.config.base if r.is_moe else m.config
