@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * 40)
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """``readme_jax.generate`` names both this CLI module (``python -m readme_jax.generate``) and the public
+    function ``readme_jax.generate(model, tokenizer, prompts, ...)``. Once the module is imported, Python binds
+    the package attribute to it, so the module forwards calls to the function: both contracts hold in any
+    import order."""
+
+    def __call__(self, *args, **kwargs):
+        from readme_jax.generation import generate
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,3 +100,22 @@ def test_cli_reports_a_bad_setting_in_one_line_before_loading(capsys, tmp_path):
 def test_over_long_request_is_refused(model):
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate_ids(model, [[1] * 100], 64)
+
+
+def test_readme_jax_generate_stays_the_function_after_the_cli_is_imported(model):
+    """``readme_jax.generate`` is the function and ``python -m readme_jax.generate`` the CLI: importing the CLI
+    module (as this file does) must not turn the package attribute into something that cannot be called."""
+    import readme_jax
+    import readme_jax.generate  # noqa: F401 - binds the package attribute to the CLI module
+    from readme_jax.generation import generate
+
+    class Tok:
+        bos_id, eos_id, pad_id, add_bos_default = None, None, 0, False
+
+        def encode_batch(self, texts, bos=False):
+            return [[1 + len(t) % 60, 2, 3] for t in texts]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    assert readme_jax.generate(model, Tok(), "ab", 4) == generate(model, Tok(), "ab", 4)
