@@ -259,7 +259,7 @@ def measure(model: str = "tiny", requests: int = 200, quick: bool = False, out: 
                                 stderr=subprocess.PIPE)
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_ready(base, proc, timeout_s)
+            wait_ready(base, proc, timeout_s)
             t0 = time.perf_counter()
             result = asyncio.run(asyncio.wait_for(_drive(base, name, vocab, requests, mix, proc.pid), timeout_s))
             result["wall_s"] = time.perf_counter() - t0
@@ -285,12 +285,13 @@ def measure(model: str = "tiny", requests: int = 200, quick: bool = False, out: 
     return result
 
 
-def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_ready(base: str, proc: subprocess.Popen | None = None, timeout_s: float = 180.0) -> None:
+    """Poll ``base``/health until it answers 200 (the tests use this too); fail at once if ``proc`` exited."""
     import httpx
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: "
                                f"{proc.stderr.read().decode(errors='replace')[-1500:]}")
         try:

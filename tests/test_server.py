@@ -18,6 +18,7 @@ import openai
 import pytest
 import uvicorn
 
+from benchmarks.serve_load import wait_ready
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
 from readme_jax.serve.engine import Engine, EngineConfig
@@ -56,20 +57,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{base}/health did not turn 200 within {timeout} s")
-
-
 def wait_for(predicate, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -90,7 +77,7 @@ class Served:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_healthy(self.base)
+        wait_ready(self.base)
         self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key or "none", max_retries=0,
                                     timeout=120)
 
@@ -281,7 +268,7 @@ def test_sigterm_drains_and_exits_0(tmp_path, tok):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_healthy(base, proc=proc)
+        wait_ready(base, proc=proc)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         stream = client.completions.create(model="tiny", prompt="drain me", max_tokens=60, stream=True,
                                            stream_options={"include_usage": True}, extra_body=LONG)
