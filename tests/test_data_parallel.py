@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from readme_jax.parallel.mesh import DATA_AXIS, make_mesh, replicate, shard_batch
+from readme_jax.parallel.mesh import DATA_AXIS, make_mesh, shard_batch
 from readme_jax.train import losses, steps
 from readme_jax.train.optim import make_optimizer
 

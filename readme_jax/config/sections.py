@@ -13,7 +13,7 @@ from typing import Sequence
 
 from readme_jax.config.loader import filled_elsewhere
 from readme_jax.errors import ConfigError
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import REMAT_POLICIES, LlamaConfig
 
 
 def _positive(section: str, **values) -> None:
@@ -113,6 +113,8 @@ class TrainConfig:
     target_abs: bool = True         # router targets from |feat| (docs/architecture.md) or signed feat (authors' code)
     seed: int = 0
     checkpoint_every: int = 4       # optimizer steps between mid-round checkpoints (and one at round end)
+    remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
+    profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
 
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
@@ -136,6 +138,10 @@ class TrainConfig:
         if self.seed < 0:
             raise ConfigError(f"train.seed: expected an integer >= 0, got {self.seed}")
         _check_dtype("train.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"train.remat: expected one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        if not (isinstance(self.profile_steps, int) and self.profile_steps >= 0):
+            raise ConfigError(f"train.profile_steps: expected an integer >= 0, got {self.profile_steps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +162,28 @@ class EvalConfig:
                               f"eval.seq_len={self.seq_len}")
 
 
+MESH_AXES = ("data", "fsdp", "expert")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh of the training steps (readme_jax.parallel.mesh). ``data`` devices (-1 = all) each take
-    an equal share of every micro-batch's rows (train.*_batch / grad_accum must divide by it); params and
-    optimizer state are replicated. 1 = no mesh, one device."""
+    """Device mesh of the train steps (readme_jax.parallel.mesh): axes ``data`` (params replicated, rows
+    split), ``fsdp`` (params, gradients and optimizer state sharded on their model dimension D, rows split)
+    and ``expert`` (the experts' E axis sharded, tokens sent to their expert's device by an all_to_all; rows
+    split). Every micro-batch's rows are split over all three axes. One size may be -1: the devices left.
+    The product must be the number of devices used (1 x 1 x 1: one device)."""
 
-    data: int = 1                   # batch (data-parallel) axis
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
 
     def __post_init__(self):
-        if self.data == 0 or self.data < -1:
-            raise ConfigError(f"mesh.data: expected a positive size or -1, got {self.data}")
+        sizes = self.sizes()
+        for name, v in sizes.items():
+            if not isinstance(v, int) or v == 0 or v < -1:
+                raise ConfigError(f"mesh.{name}: expected a positive size or -1, got {v!r}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1 (the devices left), got {sizes}")
+
+    def sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_AXES}

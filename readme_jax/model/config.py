@@ -21,6 +21,13 @@ def _dtype_name(dtype: Any) -> str:
     return jnp.dtype(dtype).name
 
 
+# What a layer keeps for the backward pass (decoder.run_layers): "none" keeps every activation; "full" keeps
+# only the layer's input and recomputes the rest; "save_dots" keeps the matmul outputs that have no batch
+# dimension (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: the projections, not attention
+# scores); "save_attention_out" keeps only each layer's attention output (the FFN is recomputed).
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Dense Llama / Mistral decoder. Dimension letters: V vocab, D model, F ffn, L layers, H heads, K kv heads."""
@@ -46,7 +53,7 @@ class LlamaConfig:
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = True      # lax.scan over the stacked layers (fast compiles) vs a Python loop
-    remat: bool = False           # rematerialise each layer in the backward pass
+    remat: str = "none"           # per-layer rematerialisation in the backward pass: REMAT_POLICIES
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -58,6 +65,10 @@ class LlamaConfig:
                               f"(expected one of {ROPE_TYPES})")
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, _dtype_name(getattr(self, name)))
+        if isinstance(self.remat, bool):           # configs saved before the policies: on/off
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat: expected one of {list(REMAT_POLICIES)}, got {self.remat!r}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

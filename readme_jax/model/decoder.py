@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.layers import attention_mask, gqa_attention, rms_norm, swiglu_hidden
@@ -117,6 +118,13 @@ def _attention_block(p, x, sin, cos, mask, kv, index, cfg, layer=None):
     return x + out @ p["wo"].astype(dt), kv
 
 
+_REMAT_POLICY = {          # model/config.py REMAT_POLICIES -> what jax.checkpoint keeps
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
 def unstack_layers(layers: dict) -> tuple[dict, ...]:
     """Stacked [L, ...] layer params -> a tuple of L per-layer dicts.
 
@@ -150,11 +158,12 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
 
     def layer(x, p, kv, i=None):
         x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg, i)
+        x = checkpoint_name(x, "attention_out")
         y, aux = ffn_fn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
         return x + y, kv, aux
 
-    if cfg.remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, prevent_cse=False, policy=_REMAT_POLICY[cfg.remat])
 
     kvs = None if cache is None else (cache.k, cache.v)
     if isinstance(layers, dict) and cfg.scan_layers:
