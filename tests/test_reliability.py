@@ -78,7 +78,7 @@ def test_second_run_on_a_folder_is_refused_and_the_first_finishes_as_alone(tiny_
     ("train.router_lr=inf", "train.router_lr: expected a finite positive learning rate, got inf"),
     ("train.seq_len=300", "train.seq_len=300 is longer than the dense model's context"),
     ("eval.routing_tokens=0", "eval.routing_tokens: expected a positive integer, got 0"),
-    ("mesh.data=3", "rows per micro-batch is not divisible by the 3 devices of mesh.data=3"),
+    ("mesh.data=3", "rows per micro-batch is not divisible by the 3 devices of the mesh"),
     ("name=a/b", "name: expected a non-empty name usable as a folder"),
 ])
 def test_a_bad_value_of_every_section_is_refused_before_anything_is_written(override, message, tmp_path, capsys):

@@ -6,7 +6,7 @@
 What :func:`readme_jax.config.load_config` cannot know from the config alone: whether ``model.source`` exists
 (and, when its config.json is readable, its FFN width and context for the keep-ratio and sequence-length
 checks), which domains the corpus has (synthetic, default, ``corpus.from_dir``'s folders or ``corpus.dir``'s
-manifest) against ``corpus.domains`` / ``extract.num_experts``, and how many devices ``mesh.data`` gets.
+manifest) against ``corpus.domains`` / ``extract.num_experts``, and how many devices the ``mesh`` sizes get.
 """
 
 from __future__ import annotations
@@ -75,19 +75,20 @@ def corpus_domains(cfg: Config) -> tuple[list[str], str]:
 
 
 def train_mesh(cfg: Config):
-    """The mesh of ``mesh.data`` devices (None: one device), each micro-batch's rows divisible by its size."""
-    from readme_jax.parallel.mesh import DATA_AXIS, make_mesh
+    """The (data, fsdp, expert) mesh of ``cfg.mesh``, each micro-batch's rows divisible by its devices."""
+    from readme_jax.parallel.mesh import batch_size_of, make_mesh
     try:
-        mesh = make_mesh(cfg.mesh.data)
+        mesh = make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    m = 1 if mesh is None else mesh.shape[DATA_AXIS]
+    m = batch_size_of(mesh)
     t = cfg.train
     for name in ("router_batch", "expert_batch"):
         micro = getattr(t, name) // t.grad_accum
         if micro % m:
             raise ConfigError(f"train.{name}={getattr(t, name)} / train.grad_accum={t.grad_accum} = {micro} rows "
-                              f"per micro-batch is not divisible by the {m} devices of mesh.data={cfg.mesh.data}")
+                              f"per micro-batch is not divisible by the {m} devices of the mesh "
+                              f"{dict(mesh.shape)} (mesh.*)")
     return mesh
 
 

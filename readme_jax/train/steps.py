@@ -1,4 +1,4 @@
-"""Jitted train steps of the alternating rounds (pure functions over split NNX state).
+"""Jitted train steps of the alternating rounds (pure functions over split NNX state), on a device mesh.
 
 The Read-ME model is split once per phase into ``(graphdef, trainable, frozen)``:
 
@@ -8,16 +8,26 @@ The Read-ME model is split once per phase into ``(graphdef, trainable, frozen)``
 
 A step takes ``(trainable, opt_state, frozen, batch, peak_lr)`` and returns new ``(trainable, opt_state)``
 plus metrics. Gradient accumulation: batch leaves come as ``[A, b, ...]`` (:func:`microbatches` on the host),
-the A micro-batches are scanned, the gradients averaged, then one optimizer update. Data parallelism: with a
-mesh, each micro-batch's b rows are split over the "data" axis and the loss and gradients are those of the
-whole micro-batch (:mod:`readme_jax.parallel.data_parallel`). The router step takes its targets precomputed (the frozen
-dense *parent*'s ``dist``, from the pipeline's ``targets`` stage) and runs only the router; the expert step
-routes each micro-batch once with the frozen router (argmax, no gradient) and feeds those ids to every
-backbone layer.
+the A micro-batches are scanned, the gradients averaged, then one optimizer update.
+
+Sharding: every step is one ``jax.jit`` with in/out shardings from the rule table of
+:mod:`readme_jax.parallel.sharding` (:class:`StepShardings`): params, gradients and optimizer state split by
+it (FSDP over "fsdp", the experts' E over "expert"), each micro-batch's b rows split over every mesh axis,
+``trainable`` and ``opt_state`` donated. The loss is the global weighted mean under jit, so its gradient is
+exact whatever the mesh. The MoE FFN runs as the expert-parallel dispatcher
+(:class:`readme_jax.parallel.expert_parallel.ExpertParallel`, a ``jax.shard_map`` with ``all_to_all``) on
+every mesh, one device included.
+
+Routing precomputed on the host (expert phase): :class:`ExpertStep` first runs the frozen router on the
+step's batch (one jitted call: argmax expert ids ``[A, b, T]`` and the per-device send counts), reads the
+counts (one small transfer; a collective across hosts), picks the all_to_all capacity bucket, and calls the
+update compiled for that bucket with the ids as an input - the backbone never routes. The router step takes
+its targets precomputed (the frozen dense *parent*'s ``dist``, from the pipeline's ``targets`` stage) and runs
+only the router.
 
 bf16 compute: :func:`compute_graphdef` re-labels every config dataclass in the module tree with
-``dtype='bfloat16'``, so activations and matmuls run in bf16 while params (the master copy) and optimizer
-state stay f32; losses are computed in f32.
+``dtype='bfloat16'`` (and the run's remat policy), so activations and matmuls run in bf16 while params (the
+master copy) and optimizer state stay f32; losses are computed in f32.
 
 A diverged update is never saved: :func:`check_finite` raises :class:`TrainingDivergedError` on a NaN/Inf
 loss, gradient or update *before* the caller stores or checkpoints the new state (the step donates its
@@ -27,7 +37,6 @@ input state, so the run stops there and resumes from the last good checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -36,9 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from readme_jax.model import dispatch
 from readme_jax.model.router import top1_expert
-from readme_jax.parallel import data_parallel
+from readme_jax.parallel import expert_parallel as ep
+from readme_jax.parallel import sharding
+from readme_jax.parallel.mesh import EXPERT_AXIS, batch_size_of, batch_spec, replicated
 from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
@@ -62,38 +75,40 @@ def split_for(model: nnx.Module, kind: str):
     return nnx.split(model, trainable_filter(kind), ...)
 
 
-# ------------------------------------------------------------------------------------- dtype
-def _with_dtype(value: Any, dtype: str) -> Any:
-    """A config dataclass (and the config dataclasses inside it) with compute ``dtype``; others as is."""
+# ------------------------------------------------------------------------------- compute config
+def _with_fields(value: Any, changes: dict[str, Any]) -> Any:
+    """A config dataclass (and the config dataclasses inside it) with ``changes`` applied to the fields it
+    has (``dtype``, ``remat``); other values as they are."""
     if not dataclasses.is_dataclass(value) or isinstance(value, type):
         return value
-    changes = {}
+    out = {}
     for f in dataclasses.fields(value):
         v = getattr(value, f.name)
-        if f.name == "dtype" and isinstance(v, str):
-            changes["dtype"] = dtype
+        if f.name in changes and isinstance(v, str):
+            out[f.name] = changes[f.name]
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            nv = _with_dtype(v, dtype)
+            nv = _with_fields(v, changes)
             if nv is not v:
-                changes[f.name] = nv
-    return dataclasses.replace(value, **changes) if changes else value
+                out[f.name] = nv
+    return dataclasses.replace(value, **out) if out else value
 
 
-def _relabel(module: nnx.Module, dtype: str) -> list[tuple[Any, str, Any]]:
-    """Set ``dtype`` on every config dataclass held by a module of the tree; returns what to undo."""
+def _relabel(module: nnx.Module, changes: dict[str, Any]) -> list[tuple[Any, str, Any]]:
+    """Apply ``changes`` to every config dataclass held by a module of the tree; returns what to undo."""
     undo = []
     for _, m in nnx.iter_modules(module):
         for name, value in list(vars(m).items()):
-            new = _with_dtype(value, dtype)
+            new = _with_fields(value, changes)
             if new is not value:
                 undo.append((m, name, value))
                 object.__setattr__(m, name, new)
     return undo
 
 
-def compute_graphdef(model: nnx.Module, dtype: str, filters=None):
-    """The graphdef of ``model`` with every config's compute dtype set to ``dtype`` (model left as it was)."""
-    undo = _relabel(model, dtype)
+def compute_graphdef(model: nnx.Module, dtype: str, filters=None, *, remat: str = "none"):
+    """The graphdef of ``model`` with every config's compute dtype set to ``dtype`` and the decoder's remat
+    policy to ``remat`` (model/config.py REMAT_POLICIES); the model is left as it was."""
+    undo = _relabel(model, {"dtype": dtype, "remat": remat})
     try:
         graphdef = nnx.graphdef(model) if filters is None else nnx.split(model, *filters)[0]
     finally:
@@ -136,28 +151,83 @@ def _apply(tx: optax.GradientTransformation, trainable, opt_state, grads, lr_sca
     return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(updates)
 
 
-def _jit_step(loss_fn, tx, mesh):
-    """The jitted update ``step(trainable, opt_state, frozen, batch, peak_lr)`` of a weighted-mean loss;
-    batch leaves are [A, b, ...] (A micro-batches of b rows, b split over the mesh's "data" axis).
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where a phase's state lives: NamedSharding trees of ``trainable``, ``opt_state`` and ``frozen``
+    (parallel/sharding.py rules) on ``mesh``."""
 
-    ``trainable`` and ``opt_state`` are donated: XLA writes the new ones into their buffers (for the
-    30-layer expert step that is ~3 GB of params and AdamW moments not held twice). Callers use the
-    returned state; after a diverged step (:func:`check_finite`) the inputs are gone too, and the last
-    checkpoint is the state to go back to."""
-    grad_fn = data_parallel.value_and_grad(loss_fn, mesh=mesh)
+    mesh: jax.sharding.Mesh
+    trainable: Any
+    opt_state: Any
+    frozen: Any
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, batch, peak_lr):
-        loss, aux, grads = _accumulate(grad_fn, trainable, frozen, batch)
-        new_tr, new_opt, unorm = _apply(tx, trainable, opt_state, grads, peak_lr)
-        return new_tr, new_opt, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": unorm}
+    @classmethod
+    def of(cls, trainable, frozen, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> "StepShardings":
+        tr = sharding.param_shardings(trainable, mesh)
+        return cls(mesh=mesh, trainable=tr, opt_state=sharding.opt_state_shardings(tx, trainable, tr),
+                   frozen=sharding.param_shardings(frozen, mesh))
 
-    return step
+    def init_opt_state(self, tx: optax.GradientTransformation, trainable):
+        """``tx.init(trainable)`` created sharded (never whole on one device)."""
+        return jax.jit(tx.init, out_shardings=self.opt_state)(trainable)
+
+    def batch(self, batch: dict) -> dict:
+        """Shardings of a step's batch: [A, b, ...] leaves, b split over every mesh axis."""
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, batch_spec(np.ndim(x), 1)), batch)
+
+
+# loss_fn(trainable, frozen, micro_batch, **static) -> (loss <f32>[], aux pytree)
+LossFn = Callable[..., tuple[jax.Array, Any]]
+
+
+class TrainStep:
+    """``step(trainable, opt_state, frozen, batch, peak_lr, **static)`` -> (trainable, opt_state, metrics):
+    the jitted update of ``loss_fn`` over the A micro-batches of ``batch`` ([A, b, ...] leaves).
+
+    One ``jax.jit`` per distinct ``static`` (e.g. the all_to_all capacity), with the in/out shardings of
+    ``shardings``; ``trainable`` and ``opt_state`` are donated (XLA writes the new ones into their buffers:
+    for the 30-layer expert step ~3 GB not held twice). After a diverged step (:func:`check_finite`) the
+    inputs are gone too, and the last checkpoint is the state to go back to. ``compiles``: how many."""
+
+    def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, shardings: StepShardings):
+        self.loss_fn, self.tx, self.shardings = loss_fn, tx, shardings
+        self._fns: dict[tuple, Callable] = {}
+
+    @property
+    def compiles(self) -> int:
+        return len(self._fns)
+
+    def _build(self, batch_shardings, static: dict):
+        sh = self.shardings
+        grad_fn = jax.value_and_grad(lambda tr, fr, mb: self.loss_fn(tr, fr, mb, **static), has_aux=True)
+
+        def step(trainable, opt_state, frozen, batch, peak_lr):
+            loss, aux, grads = _accumulate(grad_fn, trainable, frozen, batch)
+            new_tr, new_opt, unorm = _apply(self.tx, trainable, opt_state, grads, peak_lr)
+            return new_tr, new_opt, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": unorm}
+
+        rep = replicated(sh.mesh)
+        return jax.jit(step, in_shardings=(sh.trainable, sh.opt_state, sh.frozen, batch_shardings, rep),
+                       out_shardings=(sh.trainable, sh.opt_state, rep), donate_argnums=(0, 1))
+
+    def lower(self, trainable, opt_state, frozen, batch, peak_lr, **static):
+        """The lowered step (``.compile().memory_analysis()``: the memory plan); arguments may be
+        ShapeDtypeStructs."""
+        return self._fn(batch, static).lower(trainable, opt_state, frozen, batch, peak_lr)
+
+    def _fn(self, batch, static):
+        key = tuple(sorted(static.items()))
+        if key not in self._fns:
+            self._fns[key] = self._build(self.shardings.batch(batch), static)
+        return self._fns[key]
+
+    def __call__(self, trainable, opt_state, frozen, batch, peak_lr, **static):
+        return self._fn(batch, static)(trainable, opt_state, frozen, batch, peak_lr)
 
 
 # -------------------------------------------------------------------------------------- steps
-def make_router_step(graphdef, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh | None = None):
-    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``.
+def make_router_step(graphdef, tx: optax.GradientTransformation, shardings: StepShardings) -> TrainStep:
+    """The router update ``step(trainable, opt_state, frozen, batch, peak_lr)``.
 
     ``tx`` is the unit-lr optimizer of :func:`readme_jax.train.optim.make_optimizer` (peak 1); its updates are
     scaled by the traced ``peak_lr`` <float32>[], so one compiled step serves every round.
@@ -174,32 +244,58 @@ def make_router_step(graphdef, tx: optax.GradientTransformation, *, mesh: jax.sh
         dist = jnp.swapaxes(mb["dist"].astype(jnp.float32), 0, 1)    # [L, b, T, E], as distill_loss takes it
         mask = jnp.ones(ids.shape, jnp.float32)
         logits = nnx.merge(graphdef, trainable, frozen).router(ids)
-        return (distill_loss(logits, dist, mask), jnp.sum(mask),
-                {"accuracy": router_accuracy(logits, dist, mask)})
+        return distill_loss(logits, dist, mask), {"accuracy": router_accuracy(logits, dist, mask)}
 
-    return _jit_step(loss_fn, tx, mesh)
+    return TrainStep(loss_fn, tx, shardings)
 
 
-def make_expert_step(graphdef, tx: optax.GradientTransformation, *, num_experts: int,
-                     mesh: jax.sharding.Mesh | None = None):
-    """Jitted ``step(trainable, opt_state, frozen, batch, peak_lr)``, batch = {input_ids, targets, loss_mask},
-    each [A, b, T] (``tx`` / ``peak_lr`` / A as in :func:`make_router_step`).
+class ExpertStep:
+    """The expert update with routing precomputed: ``step(trainable, opt_state, frozen, batch, peak_lr)``,
+    batch = {input_ids, targets, loss_mask}, each [A, b, T] (``tx`` / ``peak_lr`` / A as in
+    :func:`make_router_step`).
 
-    Routes come from the frozen router once per micro-batch (argmax, no gradient) and are passed to the
-    backbone as ``expert_ids``; with a mesh, each device routes and dispatches its own rows. Returns
-    (trainable, opt_state, metrics {loss, grad_norm, update_norm, load <float32>[E] (share of tokens per
-    expert)}).
+    ``route`` (one jitted call) gives the frozen router's expert ids [A, b, T] (argmax, no gradient) and the
+    per-device send counts; the host picks the smallest capacity bucket that holds the largest count
+    (:func:`readme_jax.parallel.expert_parallel.pick_capacity`) and runs the update compiled for it, the ids
+    an input of the step. Returns (trainable, opt_state, metrics {loss, grad_norm, update_norm, load
+    <float32>[E] (share of tokens per expert), capacity, padding_rows, dropped}).
     """
 
-    def loss_fn(trainable, frozen, mb):
-        ids = mb["input_ids"]
-        model = nnx.merge(graphdef, trainable, frozen)
-        expert_ids = jax.lax.stop_gradient(top1_expert(model.router(ids)))
-        load = jnp.mean(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=(0, 1))
-        loss, count = lm_loss(model.token_nll(ids, mb["targets"], expert_ids=expert_ids), mb["loss_mask"])
-        return loss, count, {"load": load}
+    def __init__(self, graphdef, tx: optax.GradientTransformation, shardings: StepShardings, *, num_experts: int):
+        self.graphdef, self.num_experts, self.mesh = graphdef, num_experts, shardings.mesh
+        self.update = TrainStep(self._loss, tx, shardings)
+        rep = replicated(self.mesh)
+        self.route = jax.jit(self._route, in_shardings=(shardings.trainable, shardings.frozen, None),
+                             out_shardings=(None, rep))
 
-    return _jit_step(loss_fn, tx, mesh)
+    def _route(self, trainable, frozen, input_ids):
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        ids = top1_expert(model.router(input_ids.reshape(-1, input_ids.shape[-1]))).reshape(input_ids.shape)
+        return ids, ep.dispatch_counts(ids, self.num_experts, self.mesh)
+
+    def dispatcher(self, capacity: int) -> ep.ExpertParallel:
+        m = self.mesh.shape[EXPERT_AXIS]
+        return ep.ExpertParallel(mesh=self.mesh, capacity=capacity, local=dispatch.default_dispatcher(m * capacity))
+
+    def _loss(self, trainable, frozen, mb, *, capacity: int):
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        expert_ids = mb["expert_ids"]
+        load = jnp.mean(jax.nn.one_hot(expert_ids, self.num_experts, dtype=jnp.float32), axis=(0, 1))
+        plan = self.dispatcher(capacity).plan(expert_ids, self.num_experts)     # once, outside the layer scan
+        x, _, _ = model.backbone(mb["input_ids"], plan=plan)
+        loss, _ = lm_loss(model.tok.nll(x, mb["targets"]), mb["loss_mask"])
+        return loss, {"load": load, "dropped": plan.dropped.astype(jnp.float32)}
+
+    def __call__(self, trainable, opt_state, frozen, batch, peak_lr):
+        ids, counts = self.route(trainable, frozen, batch["input_ids"])
+        A, b, T = batch["input_ids"].shape
+        m, dev = self.mesh.shape[EXPERT_AXIS], batch_size_of(self.mesh)
+        n_local = b * T // dev
+        capacity = ep.pick_capacity(int(np.max(jax.device_get(counts))), ep.capacity_buckets(n_local, m))
+        new_tr, new_opt, metrics = self.update(trainable, opt_state, frozen, {**batch, "expert_ids": ids}, peak_lr,
+                                               capacity=capacity)
+        padding = dev * m * capacity - b * T
+        return new_tr, new_opt, {**metrics, "capacity": capacity, "padding_rows": padding}
 
 
 # ------------------------------------------------------------------------------------- checks

@@ -36,13 +36,14 @@ from tqdm.auto import tqdm
 
 from readme_jax.config import Config
 from readme_jax.errors import CheckpointError
-from readme_jax.parallel.mesh import replicate, shard_batch
+from readme_jax.parallel.mesh import replicated, shard_batch
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done, remove_tmp_dirs
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.optim import make_optimizer, round_lr
 from readme_jax.train.preflight import train_mesh
+from readme_jax.train.profiling import Profiler
 from readme_jax.train.targets import PoolSampler, RouterPool
 
 
@@ -92,17 +93,17 @@ class Trainer:
         self._steps: dict[str, tuple[Callable, Any]] = {}
         self.mesh = train_mesh(cfg)
 
-    def _step_fn(self, phase: Phase, graphdef):
-        """(jitted step, unit-lr optimizer) of the phase's kind, built once and reused by every round."""
+    def _step_fn(self, phase: Phase, graphdef, trainable, frozen):
+        """(step, unit-lr optimizer, StepShardings) of the phase's kind, built once and reused by every round."""
         t = self.cfg.train
         if phase.kind not in self._steps:
             tx = make_optimizer(1.0, phase.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+            sh = steps_lib.StepShardings.of(trainable, frozen, tx, self.mesh)
             if phase.kind == "router":
-                fn = steps_lib.make_router_step(graphdef, tx, mesh=self.mesh)
+                fn = steps_lib.make_router_step(graphdef, tx, sh)
             else:
-                fn = steps_lib.make_expert_step(graphdef, tx, num_experts=int(self.specific.shape[0]),
-                                                mesh=self.mesh)
-            self._steps[phase.kind] = (fn, tx)
+                fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=int(self.specific.shape[0]))
+            self._steps[phase.kind] = (fn, tx, sh)
         return self._steps[phase.kind]
 
     def checkpoints(self, phase: Phase) -> PhaseCheckpoints:
@@ -133,14 +134,18 @@ class Trainer:
         remove_tmp_dirs(ckdir)
         ck = self.checkpoints(phase)
         graphdef, trainable, frozen = steps_lib.split_for(self.model, phase.kind)
-        if t.dtype != "float32":
-            graphdef = steps_lib.compute_graphdef(self.model, t.dtype, (steps_lib.trainable_filter(phase.kind), ...))
-        step_fn, tx = self._step_fn(phase, graphdef)
-        opt_state = tx.init(trainable)
+        if t.dtype != "float32" or t.remat != "none":
+            graphdef = steps_lib.compute_graphdef(self.model, t.dtype, (steps_lib.trainable_filter(phase.kind), ...),
+                                                  remat=t.remat)
+        step_fn, tx, sh = self._step_fn(phase, graphdef, trainable, frozen)
+        # Placed up front by the rule table (sharded over the mesh), so the first and later calls share one
+        # compiled step and no device ever holds the whole optimizer state.
+        trainable, frozen = jax.device_put(trainable, sh.trainable), jax.device_put(frozen, sh.frozen)
+        opt_state = sh.init_opt_state(tx, trainable)
         it = iter(self._dataset(phase))
         rng = jax.random.fold_in(jax.random.key(t.seed), 2 * phase.round + (phase.kind == "expert"))
         start = 0
-        if ck.latest_step() is not None:
+        if ck.latest_step() is not None:      # restored straight into this mesh's shardings (any saving mesh)
             trainable, opt_state, meta = ck.restore(trainable, opt_state)
             if meta.get("done"):
                 nnx.update(self.model, trainable)
@@ -151,15 +156,13 @@ class Trainer:
             tqdm.write(f"[{phase.name}] resuming at step {start}/{phase.steps} from {ckdir}/{start}")
         self.log.drop(lambda r: r.get("phase") == phase.name and r.get("step", 0) > start)
 
-        # Placed up front (replicated over the mesh, or committed to one device), so the first and later
-        # calls share one compiled step.
-        trainable, opt_state, frozen = replicate((trainable, opt_state, frozen), self.mesh)
-        peak = replicate(jnp.asarray(phase.peak_lr, jnp.float32), self.mesh)
+        peak = jax.device_put(jnp.asarray(phase.peak_lr, jnp.float32), replicated(self.mesh))
         keys = ("input_ids", "dist") if phase.kind == "router" else ("input_ids", "targets", "loss_mask")
 
         def run_step(tr, opt, b, peak_lr):
             micro = {k: steps_lib.microbatches(b[k], t.grad_accum) for k in keys}     # [A, b, ...]
             return step_fn(tr, opt, frozen, shard_batch(micro, self.mesh, axis=1), peak_lr)
+        profiler = Profiler(self.run_dir / "profile" / phase.name, t.profile_steps, first=start + 1)
         hooks = self.hooks
         bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
                    disable=not self.progress, unit="step")
@@ -169,7 +172,9 @@ class Trainer:
             t0 = time.perf_counter()
             scale = hooks.lr_scale(phase.name, step + 1)
             peak_lr = phase.peak_lr if scale == 1.0 else phase.peak_lr * scale
-            step_peak = peak if scale == 1.0 else replicate(jnp.asarray(peak_lr, jnp.float32), self.mesh)
+            step_peak = peak if scale == 1.0 else jax.device_put(jnp.asarray(peak_lr, jnp.float32),
+                                                                 replicated(self.mesh))
+            profiler.before(step)
             new_tr, new_opt, metrics = run_step(trainable, opt_state, batch, step_peak)
             host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
             trainable, opt_state = new_tr, new_opt
@@ -200,7 +205,9 @@ class Trainer:
                         + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
                            "from it" if kept is not None else "rerunning the same command restarts the phase")
                     ) from e
+            profiler.after(step, new_tr)
             hooks.on_step(phase.name, step + 1)
+        profiler.stop()
         bar.close()
         nnx.update(self.model, trainable)
 
