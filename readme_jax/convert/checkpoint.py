@@ -102,7 +102,8 @@ def restore_params(path: str | os.PathLike, abstract_model: nnx.Module) -> nnx.M
         raise CheckpointError(f"{params_dir}: missing (expected the orbax params of the checkpoint)")
     graphdef, state = nnx.split(abstract_model, nnx.Param)
     target = nnx.to_pure_dict(state)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])    # each process restores its own copy
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), target)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params_dir, target)

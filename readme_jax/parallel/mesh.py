@@ -57,7 +57,9 @@ def make_mesh(cfg: MeshConfig | dict[str, int] | None = None, *, devices=None) -
         raise ValueError(f"{e} ({len(devices)} {devices[0].platform} device(s) visible)") from None
     n = math.prod(shape)
     if n == len(devices) and jax.process_count() > 1:
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)     # hosts' devices laid out by locality
+        # hosts' devices laid out by locality; Auto axes: shardings propagate (jax.make_mesh's default is Explicit)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                             devices=devices)
     return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES)
 
 

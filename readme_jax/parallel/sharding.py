@@ -124,8 +124,17 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, shardings
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """``tree`` on the devices of ``shardings`` (resharded if it is already elsewhere)."""
-    return jax.device_put(tree, shardings)
+    """``tree`` on the devices of ``shardings`` (resharded if it is already elsewhere). With several
+    processes, each builds its own devices' shards from its (identical) copy of ``tree``."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+    return jax.tree.map(one, tree, shardings)
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:

@@ -11,15 +11,6 @@ import os
 import sys
 
 
-def _multiprocess() -> bool:
-    """A multi-host job: READMEJAX_DISTRIBUTED=1 (launch/tpu_vm.sh; TPU VMs find their peers themselves) or
-    an explicit coordinator for jax.distributed.initialize()."""
-    if os.environ.get("READMEJAX_DISTRIBUTED") == "1":
-        return True
-    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or \
-        int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1) > 1
-
-
 def main(argv=None, *, hooks=None) -> int:
     """The CLI; ``hooks`` (a :class:`readme_jax.train.hooks.TrainHooks`) go to the trainer (tests inject faults)."""
     from readme_jax.train.stages import STAGE_NAMES
@@ -34,8 +25,12 @@ def main(argv=None, *, hooks=None) -> int:
     args = parser.parse_args(argv)
 
     import jax
-    if _multiprocess():
-        jax.distributed.initialize()
+    from readme_jax.parallel.distributed import initialize
+    try:
+        initialize()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("READMEJAX_JIT_CACHE", "1") != "0":   # persistent XLA cache: reruns skip compiles
         from readme_jax.assets import cache_dir
         jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax_compilation_cache")))

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from readme_jax.config import Config
 from readme_jax.errors import CheckpointError
 from readme_jax.parallel.mesh import replicated, shard_batch
+from readme_jax.parallel.sharding import place
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done, remove_tmp_dirs
 from readme_jax.train.hooks import TrainHooks
@@ -140,7 +141,7 @@ class Trainer:
         step_fn, tx, sh = self._step_fn(phase, graphdef, trainable, frozen)
         # Placed up front by the rule table (sharded over the mesh), so the first and later calls share one
         # compiled step and no device ever holds the whole optimizer state.
-        trainable, frozen = jax.device_put(trainable, sh.trainable), jax.device_put(frozen, sh.frozen)
+        trainable, frozen = place(trainable, sh.trainable), place(frozen, sh.frozen)
         opt_state = sh.init_opt_state(tx, trainable)
         it = iter(self._dataset(phase))
         rng = jax.random.fold_in(jax.random.key(t.seed), 2 * phase.round + (phase.kind == "expert"))
@@ -156,7 +157,7 @@ class Trainer:
             tqdm.write(f"[{phase.name}] resuming at step {start}/{phase.steps} from {ckdir}/{start}")
         self.log.drop(lambda r: r.get("phase") == phase.name and r.get("step", 0) > start)
 
-        peak = jax.device_put(jnp.asarray(phase.peak_lr, jnp.float32), replicated(self.mesh))
+        peak = place(jnp.asarray(phase.peak_lr, jnp.float32), replicated(self.mesh))
         keys = ("input_ids", "dist") if phase.kind == "router" else ("input_ids", "targets", "loss_mask")
 
         def run_step(tr, opt, b, peak_lr):
@@ -172,8 +173,7 @@ class Trainer:
             t0 = time.perf_counter()
             scale = hooks.lr_scale(phase.name, step + 1)
             peak_lr = phase.peak_lr if scale == 1.0 else phase.peak_lr * scale
-            step_peak = peak if scale == 1.0 else jax.device_put(jnp.asarray(peak_lr, jnp.float32),
-                                                                 replicated(self.mesh))
+            step_peak = peak if scale == 1.0 else place(jnp.asarray(peak_lr, jnp.float32), replicated(self.mesh))
             profiler.before(step)
             new_tr, new_opt, metrics = run_step(trainable, opt_state, batch, step_peak)
             host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
