@@ -29,8 +29,9 @@ from typing import Callable, Iterable
 
 from benchmarks.common import ROW_KEYS, error_row
 
-REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe", "serve": "benchmarks.serve",
-                            "serve_load": "benchmarks.serve_load", "codesign": "benchmarks.codesign",
+REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe", "ep": "benchmarks.ep",
+                            "serve": "benchmarks.serve", "serve_load": "benchmarks.serve_load",
+                            "codesign": "benchmarks.codesign",
                             "codesign_cpu": "benchmarks.codesign_engine"}
 DEFAULT_OUT = Path("out/benchmarks")  # git-ignored
 

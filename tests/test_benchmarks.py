@@ -113,3 +113,37 @@ def test_time_calls_round_robin_with_setup_and_per_call_units():
     assert order == ["a", "setup", "b"] * 4            # warm-up round + 3 timed rounds, interleaved
     assert set(out) == {"a", "b"} and all(len(v["wall"]) == len(v["cpu"]) == 3 for v in out.values())
     assert all(t >= 0 for v in out.values() for t in v["wall"] + v["cpu"])
+
+
+def test_ep_routings_bytes_rows_and_plot(tmp_path):
+    """benchmarks/ep.py's host side on a hand-made result (the variant itself needs minutes)."""
+    import numpy as np
+
+    from benchmarks import ep
+    for kind in ep.ROUTINGS:
+        ids = ep.routing_ids(kind, 64, 8)
+        assert ids.shape == (64,) and ids.dtype == np.int32 and 0 <= ids.min() and ids.max() < 8
+    assert np.bincount(ep.routing_ids("balanced", 64, 8)).tolist() == [8] * 8
+    assert (ep.routing_ids("one_expert", 64, 8) == 0).all()
+    # 2 devices on an expert axis of 2, n = 4, C = 2, D = 1 (4-byte rows): device 1 keeps counts[1, 1]
+    counts = np.array([[3, 1], [2, 2]])
+    assert ep.bytes_moved(counts, 2, 1) == {"all_to_all": 2 * (2 * 2 * 4 + 2 * 4),
+                                            "all_gather": 2 * (2 * 4 * 4 + 2 * 4 * 4),
+                                            "minimum": 3 * (2 * 4 + 4)}
+    times = {f"{s} {c}": {"wall": [0.01], "cpu": [0.02]} for s in ("all_to_all", "all_gather")
+             for c in ("fwd", "fwd_bwd")}
+    res = {"buckets": [8, 16], "routings": {"balanced": {"counts": [[8] * 8] * 8, "capacity": 8,
+                                                         "capacity_factor": 10, "dropped": 0, "dropped_factor": 0,
+                                                         "times": times},
+                                            "one_expert": {"counts": [[64] + [0] * 7] * 8, "capacity": 64,
+                                                           "capacity_factor": 10, "dropped": 0,
+                                                           "dropped_factor": 432}}}
+    rows, per_token = ep.rows_of(res, 512)
+    by_case = {r["case"].split(" N=")[0]: r for r in rows}
+    assert set(by_case) == {"bytes balanced", "time fwd balanced", "time fwd_bwd balanced", "padding balanced",
+                            "kept balanced", "bytes one_expert", "padding one_expert", "kept one_expert"}
+    assert by_case["kept one_expert"]["ratio"] == 512 / 80 and by_case["kept balanced"]["ratio"] == 1.0
+    assert by_case["padding balanced"]["ours"] == 0 and by_case["bytes balanced"]["ratio"] > 1
+    assert set(per_token) == {"balanced", "one_expert"}
+    png = ep.plot_bytes(per_token, tmp_path / "ep.png")
+    assert png is None or png.stat().st_size > 0
