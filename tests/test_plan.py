@@ -81,3 +81,20 @@ def test_bad_mesh_exits_2(overrides, names, capsys):
     assert main(["--config", "tiny", "--plan", *overrides]) == 2
     err = capsys.readouterr().err
     assert all(n in err for n in names), err
+
+
+def test_architecture_from_config_json_else_model_architecture(tmp_path):
+    from readme_jax.config import load_config
+    from readme_jax.errors import ConfigError
+    from readme_jax.model.config import LlamaConfig
+    dense = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_layers=2, num_heads=2,
+                        num_kv_heads=1, head_dim=8)
+    (tmp_path / "config.json").write_text(json.dumps(dense.to_hf()))
+    rcfg, where = plan.readme_config(load_config("tiny", [f"model.source={tmp_path}"]))
+    assert where.endswith("config.json") and rcfg.base.intermediate_size == 40 and rcfg.base.vocab_size == 64
+    assert rcfg.expert_dim == 20 and rcfg.num_experts == 3 and rcfg.router.vocab_size == 64
+    assert rcfg.base.param_dtype == "float32"                                    # f32 master weights
+    rcfg, where = plan.readme_config(load_config("llama2_7b_readme"))            # no weights here
+    assert where == "model.architecture" and rcfg.expert_dim == 5504 and rcfg.num_experts == 7
+    with pytest.raises(ConfigError, match="model.architecture"):
+        plan.readme_config(load_config(None))                                    # smollm2: no config.json
