@@ -1,8 +1,9 @@
 """Checks of the whole run config at load time, before any stage runs or ``config.yaml`` is written.
 
     FIELD_CHECKS       ranges of the fields the model's own config classes leave unchecked (``router.*`` is
-                       :class:`~readme_jax.model.router.RouterConfig`, ``model.random.*`` a
-                       :class:`~readme_jax.model.config.LlamaConfig`); the loader runs them before building
+                       :class:`~readme_jax.model.router.RouterConfig`, ``model.random.*`` /
+                       ``model.architecture.*`` a :class:`~readme_jax.model.config.LlamaConfig`); the loader
+                       runs them before building
     check_config(cfg)  cross-field checks: the sequence lengths fit the models' contexts, the keep ratio
                        leaves each expert channels of its own
     check_domain_names  corpus.domains / extract.num_experts against the domains a corpus has
@@ -44,10 +45,10 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **{f"router.{k}": _positive_int for k in ("dim", "n_layers", "n_heads", "mlp_dim", "max_len")},
     **{f"router.{k}": _positive_number for k in ("rope_theta", "rms_norm_eps")},
     **{f"router.{k}": _float_dtype for k in ("dtype", "param_dtype")},
-    **{f"model.random.{k}": _positive_int for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                                  "num_heads", "num_kv_heads", "head_dim",
-                                                  "max_position_embeddings", "sliding_window")},
-    **{f"model.random.{k}": _positive_number for k in ("rope_theta", "rms_norm_eps")},
+    **{f"model.{s}.{k}": _positive_int for s in ("random", "architecture")
+       for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings", "sliding_window")},
+    **{f"model.{s}.{k}": _positive_number for s in ("random", "architecture") for k in ("rope_theta", "rms_norm_eps")},
 }
 
 
@@ -81,7 +82,7 @@ def check_seq_lens(cfg, max_positions: int | None) -> None:
 def check_config(cfg) -> None:
     """The cross-field checks that need only the config (the run folder's environment is checked by the
     pipeline before its first stage)."""
-    rnd = cfg.model.random if cfg.model.source == "random-tiny" else None
+    rnd = cfg.model.random if cfg.model.source == "random-tiny" else cfg.model.architecture
     check_keep_ratio(cfg.extract.keep_ratio, rnd.intermediate_size if rnd else None)
     check_seq_lens(cfg, rnd.max_position_embeddings if rnd else None)
 

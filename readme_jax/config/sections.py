@@ -1,8 +1,8 @@
 """The run config's sections: one frozen dataclass per concern, each checking its own values.
 
-The ``router`` section is :class:`readme_jax.model.router.RouterConfig` itself and ``model.random`` a
-:class:`readme_jax.model.config.LlamaConfig` (their defaults live there); :mod:`readme_jax.config.run`
-assembles the sections into :class:`~readme_jax.config.run.Config`.
+The ``router`` section is :class:`readme_jax.model.router.RouterConfig` itself and ``model.random`` /
+``model.architecture`` a :class:`readme_jax.model.config.LlamaConfig` (their defaults live there);
+:mod:`readme_jax.config.run` assembles the sections into :class:`~readme_jax.config.run.Config`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class ModelConfig:
     # LlamaConfig fields of the random-tiny model. vocab_size is the size of the BPE trained for it (the
     # model then takes the tokenizer's); the special ids and dtypes are set by the pipeline.
     random: LlamaConfig | None = dataclasses.field(default=None, metadata=filled_elsewhere(
+        "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "param_dtype"))
+    # LlamaConfig fields of the dense model for ``python -m readme_jax.train --plan`` when model.source has no
+    # config.json on this machine (planning a run whose weights are elsewhere); never used to load weights.
+    architecture: LlamaConfig | None = dataclasses.field(default=None, metadata=filled_elsewhere(
         "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "param_dtype"))
     dtype: str = "float32"          # dtype the dense weights are loaded in
 

@@ -1,7 +1,9 @@
-"""``python -m readme_jax.train [--config FILE] [--run-dir DIR] [--stage NAME] [key.sub=value ...]``.
+"""``python -m readme_jax.train [--config FILE] [--run-dir DIR] [--stage NAME] [--plan] [key.sub=value ...]``.
 
 Thin on purpose: parse the command line, join the processes of a multi-host job, call the pipeline.
 With no arguments it runs the embedded default config (configs/default.yaml) into ``runs/default``.
+``--plan`` instead compiles the train steps for the config's mesh and prints their memory plan
+(:mod:`readme_jax.train.plan`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ def main(argv=None, *, hooks=None) -> int:
                                           "default: the embedded configs/default.yaml")
     parser.add_argument("--run-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--stage", choices=STAGE_NAMES, help="run only this stage")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the train steps' memory and communication plan for the config's mesh "
+                             "(compiled on simulated CPU devices; nothing is downloaded or trained)")
+    parser.add_argument("--plan-devices", type=int, metavar="N",
+                        help="--plan: simulated devices (default: the product of the mesh sizes)")
+    parser.add_argument("--plan-out", metavar="FILE", help="--plan: the JSON (default <run_dir>/plan/<mesh>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
+    if args.plan:
+        return _plan(args)
 
     import jax
     from readme_jax.parallel.distributed import initialize
@@ -57,6 +67,35 @@ def main(argv=None, *, hooks=None) -> int:
         print(f"error: {type(e).__name__}: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
+
+
+def _simulate_devices(n: int) -> None:
+    """Unless an accelerator platform is requested (JAX_PLATFORMS), run on ``n`` simulated CPU devices:
+    set before jax starts its backends, which read XLA_FLAGS then (a process whose backends already run
+    keeps its devices)."""
+    if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def _plan(args) -> int:
+    """``--plan``: the config's mesh on simulated devices, the plan of readme_jax.train.plan; 2 on a bad
+    config or mesh (the message names the keys)."""
+    import math
+    from readme_jax.config import load_config
+    from readme_jax.errors import ConfigError
+    try:
+        cfg = load_config(args.config, args.overrides)
+        sizes = cfg.mesh.sizes()
+        _simulate_devices(args.plan_devices or math.prod(v for v in sizes.values() if v != -1))
+        from readme_jax.train.plan import run_plan
+        return run_plan(cfg, args.run_dir, args.plan_out)
+    except ConfigError as e:
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
