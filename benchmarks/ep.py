@@ -81,8 +81,7 @@ def bytes_moved(counts: np.ndarray, capacity: int, d_model: int) -> dict[str, fl
 
 
 def _simulate_devices(count: int) -> None:
-    """Make XLA show ``count`` CPU devices (must run before jax is imported). The flag goes first: XLA stops
-    reading XLA_FLAGS at a word without "--", such as common.XLA_THREAD_FLAGS' second one."""
+    """Make XLA show ``count`` CPU devices (must run before jax is imported)."""
     if "jax" in sys.modules:
         raise RuntimeError("ep benchmark: jax was imported before the simulated devices were set")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Run the Read-ME pipeline on a Cloud TPU VM (single- or multi-host).
 #   launch/tpu_vm.sh NAME ZONE ACCELERATOR [CONFIG] [key=value ...]
-#   e.g. launch/tpu_vm.sh readme-v5p us-east5-a v5p-64 configs/llama2_7b_readme.yaml model.source=/data/llama2-7b
+#   e.g. launch/tpu_vm.sh readme-v5p us-east5-a v5p-64 configs/llama2_7b_readme.yaml \
+#          mesh.fsdp=32 train.grad_accum=2 model.source=/data/llama2-7b
+# Mesh keys: mesh.data / mesh.fsdp / mesh.expert over all the slice's chips (v5p-64: 32 JAX devices); check the
+# memory plan first: python -m readme_jax.train --config CONFIG --plan --plan-devices 32 mesh.fsdp=32 ...
+# The run folder must be shared by the workers (e.g. a gcsfuse mount) for orbax's multi-host checkpoints.
 # Creates the VM if needed, copies this checkout to every worker, installs jax[tpu] + requirements and starts
 # `python -m readme_jax.train` on all workers at once (jax.distributed.initialize() finds the peers itself).
 set -euo pipefail

@@ -97,4 +97,13 @@ def preflight(cfg: Config) -> None:
     check_model_source(cfg)
     domains, where = corpus_domains(cfg)
     check_domain_names(cfg, domains, where)
-    train_mesh(cfg)
+    check_expert_axis(len(cfg.corpus.domains or domains), train_mesh(cfg), cfg)
+
+
+def check_expert_axis(num_experts: int, mesh, cfg: Config) -> None:
+    """The experts (one per domain) can be laid out on mesh.expert (parallel/expert_parallel.slot_layout)."""
+    from readme_jax.parallel.expert_parallel import slot_layout
+    try:
+        slot_layout(num_experts, mesh.shape["expert"])
+    except ValueError as e:
+        raise ConfigError(f"mesh.expert={cfg.mesh.expert}: {e}") from None
