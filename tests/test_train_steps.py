@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from readme_jax.errors import CheckpointError
+from readme_jax.parallel.mesh import make_mesh
 from readme_jax.train import losses
 from tests.train_parts import random_masks, tiny_dense
 
@@ -34,7 +35,8 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     # distillation loss of (router logits, dist)
     gd, tr, frozen = steps.split_for(model, "router")
     tx = make_optimizer(1.0, 4)
-    step = steps.make_router_step(gd, tx)
+    one = make_mesh()
+    step = steps.make_router_step(gd, tx, steps.StepShardings.of(tr, frozen, tx, one))
     micro = {"input_ids": steps.microbatches(ids, 2), "dist": steps.microbatches(jnp.swapaxes(dist, 0, 1), 2)}
     new_tr, _, m = step(tr, tx.init(tr), frozen, micro, jnp.float32(1e-2))
     host = steps.check_finite(m, phase="router_0", step=1)
@@ -49,10 +51,11 @@ def test_router_step_freezes_backbone_and_expert_step_freezes_router():
 
     # expert step: the router stays bitwise, the backbone moves
     gd, tr, frozen = steps.split_for(model, "expert")
-    step = steps.make_expert_step(gd, tx, num_experts=3)
+    step = steps.ExpertStep(gd, tx, steps.StepShardings.of(tr, frozen, tx, one), num_experts=3)
     batch = {k: steps.microbatches(v, 1) for k, v in batch.items()}
     spare = jax.tree.map(jnp.copy, tr)                 # the step donates (consumes) its trainable state
     new_tr, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(1e-2))
+    assert m["dropped"] == 0 and m["capacity"] == 4 * 32   # one device: capacity = its tokens, no padding
     host = steps.check_finite(m, phase="expert_0", step=1)
     assert abs(sum(host["load"]) - 1.0) < 1e-6
     nnx.update(model, new_tr)
