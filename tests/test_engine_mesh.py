@@ -14,6 +14,7 @@ from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.parallel.mesh import make_mesh
 from readme_jax.sampling import SamplingParams
+from readme_jax.serve import __main__ as cli
 from readme_jax.serve.engine import Engine, EngineConfig
 from tests.test_engine import tokens
 from tests.tiny_models import random_model
@@ -88,3 +89,16 @@ def test_mesh_refuses_the_resident_pool(models):
         Engine(models["readme"], None, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=16,
                                                     expert_slots=2, mesh=make_mesh({"expert": 2})))
 
+
+def test_cli_mesh_flag(capsys):
+    assert cli.parse_args(["--model", "m", "--mesh", "data=1,fsdp=-1,expert=2"]).mesh == {
+        "data": 1, "fsdp": -1, "expert": 2}
+    assert cli.parse_args(["--model", "m"]).mesh is None
+    for bad in ("data=2,fsdp", "data=x", "tensor=2", "data=0", "data=-1,fsdp=-1", "fsdp=2,fsdp=2"):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(["--model", "m", "--mesh", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--mesh" in err and "NAME=SIZE" in err and repr(bad) in err
+    assert cli.main(["--model", "absent", "--mesh", "data=16"]) == 2      # 16 devices of 8: before loading
+    assert "--mesh" in capsys.readouterr().err
