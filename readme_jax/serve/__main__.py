@@ -2,7 +2,8 @@
 
 ``--model smollm2`` serves the pinned SmolLM2-135M-Instruct GGUF; any ``readme_jax.load_pretrained`` path works
 (an HF directory, a GGUF, our dense checkpoint or a Read-ME export). SIGTERM drains in-flight requests for up
-to ``--drain-timeout`` seconds, aborts the rest and exits 0.
+to ``--drain-timeout`` seconds, aborts the rest and exits 0. ``--mesh data=1,fsdp=8,expert=1`` serves on a
+device mesh (params and slot caches sharded, ``serve/runner.py``; a size of -1 takes the devices left).
 """
 
 from __future__ import annotations
@@ -18,6 +19,28 @@ def context_length(model) -> int:
     """The model's trained context (max_position_embeddings), for a dense or a Read-ME model."""
     config = model.config
     return int(getattr(config, "base", config).max_position_embeddings)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``--mesh`` "data=2,fsdp=-1" -> {"data": 2, "fsdp": -1}: sizes of the axes of ``parallel.mesh.make_mesh``
+    (an axis not named is 1); argparse.ArgumentTypeError naming the expected form otherwise."""
+    from readme_jax.config.sections import MESH_AXES
+
+    form = (f"expected NAME=SIZE[,NAME=SIZE...], NAME one of {', '.join(MESH_AXES)} (each at most once), SIZE an "
+            f"integer >= 1 or -1 (the devices left; one axis at most), e.g. data=1,fsdp=8,expert=1; got {text!r}")
+    sizes: dict[str, int] = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        try:
+            size = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(form) from None
+        if not eq or name not in MESH_AXES or name in sizes or not (size >= 1 or size == -1):
+            raise argparse.ArgumentTypeError(form)
+        sizes[name] = size
+    if list(sizes.values()).count(-1) > 1:
+        raise argparse.ArgumentTypeError(form)
+    return sizes
 
 
 def parse_args(argv):
@@ -42,6 +65,9 @@ def parse_args(argv):
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    ap.add_argument("--mesh", type=parse_mesh, default=None,
+                    help="serve on a device mesh, e.g. data=1,fsdp=8,expert=1 (-1: the devices left; "
+                         "not with --expert-slots); default: one device")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap.parse_args(argv)
@@ -59,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from readme_jax import assets
     from readme_jax.convert.load import load_pretrained
     from readme_jax.errors import ConfigError
+    from readme_jax.parallel.mesh import make_mesh
     from readme_jax.serve.engine import Engine, EngineConfig
     from readme_jax.serve.metrics import EngineMetrics
     from readme_jax.serve.server import create_app, serve
@@ -66,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     path = assets.smollm2_gguf() if args.model == "smollm2" else Path(args.model)
     name = args.served_model_name or ("smollm2" if args.model == "smollm2" else
                                       (path.stem if path.suffix == ".gguf" else path.name))
+    try:                                              # before loading: a mesh the devices cannot hold fails fast
+        mesh = None if args.mesh is None else make_mesh(args.mesh)
+    except ValueError as e:
+        print(f"error: --mesh: {e}", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = load_pretrained(path, dtype=jnp.dtype(args.dtype))
         if tokenizer is None:
@@ -78,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_model_len=max_model_len, max_queue=args.max_queue,
                            default_max_tokens=args.default_max_tokens, scheduler=args.scheduler,
                            scheduler_options=(("max_wait", args.max_wait),) if args.scheduler == "expert-aware" else (),
-                           expert_slots=args.expert_slots, expert_policy=args.expert_policy)
+                           expert_slots=args.expert_slots, expert_policy=args.expert_policy, mesh=mesh)
         metrics = EngineMetrics()
         engine = Engine(model, tokenizer, cfg, metrics=metrics)
     except (ValueError, OSError, ConfigError) as e:

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from readme_jax.errors import SamplingError
@@ -60,6 +61,7 @@ class EngineConfig:
     expert_slots: int | None = None      # Read-ME: k resident experts per layer for decode (None: all E)
     expert_policy: str = "belady"        # serve.expert_cache.make_policy name
     belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
+    mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params, caches sharded (runner.py); None: 1 device
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",
@@ -109,7 +111,8 @@ class Engine:
         self.metrics = metrics
         self.fault_hook = fault_hook
         self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=config.max_model_len,
-                                  prefill_buckets=config.prefill_buckets(), expert_slots=config.expert_slots)
+                                  prefill_buckets=config.prefill_buckets(), expert_slots=config.expert_slots,
+                                  mesh=config.mesh)
         self.cache = None
         if self.runner.pool is not None:
             pool = self.runner.pool
@@ -163,7 +166,6 @@ class Engine:
             r.free(s)
         for T in r.route_buckets:
             r.route_prompt([0] * T)
-        r.free(r.scratch)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, loop=None,
                request_id: str | None = None) -> RequestStream:
