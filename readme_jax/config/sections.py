@@ -96,6 +96,9 @@ class ExtractConfig:
             raise ConfigError(f"extract.num_experts: expected >= 1 or null, got {self.num_experts}")
 
 
+MIXTURES = ("natural", "balanced")   # train.mixture: domains by size, or in equal shares
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Alternating router / expert tuning (method step 5)."""
@@ -119,6 +122,7 @@ class TrainConfig:
     checkpoint_every: int = 4       # optimizer steps between mid-round checkpoints (and one at round end)
     remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
+    mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)
 
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
@@ -144,6 +148,8 @@ class TrainConfig:
         _check_dtype("train.dtype", self.dtype, ("float32", "bfloat16"))
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"train.remat: expected one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.mixture not in MIXTURES:
+            raise ConfigError(f"train.mixture: expected one of {list(MIXTURES)}, got {self.mixture!r}")
         if not (isinstance(self.profile_steps, int) and self.profile_steps >= 0):
             raise ConfigError(f"train.profile_steps: expected an integer >= 0, got {self.profile_steps!r}")
 

@@ -36,10 +36,16 @@ def key_value(cfg_dict: dict, key: str) -> Any:
     return value.get(name) if name and isinstance(value, dict) else value
 
 
-def _diff(key: str, old: Any, new: Any) -> list[str]:
-    """The dotted keys at or under ``key`` whose values differ (``train`` -> ``train.expert_lr``, ...)."""
+def changed_keys(key: str, old: Any, new: Any, default: Any = None) -> list[str]:
+    """The dotted keys at or under ``key`` whose values differ (``train`` -> ``train.expert_lr``, ...).
+
+    ``default``: the config's default values at ``key``; a key missing from ``old`` (recorded before that
+    key existed) whose new value is its default is not a change."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str) for d in _diff(f"{key}.{k}", old.get(k), new.get(k))]
+        dflt = default if isinstance(default, dict) else {}
+        return [d for k in sorted(set(old) | set(new), key=str)
+                if not (k not in old and k in dflt and new.get(k) == dflt[k])
+                for d in changed_keys(f"{key}.{k}", old.get(k), new.get(k), dflt.get(k))]
     return [] if old == new else [key]
 
 
@@ -75,7 +81,8 @@ class StageRecords:
         else:
             return []
         now = self.settings(stage, cfg)
-        return [d for k in stage.keys for d in _diff(k, old.get(k), now[k])]
+        defaults = type(cfg)().to_dict()
+        return [d for k in stage.keys for d in changed_keys(k, old.get(k), now[k], key_value(defaults, k))]
 
     def plan(self, stages, run) -> set[str]:
         """The names of the evaluation stages to re-run (their outputs come from other settings); raises

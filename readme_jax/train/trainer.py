@@ -125,8 +125,9 @@ class Trainer:
                 raise ValueError(f"{phase.name}: a router phase needs the router pool (Trainer(pool=...))")
             return PoolSampler(self.pool, phase.batch, phase.seed)
         from readme_jax.data.pipeline import mixed_dataset
+        weights = None if self.cfg.train.mixture == "natural" else [1.0] * len(self.corpus.domains)
         return mixed_dataset(self.corpus, self.tokenizer, self.cfg.train.seq_len, phase.batch, phase.seed,
-                             split="train")
+                             split="train", weights=weights)
 
     def run(self, phase: Phase) -> None:
         """Train ``phase`` to its end, resuming from its latest checkpoint if there is one."""

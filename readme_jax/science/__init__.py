@@ -1,0 +1,20 @@
+"""The paper's claims measured side by side on one finished default run (``python -m readme_jax.science``).
+
+Every experiment reuses the parent run folder (its dense parent, corpus splits, masks, router pool, seeds and
+token budgets) and writes ``<run>/science/<experiment>/`` (:mod:`readme_jax.science.folder`): a settings
+record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`readme_jax.science.settings`.
+
+    dense_baseline  the equal-size dense model (FFN pruned to one expert's width, tuned the same)   (Table 5)
+    layerwise       a layer-wise-router MoE on the same experts + its routing redundancy            (sec. 2.2)
+    bounds          oracle / target / random routing vs the router; routing locality
+    mc              multiple-choice accuracy with paired tests (built-in task, MMLU-format folders)
+    ablate_lr       expert learning rate
+    ablate_split    router steps vs expert steps at equal wall time
+    ablate_calib    calibration size and mask stability
+    ablate_pool     router pool size
+    budget          held-out perplexity vs expert-tuning tokens
+"""
+
+from readme_jax.science.ablations import ablate_lr, ablate_split
+
+__all__ = ["ablate_lr", "ablate_split"]

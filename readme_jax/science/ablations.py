@@ -1,0 +1,87 @@
+"""Ablations that decide the default run's budget, each as variant runs forked from the parent
+(:mod:`readme_jax.science.variants`), keep ratio fixed at the parent's:
+
+* ``ablate_lr``: the expert learning rate (``train.expert_lr``), everything else the parent's;
+* ``ablate_split``: router steps vs expert steps at equal wall time: ``ablate_split.rounds`` round(s), the
+  expert phase given every expert step of the parent plus the steps the parent's later router rounds'
+  measured wall time buys (at the parent's median expert-step time).
+
+Each writes ``<run>/science/<name>/``: a variant run folder per setting, ``result.json``, ``table.md`` and
+``ppl.png`` (final held-out perplexity per domain per setting, the parent's first).
+"""
+
+from __future__ import annotations
+
+from readme_jax.science.folder import Experiment, markdown_table
+from readme_jax.science.plots import grouped_bars
+from readme_jax.science.variants import phase_seconds, run_variant, steady_step_seconds
+from readme_jax.train.run import Run, say
+
+
+def _parent_row(parent: Run) -> dict:
+    import json
+    evals = {t: json.loads(parent.eval_path(t).read_text()) for t in ("router_0", "final")}
+    return {"overrides": [], **evals, "phase_seconds": phase_seconds(parent)}
+
+
+def _table(rows: dict[str, dict], domains: list[str]) -> str:
+    header = ["setting", *domains, "router acc.", "rounds s"]
+    body = []
+    for name, r in rows.items():
+        ppl = r["final"]["ppl"]
+        body.append([name, *[ppl[d]["ppl"] for d in domains], r["final"].get("router_accuracy", float("nan")),
+                     f"{sum(r['phase_seconds'].values()):.0f}"])
+    return markdown_table(header, body)
+
+
+def _finish(ex: Experiment, rows: dict[str, dict], domains: list[str], title: str, extra: dict | None = None) -> dict:
+    grouped_bars({n: {d: r["final"]["ppl"][d]["ppl"] for d in domains} for n, r in rows.items()},
+                 ex.path("ppl.png"), title=title, ylabel="held-out perplexity", log=True)
+    result = {"rows": rows, **(extra or {})}
+    ex.finish(result, _table(rows, domains))
+    return result
+
+
+def variant_name(overrides) -> str:
+    return ",".join(o.split(".", 1)[-1] for o in overrides) or "parent"
+
+
+def ablate_lr(parent: Run, settings, *, progress: bool = True) -> dict:
+    """Final held-out perplexity of each variant of the probe schedule (settings: AblateLrSettings)."""
+    domains = list(parent.corpus.domains)
+    base = list(settings.base)
+    with Experiment(parent, "ablate_lr", {"base": base, "variants": [list(v) for v in settings.variants]}) as ex:
+        rows = {}
+        for v in settings.variants:
+            name = variant_name(v)
+            say(f"[ablate_lr] {variant_name(base)} + {name}")
+            rows[name] = ex.part(name, lambda v=v, name=name: run_variant(
+                parent, ex.path("runs", name), base + list(v), progress=progress))
+        return _finish(ex, rows, domains, f"expert tuning on the probe schedule ({variant_name(base)})")
+
+
+def split_overrides(parent: Run, rounds: int) -> tuple[list[str], dict]:
+    """The overrides of the equal-wall-time split and how they were derived from the parent's timings."""
+    t = parent.cfg.train
+    if rounds >= t.rounds:
+        raise ValueError(f"ablate_split.rounds={rounds}: must be fewer than the parent's train.rounds={t.rounds}")
+    secs = phase_seconds(parent)
+    freed = sum(secs.get(f"router_{r}", 0.0) for r in range(rounds, t.rounds))
+    per_expert_step = steady_step_seconds(parent, "expert")
+    extra = int(round(freed / per_expert_step))
+    steps = -(-(t.rounds * t.expert_steps + extra) // rounds)
+    why = {"router_seconds_freed": round(freed, 1), "expert_step_seconds": round(per_expert_step, 2),
+           "extra_expert_steps": extra, "expert_steps_per_round": steps}
+    return [f"train.rounds={rounds}", f"train.expert_steps={steps}"], why
+
+
+def ablate_split(parent: Run, settings, *, progress: bool = True) -> dict:
+    domains = list(parent.corpus.domains)
+    overrides, why = split_overrides(parent, settings.rounds)
+    with Experiment(parent, "ablate_split", {"rounds": settings.rounds, "derived": why}) as ex:
+        t = parent.cfg.train
+        rows = {f"{t.rounds} rounds x ({t.router_steps} router + {t.expert_steps} expert) (parent)": _parent_row(parent)}
+        name = f"{settings.rounds} round(s) x ({t.router_steps} router + {why['expert_steps_per_round']} expert)"
+        rows[name] = ex.part("variant", lambda: run_variant(parent, ex.path("runs", "variant"), overrides,
+                                                           progress=progress))
+        return _finish(ex, rows, domains, "router vs expert steps at equal wall time", {"derived": why})

@@ -1,0 +1,82 @@
+"""The science experiments' pictures (matplotlib, Agg; every PNG written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from readme_jax.atomic import atomic_file
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, *, title: str, ylabel: str,
+                 log: bool = False) -> Path:
+    """Bars of ``values[series][group]`` grouped by group (e.g. perplexity per domain per model)."""
+    plt = _plt()
+    series = list(values)
+    groups = list(next(iter(values.values())))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    x = np.arange(len(groups))
+    for i, s in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [values[s][g] for g in groups], width, label=s)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def lines(xs: Sequence[float], ys: Mapping[str, Sequence[float]], path: Path, *, title: str, xlabel: str,
+          ylabel: str, logx: bool = False, logy: bool = False) -> Path:
+    """One line per series over the same ``xs``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, y in ys.items():
+        ax.plot(xs, y, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def heatmaps(mats: Mapping[str, np.ndarray], path: Path, *, title: str, labels: Sequence[str] | None = None) -> Path:
+    """A row of row-normalised heatmaps (e.g. P(expert at l+1 | expert at l) for a few depths)."""
+    plt = _plt()
+    n = len(mats)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for ax, (name, m) in zip(axes[0], mats.items()):
+        m = np.asarray(m, np.float64)
+        p = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(p, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
