@@ -72,8 +72,15 @@ class ItemResult:
         return self.pred_norm == self.answer
 
     def to_json(self) -> dict:
-        return {"group": self.group, "answer": self.answer, "logliks": list(self.logliks), "pred": self.pred,
-                "pred_norm": self.pred_norm, "correct": self.correct, "correct_norm": self.correct_norm}
+        return {"group": self.group, "answer": self.answer, "logliks": list(self.logliks),
+                "byte_lengths": list(self.byte_lengths), "pred": self.pred, "pred_norm": self.pred_norm,
+                "correct": self.correct, "correct_norm": self.correct_norm}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ItemResult":
+        return cls(group=d["group"], answer=int(d["answer"]), logliks=tuple(float(x) for x in d["logliks"]),
+                   byte_lengths=tuple(int(x) for x in d["byte_lengths"]), pred=int(d["pred"]),
+                   pred_norm=int(d["pred_norm"]))
 
 
 # ------------------------------------------------------------------------------------------ scoring

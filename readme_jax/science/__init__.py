@@ -16,5 +16,9 @@ record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`
 """
 
 from readme_jax.science.ablations import ablate_lr, ablate_split
+from readme_jax.science.bounds import bounds
+from readme_jax.science.dense_baseline import dense_baseline
+from readme_jax.science.layerwise import layerwise
+from readme_jax.science.mc import mc
 
-__all__ = ["ablate_lr", "ablate_split"]
+__all__ = ["ablate_lr", "ablate_split", "bounds", "dense_baseline", "layerwise", "mc"]

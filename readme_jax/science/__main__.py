@@ -12,8 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split", "ablate_calib",
-               "ablate_pool", "budget")
+EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split")
 
 
 def _run(name: str, parent, s, progress: bool):
@@ -31,7 +30,7 @@ def main(argv=None) -> int:
                                                        "values, embedded)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from readme_jax.errors import ConfigError
     from readme_jax.science.folder import parent_run
