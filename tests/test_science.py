@@ -1,0 +1,105 @@
+"""The science experiments' building blocks: the pruned dense baseline, the layer-wise routers, the redundancy
+statistics and forking a run folder (the multiple-choice scorer: test_multiple_choice.py)."""
+
+import json
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from readme_jax.extract.masks import build_masks
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.decoder import dense_ffn
+from readme_jax.model.llama import Llama
+from readme_jax.model.readme import ReadMe, ReadMeConfig
+from readme_jax.model.router import RouterConfig
+from readme_jax.science import redundancy
+from readme_jax.science.dense_baseline import kept_channels, pooled_scores, prune_ffn
+from readme_jax.science.layerwise import LayerwiseMoE
+from tests.tiny_models import random_model
+from tests.tiny_run import tiny_run_fixture
+
+BASE = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=4, num_heads=2, num_kv_heads=1,
+                   head_dim=8, max_position_embeddings=64)
+E = 3
+tiny_run = tiny_run_fixture()
+
+
+def test_pruned_dense_baseline_has_one_experts_width():
+    dense = random_model(lambda r: Llama(BASE, rngs=r), seed=1)
+    rng = np.random.default_rng(0)
+    scores, tokens = rng.random((E, BASE.num_layers, BASE.intermediate_size)), np.array([100, 300, 600])
+    masks = build_masks(scores, 0.5, domains=["a", "b", "c"])
+    channels = kept_channels(pooled_scores(scores, tokens), masks.expert_dim)
+    small = prune_ffn(dense, channels)
+    assert small.config.intermediate_size == masks.expert_dim == 12
+    chex.assert_shape(small.ffn.w_gate[...], (BASE.num_layers, BASE.hidden_size, 12))
+    chex.assert_shape(small.ffn.w_down[...], (BASE.num_layers, 12, BASE.hidden_size))
+    pooled = np.einsum("e,elf->lf", tokens / tokens.sum(), scores)
+    for l in range(BASE.num_layers):      # the top channels of the token-weighted pooled score, in order
+        assert set(channels[l]) == set(np.argsort(-pooled[l])[:12])
+    # its FFN is the dense FFN with the other channels zeroed
+    h = jnp.asarray(rng.standard_normal((2, 5, BASE.hidden_size)), jnp.float32)
+    full = {k: v[0] for k, v in dense.ffn.arrays().items()}
+    keep = np.zeros(BASE.intermediate_size, np.float32)
+    keep[channels[0]] = 1.0
+    masked = dict(full, w_down=full["w_down"] * keep[:, None])
+    chex.assert_trees_all_close(dense_ffn({k: v[0] for k, v in small.ffn.arrays().items()}, h)[0],
+                                dense_ffn(masked, h)[0], atol=1e-5)
+
+
+def test_layerwise_routes_read_each_layers_hidden_state():
+    cfg = ReadMeConfig(base=BASE, num_experts=E, expert_dim=12,
+                       router=RouterConfig(vocab_size=40, dim=16, n_heads=2, mlp_dim=16, num_experts=E, embed_rank=4,
+                                           max_len=64))
+    model = random_model(lambda r: ReadMe(cfg, rngs=r), seed=2, std=0.5)
+    routers = np.random.default_rng(3).standard_normal((BASE.num_layers, BASE.hidden_size, E)).astype(np.float32)
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 40, (4, 16)), jnp.int32)
+    base = np.asarray(LayerwiseMoE(model, routers).route(ids))                    # [L, B, T]
+    chex.assert_shape(base, (BASE.num_layers, 4, 16))
+    assert len(np.unique(base)) > 1
+    for l in range(1, BASE.num_layers):   # layer l's attention changes the FFN input of layer l and later only
+        wo = np.asarray(model.attn.wo[...]).copy()
+        wo[l] = np.random.default_rng(10 + l).standard_normal(wo[l].shape) * 5
+        changed = nnx.clone(model)
+        changed.attn.wo[...] = jnp.asarray(wo)
+        got = np.asarray(LayerwiseMoE(changed, routers).route(ids))
+        np.testing.assert_array_equal(got[:l], base[:l])
+        assert (got[l:] != base[l:]).any(), l
+
+
+def test_mutual_information_identical_and_independent():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, 200_000)
+    same = redundancy.mutual_information(a, a, 5)
+    assert same["mi"] == pytest.approx(same["h_a"], abs=1e-9)
+    assert same["mi"] == pytest.approx(np.log2(5), abs=1e-3) and same["normalized"] == pytest.approx(1.0)
+    indep = redundancy.mutual_information(a, rng.integers(0, 5, 200_000), 5)
+    assert indep["mi"] < 1e-3 and indep["normalized"] < 1e-3
+    chex.assert_trees_all_equal(redundancy.transition_counts(np.array([0, 1, 1]), np.array([1, 1, 0]), 2),
+                                np.array([[0, 1], [1, 1]]))
+    paths = redundancy.routing_paths(np.array([[0, 0, 1], [1, 1, 1]]))
+    assert paths["distinct"] == 2 and paths["tokens"] == 3
+
+
+def test_fork_reuses_what_the_variant_shares(tiny_run, tmp_path):
+    from readme_jax.config import load_config
+    from readme_jax.science.fork import fork_run
+    from readme_jax.train.records import StageRecords
+    from readme_jax.train.run import Run
+    from readme_jax.train.stages import STAGES
+    run_dir, _ = tiny_run
+    cfg = load_config(run_dir / "config.yaml", ["train.expert_lr=1e-2"])
+    child = tmp_path / "child"
+    reused = fork_run(run_dir, child, cfg)
+    assert {"corpus", "stats", "extract", "targets", "dense_eval"} <= set(reused["stages"])
+    assert reused["phases"] == ["router_0"]            # expert_0 is the first phase the new lr changes
+    assert (child / "checkpoints" / "router_0").is_dir() and not (child / "checkpoints" / "expert_0").exists()
+    assert StageRecords(child).plan(STAGES, Run(cfg, child)) == set()        # nothing refused, nothing stale
+    steps = [json.loads(x) for x in (child / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in steps if r.get("event") == "step"} == {"router_0"}
+    # a change before the rounds reuses only what is upstream of it
+    again = fork_run(run_dir, tmp_path / "child2", load_config(run_dir / "config.yaml", ["extract.keep_ratio=0.75"]))
+    assert "stats" in again["stages"] and "extract" not in again["stages"] and again["phases"] == []
