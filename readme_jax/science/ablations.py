@@ -78,10 +78,12 @@ def split_overrides(parent: Run, rounds: int) -> tuple[list[str], dict]:
 def ablate_split(parent: Run, settings, *, progress: bool = True) -> dict:
     domains = list(parent.corpus.domains)
     overrides, why = split_overrides(parent, settings.rounds)
-    with Experiment(parent, "ablate_split", {"rounds": settings.rounds, "derived": why}) as ex:
+    overrides += list(settings.overrides)
+    with Experiment(parent, "ablate_split", {"rounds": settings.rounds, "overrides": overrides, "derived": why}) as ex:
         t = parent.cfg.train
         rows = {f"{t.rounds} rounds x ({t.router_steps} router + {t.expert_steps} expert) (parent)": _parent_row(parent)}
         name = f"{settings.rounds} round(s) x ({t.router_steps} router + {why['expert_steps_per_round']} expert)"
+        name += "".join(f", {o.split('.', 1)[-1]}" for o in settings.overrides)
         rows[name] = ex.part("variant", lambda: run_variant(parent, ex.path("runs", "variant"), overrides,
                                                            progress=progress))
         return _finish(ex, rows, domains, "router vs expert steps at equal wall time", {"derived": why})

@@ -66,9 +66,11 @@ class AblateLrSettings:
 
 @dataclasses.dataclass(frozen=True)
 class AblateSplitSettings:
-    """Router steps vs expert steps at equal wall time: one round whose expert phase gets every expert step
-    of the parent plus the steps that the parent's later router rounds' measured wall time buys."""
+    """Router steps vs expert steps at equal wall time: ``rounds`` round(s) whose expert phases get every
+    expert step of the parent plus the steps that the parent's later router rounds' measured wall time buys
+    (at the parent's median expert-step time)."""
     rounds: int = 1
+    overrides: tuple[str, ...] = ()      # further overrides of the variant (e.g. the best ablate_lr setting)
 
 
 @dataclasses.dataclass(frozen=True)
