@@ -8,17 +8,18 @@ record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`
     layerwise       a layer-wise-router MoE on the same experts + its routing redundancy            (sec. 2.2)
     bounds          oracle / target / random routing vs the router; routing locality
     mc              multiple-choice accuracy with paired tests (built-in task, MMLU-format folders)
-    ablate_lr       expert learning rate
+    ablate_lr       expert learning rate and domain mixture
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability
     ablate_pool     router pool size
-    budget          held-out perplexity vs expert-tuning tokens
 """
 
 from readme_jax.science.ablations import ablate_lr, ablate_split
 from readme_jax.science.bounds import bounds
+from readme_jax.science.calib import ablate_calib
 from readme_jax.science.dense_baseline import dense_baseline
 from readme_jax.science.layerwise import layerwise
 from readme_jax.science.mc import mc
+from readme_jax.science.pool import ablate_pool
 
-__all__ = ["ablate_lr", "ablate_split", "bounds", "dense_baseline", "layerwise", "mc"]
+__all__ = ["ablate_calib", "ablate_lr", "ablate_pool", "ablate_split", "bounds", "dense_baseline", "layerwise", "mc"]

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split")
+EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split", "ablate_calib",
+               "ablate_pool")
 
 
 def _run(name: str, parent, s, progress: bool):

@@ -1,7 +1,7 @@
 """The budgets of the science experiments (``configs/science.yaml``; the dataclass defaults are the same).
 
     s = load_settings()                      # or load_settings("configs/science.yaml", ["mc.items_per_domain=20"])
-    s.mc.items_per_domain, s.ablate_lr.expert_lrs
+    s.mc.items_per_domain, s.ablate_lr.variants
 
 Every experiment reads one section; the section's values (plus the parent run's identity) are the
 experiment's settings record (:mod:`readme_jax.science.folder`). A value of ``null`` where the default run has
@@ -45,7 +45,7 @@ class BoundsSettings:
 @dataclasses.dataclass(frozen=True)
 class MCSettings:
     """The built-in multiple-choice task (and an optional MMLU-format folder)."""
-    items_per_domain: int = 40
+    items_per_domain: int = 24
     context_tokens: int = 64
     continuation_tokens: int = 24
     seed: int = 0
@@ -84,16 +84,6 @@ class AblatePoolSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class BudgetSettings:
-    """Held-out perplexity vs expert-tuning tokens: one expert phase at constant lr after the parent's
-    router_0, evaluated at these multiples of the parent's expert-tuning tokens, each point also after a
-    short linear decay branched off the constant-lr trunk."""
-    multiples: tuple[int, ...] = (1, 2, 4)
-    expert_lr: float | None = None             # null: the parent's train.expert_lr
-    decay_fraction: float = 0.15               # decay branch length, as a share of the point's steps
-
-
-@dataclasses.dataclass(frozen=True)
 class ScienceSettings:
     dense_baseline: DenseBaselineSettings = DenseBaselineSettings()
     layerwise: LayerwiseSettings = LayerwiseSettings()
@@ -103,7 +93,6 @@ class ScienceSettings:
     ablate_split: AblateSplitSettings = AblateSplitSettings()
     ablate_calib: AblateCalibSettings = AblateCalibSettings()
     ablate_pool: AblatePoolSettings = AblatePoolSettings()
-    budget: BudgetSettings = BudgetSettings()
 
     def section(self, name: str) -> dict:
         return plain(getattr(self, name))
