@@ -103,3 +103,11 @@ def test_fork_reuses_what_the_variant_shares(tiny_run, tmp_path):
     # a change before the rounds reuses only what is upstream of it
     again = fork_run(run_dir, tmp_path / "child2", load_config(run_dir / "config.yaml", ["extract.keep_ratio=0.75"]))
     assert "stats" in again["stages"] and "extract" not in again["stages"] and again["phases"] == []
+
+
+def test_science_settings_file_is_the_defaults():
+    from readme_jax.science.settings import ScienceSettings, load_settings
+    from tests.tiny_run import REPO
+    assert load_settings(REPO / "configs" / "science" / "default.yaml") == ScienceSettings()
+    with pytest.raises(Exception, match="unknown"):
+        load_settings(None, ["mc.nope=1"])

@@ -1,4 +1,4 @@
-"""``python -m readme_jax.science EXPERIMENT [--run-dir runs/default] [--settings configs/science.yaml] [k=v ...]``
+"""``python -m readme_jax.science EXPERIMENT [--run-dir runs/default] [--settings configs/science/default.yaml] [k=v ...]``
 
 Runs one experiment (or ``all``, in the order of :data:`EXPERIMENTS`) on a finished run folder of
 ``python -m readme_jax.train``; each writes ``<run>/science/<experiment>/`` and prints its table. Rerunning
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", choices=(*EXPERIMENTS, "all"))
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="a finished run folder of python -m readme_jax.train (default runs/default)")
-    parser.add_argument("--settings", type=Path, help="YAML of experiment budgets (default: configs/science.yaml "
+    parser.add_argument("--settings", type=Path, help="YAML of experiment budgets (default: configs/science/default.yaml "
                                                        "values, embedded)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")

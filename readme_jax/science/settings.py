@@ -1,6 +1,6 @@
-"""The budgets of the science experiments (``configs/science.yaml``; the dataclass defaults are the same).
+"""The budgets of the science experiments (``configs/science/default.yaml``; the dataclass defaults are the same).
 
-    s = load_settings()                      # or load_settings("configs/science.yaml", ["mc.items_per_domain=20"])
+    s = load_settings()                      # or load_settings("configs/science/default.yaml", ["mc.items_per_domain=20"])
     s.mc.items_per_domain, s.ablate_lr.variants
 
 Every experiment reads one section; the section's values (plus the parent run's identity) are the
