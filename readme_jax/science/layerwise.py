@@ -223,14 +223,16 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
                 route_fn = jax.jit(lambda s, ids: nnx.merge(graphdef, s).route(ids))
                 rgraph, rstate = nnx.split(model.router)
                 rroute = jax.jit(lambda s, ids: nnx.merge(rgraph, s).route(ids))
-                lw_ids = {d: routes(lambda x: route_fn(state, x), w, batch=ev.batch, axis=1) for d, w in windows.items()}
+                lw_ids = {d: routes(lambda x: route_fn(state, x), w, batch=ev.batch, axis=1)
+                          for d, w in windows.items()}
                 rm_ids = {d: routes(lambda x: rroute(rstate, x), w, batch=ev.batch) for d, w in windows.items()}
                 ids = np.concatenate([v.reshape(v.shape[0], -1) for v in lw_ids.values()], axis=1)        # [L, N]
                 x = jnp.asarray(next(iter(windows.values()))[:ev.batch])
                 fixed = jnp.zeros(x.shape, jnp.int32)
                 mg, ms = nnx.split(model)
                 t_lw = median_seconds(jax.jit(lambda s, i: nnx.merge(graphdef, s).token_nll(i, i)), state, x)
-                t_fixed = median_seconds(jax.jit(lambda s, i: nnx.merge(mg, s).token_nll(i, i, expert_ids=fixed)), ms, x)
+                t_fixed = median_seconds(
+                    jax.jit(lambda s, i: nnx.merge(mg, s).token_nll(i, i, expert_ids=fixed)), ms, x)
                 t_routed = median_seconds(jax.jit(lambda s, i: nnx.merge(mg, s).token_nll(i, i)), ms, x)
                 return to_json({
                     "ppl": ppl,
@@ -250,7 +252,8 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
             mi_curves[f"normalised, {case}"] = [x["normalized"] for x in r["depth"]]
             L = len(r["transitions"]) + 1
             if case == "tuned experts":
-                heat = {f"layer {l} -> {l + 1}": np.asarray(r["transitions"][l]) for l in sorted({0, L // 3, 2 * L // 3, L - 2} & set(range(L - 1)))}
+                shown = sorted({0, L // 3, 2 * L // 3, L - 2} & set(range(L - 1)))
+                heat = {f"layer {l} -> {l + 1}": np.asarray(r["transitions"][l]) for l in shown}
             result["cases"][case] = {**r, "readme_ppl": readme_ppl}
         lw_model = LayerwiseMoE(run.model_after(sched[0]), routers)
         flops = _flops_per_token(run, lw_model)
@@ -258,7 +261,8 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
         tuned = result["cases"]["tuned experts"]
         sec = tuned["seconds"]
         n_tok = sum(np.asarray(v).size for v in windows.values())
-        table = markdown_table(["experts", "domain", "Read-ME ppl", "layer-wise MoE ppl", "Read-ME vs layer-wise (negative: Read-ME lower)"], rows)
+        table = markdown_table(["experts", "domain", "Read-ME ppl", "layer-wise MoE ppl",
+                                "Read-ME vs layer-wise (negative: Read-ME lower)"], rows)
         table += "\n\n" + markdown_table(["", "Read-ME router", "layer-wise routers"], [
             ["router params", f"{rc.num_params():,}", f"{lw_model.router_params():,}"],
             ["router FLOPs / token (share of the model's)",
@@ -267,16 +271,20 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
             ["forward latency vs fixed routing (tuned, [4, 512] on this CPU)",
              f"{100 * (sec['readme_routed'] / sec['readme_fixed_ids'] - 1):+.1f}%",
              f"{100 * (sec['layerwise'] / sec['readme_fixed_ids'] - 1):+.1f}%"],
-            ["routes known before the backbone runs", "yes (pre-gating: prefetch, batching)", "no (one layer ahead at best)"],
+            ["routes known before the backbone runs", "yes (pre-gating: prefetch, batching)",
+             "no (one layer ahead at best)"],
             ["locality (same expert as the previous token, per 4096)",
              f"{4096 * tuned['locality_readme']:.0f}", f"{4096 * tuned['locality_layerwise']:.0f} (mean over layers)"],
-            ["distinct routing paths used / tokens", f"<= {E}", f"{tuned['paths']['distinct']:,} / {tuned['paths']['tokens']:,} "
+            ["distinct routing paths used / tokens", f"<= {E}",
+             f"{tuned['paths']['distinct']:,} / {tuned['paths']['tokens']:,} "
              f"(possible 10^{tuned['paths']['log10_possible']:.0f})"],
             ["adjacent-layer MI, mean (normalised)", "-",
-             f"{np.mean([x['mi'] for x in tuned['depth']]):.2f} bits ({np.mean([x['normalized'] for x in tuned['depth']]):.2f})"],
+             f"{np.mean([x['mi'] for x in tuned['depth']]):.2f} bits "
+             f"({np.mean([x['normalized'] for x in tuned['depth']]):.2f})"],
         ])
-        table += (f"\n\nLayer-wise routers trained on the dense parent's hidden states (teacher-forced held-out accuracy "
-                  f"vs per-layer targets {np.mean(list(tf_acc.values())):.3f}); evaluated on the MoE's own hidden states. "
+        table += (f"\n\nLayer-wise routers trained on the dense parent's hidden states (teacher-forced held-out "
+                  f"accuracy vs per-layer targets {np.mean(list(tf_acc.values())):.3f}); evaluated on the MoE's own "
+                  f"hidden states. "
                   f"Redundancy counted over {n_tok:,} held-out tokens (plug-in estimates, bits).")
         plots.lines(list(range(1, L)), {k: v for k, v in mi_curves.items()}, ex.path("mutual_information.png"),
                     title="I(S_l; S_l+1) of the layer-wise MoE", xlabel="layer l", ylabel="bits / normalised")
