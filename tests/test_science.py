@@ -4,6 +4,7 @@ statistics and forking a run folder (the multiple-choice scorer: test_multiple_c
 import json
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,7 +58,9 @@ def test_layerwise_routes_read_each_layers_hidden_state():
     model = random_model(lambda r: ReadMe(cfg, rngs=r), seed=2, std=0.5)
     routers = np.random.default_rng(3).standard_normal((BASE.num_layers, BASE.hidden_size, E)).astype(np.float32)
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 40, (4, 16)), jnp.int32)
-    base = np.asarray(LayerwiseMoE(model, routers).route(ids))                    # [L, B, T]
+    graphdef, state = nnx.split(LayerwiseMoE(model, routers))
+    route = jax.jit(lambda s, x: nnx.merge(graphdef, s).route(x))        # one compile for every variant below
+    base = np.asarray(route(state, ids))                                  # [L, B, T]
     chex.assert_shape(base, (BASE.num_layers, 4, 16))
     assert len(np.unique(base)) > 1
     for l in range(1, BASE.num_layers):   # layer l's attention changes the FFN input of layer l and later only
@@ -65,7 +68,7 @@ def test_layerwise_routes_read_each_layers_hidden_state():
         wo[l] = np.random.default_rng(10 + l).standard_normal(wo[l].shape) * 5
         changed = nnx.clone(model)
         changed.attn.wo[...] = jnp.asarray(wo)
-        got = np.asarray(LayerwiseMoE(changed, routers).route(ids))
+        got = np.asarray(route(nnx.state(LayerwiseMoE(changed, routers)), ids))
         np.testing.assert_array_equal(got[:l], base[:l])
         assert (got[l:] != base[l:]).any(), l
 
