@@ -114,3 +114,19 @@ def test_science_settings_file_is_the_defaults():
     assert load_settings(REPO / "configs" / "science" / "default.yaml") == ScienceSettings()
     with pytest.raises(Exception, match="unknown"):
         load_settings(None, ["mc.nope=1"])
+
+
+def test_mixture_key_checked_and_records_made_before_it_still_match(tmp_path):
+    from readme_jax.config import load_config
+    from readme_jax.errors import ConfigError
+    from readme_jax.train.records import StageRecords
+    from readme_jax.train.stages import STAGES
+    with pytest.raises(ConfigError, match="train.mixture"):
+        load_config(None, ["train.mixture=uniform"])
+    cfg = load_config()
+    rounds = next(s for s in STAGES if s.name == "rounds")
+    old = StageRecords(tmp_path).settings(rounds, cfg)
+    old["train"] = {k: v for k, v in old["train"].items() if k != "mixture"}      # recorded before the key existed
+    (tmp_path / "stages.json").write_text(json.dumps({"rounds": old}))
+    assert StageRecords(tmp_path).changed(rounds, cfg) == []
+    assert StageRecords(tmp_path).changed(rounds, load_config(None, ["train.mixture=balanced"])) == ["train.mixture"]
