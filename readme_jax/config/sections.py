@@ -103,9 +103,9 @@ MIXTURES = ("natural", "balanced")   # train.mixture: domains by size, or in equ
 class TrainConfig:
     """Alternating router / expert tuning (method step 5)."""
 
-    rounds: int = 2
+    rounds: int = 1
     router_steps: int = 100         # optimizer steps per router round
-    expert_steps: int = 12          # optimizer steps per expert round
+    expert_steps: int = 28          # optimizer steps per expert round
     router_batch: int = 16          # sequences per router step (all micro-batches together)
     expert_batch: int = 4           # sequences per expert step
     seq_len: int = 512
