@@ -133,7 +133,7 @@ def fork_run(parent_dir: str | Path, child_dir: str | Path, cfg: Config) -> dict
     keep_tags = {"dense"} if "dense_eval" in reused else set()
     keep_tags |= {"router_0"} if "round_evals" in reused else set()
     lines = []
-    for r in Run(pcfg, parent_dir, progress=False).log.records():
+    for r in prun.log.records():
         ev = r.get("event")
         if ((ev == "step" and r.get("phase") in reused_phases) or (ev == "eval" and r.get("tag") in keep_tags)
                 or (ev == "stage" and r.get("stage") in reused) or ev in {"stats", "extract", "targets"} & set(reused)):

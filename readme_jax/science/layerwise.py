@@ -192,8 +192,8 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
                                                   steps=settings.steps, lr=settings.lr, progress=progress)
             del h
             save_routers(rpath, routers, losses)
-        windows = {d: w[:, :] for d, (w, _) in heldout_routing(run).items()}
-        windows = {d: w[:max(1, settings.redundancy_tokens // w.shape[1])] for d, w in windows.items()}
+        windows = {d: w[:max(1, settings.redundancy_tokens // w.shape[1])]
+                   for d, (w, _) in heldout_routing(run).items()}
 
         def targets_part():
             return {d: per_layer_targets(run.dense, run.masks.specific, w, batch=ev.batch,

@@ -10,9 +10,10 @@ made by :func:`readme_jax.science.fork.fork_run` and finished by the pipeline's 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import json
+import numpy as np
 
 from readme_jax.config import load_config
 from readme_jax.science.fork import fork_run
@@ -55,7 +56,6 @@ def phase_seconds(run: Run) -> dict[str, float]:
 
 def steady_step_seconds(run: Run, kind: str) -> float:
     """Median step seconds of the phases of ``kind`` (the first step of each phase, with its compile, left out)."""
-    import numpy as np
     xs = [float(r["seconds"]) for r in run.log.records()
           if r.get("event") == "step" and r.get("kind") == kind and r.get("step", 1) > 1]
     if not xs:
