@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from readme_jax.model.protocol import is_routed
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 TINY_EXPERTS, TINY_EXPERT_DIM = 4, 64
 SMOLLM2_VOCAB = 49152
@@ -92,7 +94,7 @@ class EngineWorker:
         for name, spec in models.items():
             model, tok, how = _load(spec, self._tiny)
             self.models[name] = (model, tok)
-            info[name] = {"how": how, "moe": hasattr(model, "route")}
+            info[name] = {"how": how, "moe": is_routed(model)}
         return {"load_s": time.perf_counter() - t0, "models": info}
 
     # ----------------------------------------------------------------------------------------- workload
@@ -131,9 +133,6 @@ class EngineWorker:
         if (model, slots) in self.engines:
             return {**self.prepared[(model, slots)], "reused": True}
         m, tok = self.models[model]
-        if hasattr(m, "route") and not hasattr(m, "backbone"):
-            raise RuntimeError(f"{model}: this ReadMe has no backbone() (the route-apart backbone the engine's "
-                               f"runner calls, issue 8 item 1), so the engine cannot serve it on this branch")
         t0 = time.perf_counter()
         eng = Engine(m, tok, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=budget, max_model_len=max_len,
                                           max_queue=256))

@@ -43,6 +43,7 @@ from readme_jax.data.corpus import load_corpus
 from readme_jax.eval.mc_tasks import MCItem, builtin_items, mmlu_items
 from readme_jax.eval.paired import compare_models, format_comparison
 from readme_jax.model.head_loss import nll_from_logits
+from readme_jax.model.protocol import CausalLM
 
 __all__ = ["MCItem", "ItemResult", "make_loglik_fn", "encode_item", "score_rows", "evaluate_items",
            "correct_flags", "summarize", "format_summary", "mmlu_items", "builtin_items", "main"]
@@ -96,7 +97,7 @@ def make_loglik_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> Logl
         graphdef, state = nnx.split(model)
 
         def token_nll(m, ids, targets):
-            return m.token_nll(ids, targets) if hasattr(m, "token_nll") else nll_from_logits(m(ids), targets)
+            return m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
 
         @jax.jit
         def loglik_state(state, ids, targets, weights):

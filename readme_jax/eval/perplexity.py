@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from readme_jax.atomic import atomic_write_json
 from readme_jax.data.corpus import Corpus, load_corpus
 from readme_jax.model.head_loss import nll_from_logits
+from readme_jax.model.protocol import CausalLM
 
 NllFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -78,7 +79,7 @@ def make_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> NllFn:
         graphdef, state = nnx.split(model)
 
         def token_nll(m, ids, targets):
-            return m.token_nll(ids, targets) if hasattr(m, "token_nll") else nll_from_logits(m(ids), targets)
+            return m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
 
         @jax.jit
         def nll_state(state, ids, targets, weights):

@@ -96,6 +96,11 @@ class Llama(nnx.Module):
         self.attn = AttentionLayers(config, rngs)
         self.ffn = DenseFFN(config, rngs)
 
+    @property
+    def arch(self) -> LlamaConfig:
+        """The decoder architecture (``model/protocol.py``)."""
+        return self.config
+
     def layer_arrays(self) -> dict:
         """All per-layer weights as one dict of stacked [L, ...] arrays."""
         return {**self.attn.arrays(), **self.ffn.arrays()}

@@ -119,6 +119,15 @@ class ReadMe(nnx.Module):
         self.experts = Experts(config, rngs)
         self.router = Router(config.router, rngs=rngs)
 
+    @property
+    def arch(self) -> LlamaConfig:
+        """The backbone's decoder architecture (``model/protocol.py``)."""
+        return self.config.base
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
     def layer_arrays(self) -> dict:
         """Per-layer weights stacked along L (expert weights keep their E axis inside each layer)."""
         return {**self.attn.arrays(), **self.experts.arrays()}

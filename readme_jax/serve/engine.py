@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from readme_jax.errors import SamplingError
+from readme_jax.model.protocol import arch_config
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
                                   RunningDecode, WaitingPrefill)
@@ -119,7 +120,7 @@ class Engine:
             self.cache = ExpertCache(pool.capacity, make_policy(config.expert_policy), num_layers=pool.num_layers,
                                      expert_bytes=pool.expert_bytes / pool.num_layers)
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
-        self.vocab_size = model.config.base.vocab_size if hasattr(model.config, "base") else model.config.vocab_size
+        self.vocab_size = arch_config(model).vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue

@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding
 
 from readme_jax.model import dispatch, moe
 from readme_jax.model.decoder import KVCache, unstack_layers
+from readme_jax.model.protocol import is_routed
 from readme_jax.parallel import sharding
 from readme_jax.sampling import sample_rows
 from readme_jax.serve.resident import ResidentPool
@@ -106,7 +107,7 @@ def cache_layout(caches: SlotCaches, mesh: jax.sharding.Mesh) -> SlotCaches:
 def _backbone(model, ids, mask, experts, cache, layers, dispatcher, num_experts=None):
     """Backbone only (never routes): ids/mask/experts [M, T] -> (x [M, T, D], cache). ``num_experts``: plan
     over that many experts (the resident pool's k slots, ``experts`` then being slot ids)."""
-    if hasattr(model, "backbone"):
+    if is_routed(model):
         if num_experts is not None:
             plan = moe.plan_dispatch(experts, num_experts, dispatcher=dispatcher)
             x, cache, _ = model.backbone(ids, plan=plan, attention_mask=mask, cache=cache, layers=layers)
@@ -219,7 +220,7 @@ class ModelRunner:
         big = self.prefill_buckets[-1]
         self.route_buckets = self.prefill_buckets + tuple(big << i for i in range(1, max(1, max_len // big).bit_length() + 1)
                                                           if (big << (i - 1)) < max_len)
-        self.is_moe = hasattr(model, "route")
+        self.is_moe = is_routed(model)
         self.num_experts = model.config.num_experts if self.is_moe else 0
         # decode: the "decode" dispatcher (reads only the experts some slot uses), weights split per layer
         # (and per expert) once; prefill chunks plan with the default dispatcher for their size.

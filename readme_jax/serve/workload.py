@@ -33,6 +33,7 @@ import numpy as np
 
 from readme_jax.atomic import atomic_file
 from readme_jax.errors import ConfigError
+from readme_jax.model.protocol import is_routed
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
@@ -186,7 +187,7 @@ def route_corpus(export: str | Path, corpus_root: str | Path, *, tokens_per_doma
 
     from readme_jax.convert.load import load_pretrained
     model, tokenizer = load_pretrained(export)
-    if not hasattr(model, "route") or tokenizer is None:
+    if not is_routed(model) or tokenizer is None:
         raise ConfigError(f"{export}: not a Read-ME export with a tokenizer (need .route(ids) and a tokenizer)")
     route = jax.jit(lambda ids: model.route(ids))
     streams = []
