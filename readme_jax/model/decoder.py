@@ -98,17 +98,28 @@ def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None 
     return jnp.maximum(pos, 0)
 
 
+def project_qkv(p: dict, x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray, cfg: LlamaConfig):
+    """The attention inputs of one layer: pre-norm, q/k/v projections, RoPE on q and k.
+    x [..., D] (any leading dims, e.g. [B, T] or a packed [N]); sin/cos [..., hd/2] ->
+    (q [..., H, hd], k [..., K, hd], v [..., K, hd]) in x's dtype. Every attention path (contiguous and
+    paged caches, training and serving) projects with this one function; an architecture's variants
+    (projection biases, qk-norm) belong here."""
+    dt = x.dtype
+    lead = x.shape[:-1]
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = (h @ p["wq"].astype(dt)).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = (h @ p["wk"].astype(dt)).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = (h @ p["wv"].astype(dt)).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+
 def _attention_block(p, x, sin, cos, mask, kv, index, cfg, layer=None):
     """Pre-norm attention with residual. x [B, T, D]; sin/cos [B, T, hd/2]; mask <bool>[B, T, S];
     kv: None or this layer's cache (k, v) [B, S, K, hd] (or, with ``layer``, the whole stack's [L, B, S, K, hd],
     written in place at that layer), written at index <int32>[B] -> (x [B, T, D], kv)."""
     B, T, _ = x.shape
     dt = x.dtype
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = (h @ p["wq"].astype(dt)).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = (h @ p["wk"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = (h @ p["wv"].astype(dt)).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    q, k, v = project_qkv(p, x, sin, cos, cfg)
     if kv is not None:
         ck, cv = kv
         kv = (_write_rows(ck, k, index, layer), _write_rows(cv, v, index, layer))

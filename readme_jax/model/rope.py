@@ -53,9 +53,10 @@ def rope_sin_cos(positions: jnp.ndarray, cfg: LlamaConfig) -> tuple[jnp.ndarray,
 
 
 def apply_rope(x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray) -> jnp.ndarray:
-    """Rotate ``x`` [B, T, H, hd] by angles [B, T, hd/2] (rotate-half: pairs (i, i + hd/2))."""
-    sin = jnp.concatenate([sin, sin], -1)[:, :, None, :].astype(x.dtype)
-    cos = jnp.concatenate([cos, cos], -1)[:, :, None, :].astype(x.dtype)
+    """Rotate ``x`` [..., H, hd] by angles [..., hd/2] (leading dims e.g. [B, T] or a packed [N];
+    rotate-half: pairs (i, i + hd/2))."""
+    sin = jnp.concatenate([sin, sin], -1)[..., None, :].astype(x.dtype)
+    cos = jnp.concatenate([cos, cos], -1)[..., None, :].astype(x.dtype)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
     return x * cos + rotated * sin
