@@ -38,7 +38,8 @@ whether the generated texts are identical. If our server does not accept ``--no-
 says n/a (the TTFT with the default server is still reported).
 
 Output: the runner's rows; ``OUT/serve_vllm.json`` (settings, setup, every client result with per-request
-data) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama exported the
+data; rewritten after every run, so an interrupted run keeps what it measured: ``--report OUT/serve_vllm.json``
+renders its table) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama exported the
 same way, C = 2, 4 prompts of 16 tokens, 1 round, float32: a smoke run. ``--no-vllm`` drives ours alone with
 the stand-in client (:class:`benchmarks.vllm_peer.StandinClient`); only the test of ``--quick`` uses it.
 """
@@ -59,6 +60,7 @@ from pathlib import Path
 from benchmarks import vllm_peer as vp
 from benchmarks.common import REPO_ROOT, run_variant, thread_env
 from benchmarks.serve_vllm_report import NAME, plot, rows_of, summary, workloads
+from readme_jax.atomic import atomic_write_text
 
 DEFAULT_VENV = REPO_ROOT / "runs" / "vllm-venv"
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench" / "serve_vllm"
@@ -209,19 +211,20 @@ def dtype_phase(cfg: dict, dtype: str, ctx: dict, result: dict) -> None:
                                 concurrency=w["concurrency"], input_len=w["input_len"], output_len=w["output_len"],
                                 range_ratio=w["range_ratio"])
                     phase["runs"].setdefault(f"{system}@{w['key']}", []).append(res)
+                    ctx["save"]()
                     sm = summary(res, hf_cfg)
                     _log(f"round {rnd + 1} {system} {w['key']}: {sm['tok_s']:.1f} tok/s, TTFT p50 "
                          f"{sm['ttft_ms']:.0f} ms, TPOT p50 {sm['tpot_ms']:.0f} ms, {sm['gflops']:.1f} GFLOP/s")
         if dtype == "float32":
             try:
-                result["prefix"] = prefix_phase(cfg, ctx, servers, stack)
+                prefix_phase(cfg, ctx, servers, stack, result)
             except Exception as e:  # noqa: BLE001 - reported as its own error row
                 result["prefix_error"] = f"{type(e).__name__}: {e}"
 
 
-def prefix_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStack) -> dict:
+def prefix_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStack, result: dict) -> None:
     p, drive = cfg["prefix"], ctx["drive"]
-    out = {"settings": p, "flag_accepted": accepts_flag("--no-prefix-caching"), "runs": {}}
+    out = result["prefix"] = {"settings": p, "flag_accepted": accepts_flag("--no-prefix-caching"), "runs": {}}
     arms = {"on": servers["ours"]}
     if out["flag_accepted"]:
         off = stack.enter_context(start_ours(ctx["hf_dir"], ctx["name"], "float32", cfg["slots"],
@@ -235,11 +238,11 @@ def prefix_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStac
             drive(arms[arm], [], num_prompts=1, concurrency=1, **kw)              # the prefix's first request
             res = drive(arms[arm], [], num_prompts=p["num_prompts"], concurrency=p["concurrency"], **kw)
             out["runs"].setdefault(arm, []).append(res)
+            ctx["save"]()
             _log(f"prefix round {rnd + 1} caching {arm}: TTFT p50 {res['median_ttft_ms']:.0f} ms")
     if "off" in out["runs"]:
         out["identical_texts"] = all(a["generated_texts"] == b["generated_texts"]
                                      for a, b in zip(out["runs"]["on"], out["runs"]["off"]))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- entry
@@ -271,6 +274,7 @@ def measure(quick: bool = False, *, vllm: bool = True, venv: Path = DEFAULT_VENV
         client = stack.enter_context(vp.VllmClient(Path(venv), out / "vllm_client.log") if vllm
                                      else vp.StandinClient())
         ctx = {"venv": Path(venv) if vllm else None, "hf_dir": hf_dir, "name": cfg["model"], "out": out,
+               "save": lambda: atomic_write_text(out / f"{NAME}.json", json.dumps(result, indent=1, default=str)),
                "hf_config": result["hf_config"], "drive": Driver(client, hf_dir, cfg["model"], out,
                                                                  cfg["run_timeout_s"])}
         for dtype in cfg["dtypes"]:
@@ -282,7 +286,7 @@ def measure(quick: bool = False, *, vllm: bool = True, venv: Path = DEFAULT_VENV
     result["peak"]["after"] = run_variant("benchmarks.serve_vllm:matmul_peak", {"n": cfg["peak_n"]})
     result["elapsed_s"] = time.perf_counter() - t0
     result["rows"] = rows_of(result)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(out / f"{NAME}.json", json.dumps(result, indent=1, default=str))
     result["png"] = str(plot(result, out / f"{NAME}.png"))
     return result
 
@@ -300,7 +304,7 @@ def report(path: Path) -> int:
         print(f"error: {path}: {e}", file=sys.stderr)
         return 1
     result["rows"] = rows_of(result)
-    Path(path).write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(path, json.dumps(result, indent=1, default=str))
     png = plot(result, Path(path).with_suffix(".png"))
     from benchmarks.runner import print_table
     print_table(result["rows"], title="serve_vllm (ratio > 1: ours better)")
