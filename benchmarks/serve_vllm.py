@@ -39,8 +39,8 @@ says n/a (the TTFT with the default server is still reported).
 
 Output: the runner's rows; ``OUT/serve_vllm.json`` (settings, setup, every client result with per-request
 data; rewritten after every run, so an interrupted run keeps what it measured: ``--report OUT/serve_vllm.json``
-renders its table) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama exported the
-same way, C = 2, 4 prompts of 16 tokens, 1 round, float32: a smoke run. ``--no-vllm`` drives ours alone with
+renders its table) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama
+exported the same way, C = 2, 4 prompts of 16 tokens, 1 round, float32: a smoke run. ``--no-vllm`` drives ours alone with
 the stand-in client (:class:`benchmarks.vllm_peer.StandinClient`); only the test of ``--quick`` uses it.
 """
 

@@ -52,7 +52,8 @@ def workloads(cfg: dict, dtype: str) -> list[dict]:
         if kind == "variable" and dtype not in cfg["variable_dtypes"]:
             continue
         for c in cfg["concurrencies"]:
-            out.append({"key": f"{dtype} {kind} C={c}", "kind": kind, "concurrency": c, "num_prompts": cfg["num_prompts"],
+            out.append({"key": f"{dtype} {kind} C={c}", "kind": kind, "concurrency": c,
+                        "num_prompts": cfg["num_prompts"],
                         "input_len": cfg["input_len"], "output_len": cfg["output_len"],
                         "range_ratio": cfg["range_ratio"] if kind == "variable" else 0.0})
     return out
@@ -144,7 +145,8 @@ def plot(result: dict, path: Path) -> Path | None:
         if " fixed " not in key:
             continue
         ttft = [1e3 * t for r in rs for t in r["ttfts"]]
-        tpot = [1e3 * sum(i) / len(i) for r in rs for i in r["itls"] if i]
+        tpot = [1e3 * sum(i) / (o - 1)                  # the client's TPOT: (latency - TTFT) / (tokens - 1)
+                for r in rs for i, o in zip(r["itls"], r["output_lens"]) if o > 1]
         for ax, xs in ((axes[0], ttft), (axes[1], tpot)):
             xs = np.sort(xs)
             if xs.size:

@@ -342,6 +342,7 @@ def _standin_run(args: list[str], timeout_s: float) -> dict:
             "output_throughput": sum(r["out"] for r in ok) / duration,
             "median_ttft_ms": 1e3 * float(np.median([r["ttft"] for r in ok])) if ok else None,
             "median_tpot_ms": 1e3 * float(np.median(tpot)) if tpot else None,
-            "input_lens": [r["prompt"] for r in recs], "output_lens": [r["out"] for r in recs], "ttfts": [r["ttft"] for r in recs],
+            "input_lens": [r["prompt"] for r in recs], "output_lens": [r["out"] for r in recs],
+            "ttfts": [r["ttft"] for r in recs],
             "itls": [r["itl"] for r in recs], "generated_texts": [r["text"] for r in recs],
             "errors": [r["error"] for r in recs], "client": "stand-in (vLLM absent)"}
