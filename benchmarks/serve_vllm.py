@@ -167,16 +167,20 @@ class Driver:
                               output_len=output_len, seed=seed, range_ratio=range_ratio, prefix_len=prefix_len,
                               result_dir=str(self.out), result_file=f"client_{self.count}.json")
         idle_cpu0 = [s.cpu_seconds() for s in idle]
-        load0 = os.getloadavg()[0]
+        load0, rss0 = os.getloadavg()[0], server.rss_mb()
         res = self.client.run(args, self.timeout_s)
         res["idle_peer_cpu_s"] = sum(s.cpu_seconds() - c for s, c in zip(idle, idle_cpu0))
         res["loadavg_1m_before"], res["loadavg_1m_after"] = load0, os.getloadavg()[0]
         res["server_rss_mb"] = server.rss_mb()
         failed = sum(bool(e) for e in res["errors"])
         want = num_prompts * output_len
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.label} exited with {server.proc.returncode} during a run"
+                               f"{' (SIGKILL: e.g. the OOM killer)' if server.proc.returncode == -9 else ''}; "
+                               f"its RSS before the run: {rss0:.0f} MiB; {failed} of {num_prompts} requests failed")
         if failed or (not range_ratio and sum(res["output_lens"]) != want):
-            first = next((e for e in res["errors"] if e), "")
-            raise RuntimeError(f"{server.label}: {failed} of {num_prompts} requests failed ({first[:300]!r}); "
+            last = next((e for e in res["errors"] if e), "").strip().splitlines() or [""]
+            raise RuntimeError(f"{server.label}: {failed} of {num_prompts} requests failed ({last[-1][:300]!r}); "
                                f"{sum(res['output_lens'])} output tokens, {want} expected")
         return res
 
