@@ -9,6 +9,8 @@ Every family is the Llama-shaped decoder (RMSNorm, RoPE, grouped-query attention
   read_hf     ``(config.json dict, source) -> {LlamaConfig field: value}``: the family's own fields (Mistral's
               sliding_window), and a ConfigError for what is not built (Qwen2's per-layer sliding window)
   write_hf    ``LlamaConfig -> {config.json key: value}``: the family's own keys on export
+  gguf_arch   GGUF ``general.architecture`` (and metadata prefix) of its llama.cpp files, whether their Q/K
+              rows are permuted (llama: yes, qwen2: no)
   params      its parameters beyond the Llama table (convert/param_mapping.py): our path, HF and GGUF names,
               HF-layout dimension letters, from which the shapes and the sharding axes
               (parallel/sharding.py) follow
@@ -102,6 +104,8 @@ class Family:
     read_hf: Callable[[dict, str], dict] = _no_fields
     write_hf: Callable[[Any], dict] = _no_keys
     params: tuple[ParamSpec, ...] = ()
+    gguf_arch: str | None = None        # GGUF ``general.architecture`` (its metadata key prefix); None: no GGUF
+    gguf_rope_permuted: bool = False    # llama.cpp's converter permuted Q/K rows for interleaved RoPE
 
 
 FAMILIES: dict[str, Family] = {}
@@ -136,6 +140,15 @@ def family_of_hf(hf: dict, source: str = "config.json") -> Family:
     return found
 
 
+def family_of_gguf(arch: str | None, source: str = "GGUF file") -> Family:
+    """The family whose GGUF files say ``general.architecture = arch``."""
+    found = next((f for f in FAMILIES.values() if f.gguf_arch is not None and f.gguf_arch == arch), None)
+    if found is None:
+        known = sorted(f.gguf_arch for f in FAMILIES.values() if f.gguf_arch)
+        raise ConfigError(f"{source}: general.architecture is {arch!r}, expected one of {known}")
+    return found
+
+
 def param_axes() -> dict[str, str]:
     """Sharding letters of every family's own parameters, by ``"group.name"`` (parallel/sharding.py)."""
     return {".".join(p.ours): p.axes for fam in FAMILIES.values() for p in fam.params}
@@ -160,10 +173,10 @@ def _qwen2_fields(hf: dict, source: str) -> dict:
 
 
 register(Family("LlamaForCausalLM", "llama", flags=(("qkv_bias", False),), read_hf=_llama_fields,
-                write_hf=_llama_keys))
+                write_hf=_llama_keys, gguf_arch="llama", gguf_rope_permuted=True))
 register(Family("MistralForCausalLM", "mistral", flags=(("qkv_bias", False),),
                 read_hf=lambda hf, source: {**_llama_fields(hf, source), "sliding_window": hf.get("sliding_window")},
                 write_hf=lambda cfg: {**_llama_keys(cfg), "sliding_window": cfg.sliding_window}))
 register(Family("Qwen2ForCausalLM", "qwen2", flags=(("qkv_bias", True),), read_hf=_qwen2_fields,
                 write_hf=lambda cfg: {"use_sliding_window": False, "max_window_layers": cfg.num_layers},
-                params=QKV_BIAS_PARAMS))
+                params=QKV_BIAS_PARAMS, gguf_arch="qwen2"))
