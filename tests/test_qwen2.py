@@ -11,6 +11,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,7 +22,8 @@ from readme_jax.errors import ConfigError  # noqa: E402
 from readme_jax.generation import generate_ids  # noqa: E402
 from readme_jax.model.config import LlamaConfig  # noqa: E402
 from readme_jax.model.llama import Llama  # noqa: E402
-from readme_jax.parallel.sharding import axes_of  # noqa: E402
+from readme_jax.parallel.mesh import make_mesh  # noqa: E402
+from readme_jax.parallel.sharding import axes_of, param_shardings  # noqa: E402
 from readme_jax.serve.engine import Engine, EngineConfig  # noqa: E402
 from readme_jax.serve.metrics import EngineMetrics  # noqa: E402
 from tests.test_parity_hf import YARN, hf_logits, make_hf  # noqa: E402
@@ -57,8 +60,18 @@ def test_qwen2_config_json_round_trip_and_refusals():
     with pytest.raises(ConfigError, match="attention_bias"):
         LlamaConfig.from_hf({**hf, "architectures": ["LlamaForCausalLM"], "attention_bias": True})
     assert LlamaConfig().qkv_bias is False                                   # the router trunk's Llama style
+
+
+def test_qwen2_params_shard_on_an_fsdp_mesh():
+    """Every Qwen2 param has logical axes (the biases from its family entry): FSDP splits D, biases replicate."""
+    cfg = LlamaConfig(architecture=QWEN2, vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     for name, letters in (("attn.bq", "LQ"), ("attn.bk", "LK"), ("attn.bv", "LK")):
         assert axes_of(name, 2) == letters
+    state = nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    shardings = param_shardings(state, make_mesh({"fsdp": 8}))
+    assert shardings["attn"]["wq"].spec == P(None, "fsdp", None)
+    assert shardings["attn"]["bq"].spec == P(None, None) and shardings["attn"]["bv"].spec == P(None, None)
 
 
 # ------------------------------------------------------------------------------------------------ convert
