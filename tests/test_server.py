@@ -23,7 +23,7 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.metrics import EngineMetrics
-from readme_jax.serve.server import create_app
+from readme_jax.serve.server import create_app, uvicorn_config
 from tests.tiny_models import random_model
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -74,7 +74,7 @@ class Served:
         self.base = f"http://127.0.0.1:{self.port}"
         app = create_app(engine, tokenizer, model_name=MODEL, max_model_len=max_model_len, default_max_tokens=8,
                          api_key=api_key, metrics=self.metrics)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_ready(self.base)
@@ -164,7 +164,7 @@ def test_streaming_equals_non_streamed(served):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"), ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"), ({"prompt": "x", "temperature": -1}, "temperature"),
