@@ -4,16 +4,14 @@
     serve(app, host="127.0.0.1", port=8000)          # uvicorn; SIGTERM drains, then exits 0
 
 Routes: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a list, ``n`` samples each),
-``POST /v1/chat/completions`` (SSE with ``"stream": true``), vLLM's ``POST /tokenize``, ``POST /detokenize``
-and ``GET /tokenizer_info``, ``GET /health`` (200 ready, 503 starting / draining / engine failed),
-``GET /metrics``. With ``api_key`` every route but /health and /metrics needs ``Authorization: Bearer <key>``.
-Every ``/v1`` route answers 503 with Retry-After until the engine can serve (it starts, compiles and warms
-up on a thread once the app starts), so a client polling ``/v1/models`` never sees 200 before a completion
-can succeed. Engine errors map to HTTP: QueueFullError 429 (with Retry-After), NotReadyError 503, EngineError
-or a request that ends in "error" 500, SamplingError 400 naming the field. A client that disconnects cancels
-its request (its slots are freed at the engine's next step). Bodies are bounded (``serve/limits.py``: 413
-before reading more, 415 for a non-JSON Content-Type, 408 for a body that does not arrive) and parsed and
-tokenised on a worker thread, so no request stalls the event loop.
+``POST /v1/chat/completions`` (SSE with ``"stream": true``), vLLM's ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info``, ``GET /health`` (200 ready, 503 starting / draining / failed), ``GET /metrics``. With
+``api_key`` all but /health and /metrics need ``Authorization: Bearer <key>``. Every ``/v1`` route answers 503
+with Retry-After until the engine (started, compiled and warmed up on a thread) can serve, so a client polling
+``/v1/models`` never sees 200 before a completion can succeed. Engine errors map to HTTP: QueueFullError 429
+(Retry-After), NotReadyError 503, EngineError or an output ending in "error" 500, SamplingError 400 naming the
+field. A client that disconnects cancels its requests. Bodies are bounded (``serve/limits.py``: 413 before
+reading more, 415, 408) and parsed and tokenised on a worker thread, so no request stalls the event loop.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", 
           "/health", "/metrics")
 RETRY_AFTER_S = 1
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger("uvicorn.error")
 
 
 class _EngineStream(StreamingResponse):
@@ -136,10 +136,14 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
     state = {"draining": False, "drained": False, "start_error": None}
 
     def start_engine():
+        t0 = time.perf_counter()
+        log.info("engine: compiling and warming up; /v1 routes answer 503 until it is ready")
         try:
             engine.start()
+            log.info("engine: ready after %.1f s, serving %r", time.perf_counter() - t0, model_name)
         except Exception as e:  # noqa: BLE001 - any start failure is reported by /health
             state["start_error"] = f"{type(e).__name__}: {e}"
+            log.error("engine: failed to start: %s", state["start_error"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
