@@ -108,10 +108,10 @@ _NEUTRAL_COMMON = {
     "guided_choice": _neutral(None), "guided_grammar": _neutral(None), "structured_outputs": _neutral(None),
     "return_tokens_as_token_ids": _neutral(False, None), "add_special_tokens": _neutral(None),
     "echo": _neutral(False, None), "service_tier": _neutral(None, "auto", "default"), "store": _neutral(False, None),
-    "metadata": _neutral(None), "top_logprobs": _neutral(None, 0),
+    "metadata": _neutral(None),
 }
 NEUTRAL_ONLY = {
-    "completion": {**_NEUTRAL_COMMON, "suffix": _neutral(None, "")},
+    "completion": {**_NEUTRAL_COMMON, "suffix": _neutral(None, ""), "top_logprobs": _neutral(None, 0)},
     "chat": {**_NEUTRAL_COMMON, "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
              "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
              "parallel_tool_calls": _neutral(None, True), "add_generation_prompt": _neutral(True, None),
@@ -125,8 +125,8 @@ _REQUIRED = {"completion": "prompt", "chat": "messages"}
 
 def fields(kind: str) -> set[str]:
     """Every field a ``kind`` request may carry."""
-    return _IMPLEMENTED | set(NEUTRAL_ONLY[kind]) | {_REQUIRED[kind]} | ({"max_completion_tokens"} if kind == "chat"
-                                                                        else set())
+    return _IMPLEMENTED | set(NEUTRAL_ONLY[kind]) | {_REQUIRED[kind]} | (
+        {"max_completion_tokens", "top_logprobs"} if kind == "chat" else set())
 
 
 # --- body ----------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def _logprobs(data, kind) -> int | None:
     lp, top = data.get("logprobs"), data.get("top_logprobs")
     if lp is not None:
         check_type("logprobs", lp, (bool,), "a boolean")
-    if top is not None and not lp:
+    if top and not lp:
         raise bad_request("top_logprobs", "only allowed when logprobs is true")
     return (top or 0) if lp else None
 
