@@ -1,10 +1,8 @@
 """vLLM's benchmark client against our server, without vLLM: the exact request bodies vllm 0.32's request
 functions send (recorded by ``tests/fixtures/vllm_payloads/capture.py``; see the README there) are posted to
 a live server on a tiny model, and each must stream a complete answer: 200, every event valid JSON with no
-error, ``max_tokens`` tokens (the payloads carry ``ignore_eos``), a usage chunk, ``[DONE]``.
-
-A payload our server refuses today is an xfail(strict=True) naming the field: it turns into a failure (and
-the mark comes off) as soon as the server accepts it (issue 18)."""
+error, ``max_tokens`` tokens (the payloads carry ``ignore_eos``), a usage chunk, ``[DONE]``. (The default
+completions payload carries ``repetition_penalty: 1.0``, refused with a 400 before issue 18's server work.)"""
 
 import json
 from pathlib import Path
@@ -15,15 +13,7 @@ import pytest
 from tests.test_server import MODEL, Served, byte_tokenizer, make_engine
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm_payloads"
-REFUSED = {"openai": "issue 18: vLLM's default completions payload carries repetition_penalty 1.0 (its neutral "
-                     "value), which the server answers 400 'unknown or unsupported parameter'"}
-
-
-def _payloads():
-    names = sorted(p.stem for p in FIXTURES.glob("*.json"))
-    assert {"openai", "openai-chat", "openai-chat-benchmark"} <= set(names), names
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=REFUSED[n])) if n in REFUSED else n
-            for n in names]
+PAYLOADS = ("openai", "openai-chat", "openai-chat-benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +26,7 @@ def served():
 
 def test_fixtures_are_what_vllm_sent():
     """The recorded bodies are vllm 0.32's, for the model the server below serves."""
+    assert sorted(p.stem for p in FIXTURES.glob("*.json")) == sorted(PAYLOADS)
     for path in FIXTURES.glob("*.json"):
         rec = json.loads(path.read_text())
         assert rec["vllm"] == "0.32.0" and rec["method"] == "POST" and rec["content_type"] == "application/json"
@@ -43,7 +34,7 @@ def test_fixtures_are_what_vllm_sent():
         assert rec["path"] == ("/v1/chat/completions" if "messages" in rec["body"] else "/v1/completions")
 
 
-@pytest.mark.parametrize("name", _payloads())
+@pytest.mark.parametrize("name", PAYLOADS)
 def test_vllm_client_payload_is_served(served, name):
     rec = json.loads((FIXTURES / f"{name}.json").read_text())
     body = rec["body"]
