@@ -34,12 +34,12 @@ from readme_jax.errors import SamplingError
 from readme_jax.model.protocol import arch_config
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
-                                  RunningDecode, WaitingPrefill)
+                                  WaitingPrefill)
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
 from readme_jax.serve.expert_cache import ExpertCache, LazyFuture, WindowFuture, make_policy
 from readme_jax.serve.runner import ModelRunner
+from readme_jax.serve.queue_state import QueueState
 from readme_jax.serve.schedulers import make_scheduler
-from readme_jax.serve.simulate import predict_future
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,8 @@ class _Request:
     arrival_step: int = 0
     experts: np.ndarray | None = None     # [prompt tokens]
     slot: int | None = None
-    done: int = 0                          # prompt tokens prefilled
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int | None = None             # sampled, not yet run through the backbone
-    pending_expert: int = -1
-    waited: int = 0
     last_token_time: float | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
@@ -124,9 +121,8 @@ class Engine:
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
-        self._waiting: list[_Request] = []             # routed, not fully prefilled
-        self._running: dict[int, _Request] = {}        # slot -> request
-        self._free = list(range(config.max_num_seqs))
+        self._queue = QueueState(config.max_num_seqs)  # the scheduler's state (serve/queue_state.py)
+        self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -201,7 +197,7 @@ class Engine:
         return stream
 
     def stats(self) -> dict:
-        return {"queue_depth": self._queued, "active_slots": len(self._running),
+        return {"queue_depth": self._queued, "active_slots": self._queue.busy_slots,
                 "max_num_seqs": self.config.max_num_seqs, "steps": self.step_count, "healthy": self.healthy,
                 "ready": self.ready}
 
@@ -221,14 +217,14 @@ class Engine:
 
     # --- engine thread ------------------------------------------------------------------------------------
     def _busy(self) -> bool:
-        return bool(self._running or self._waiting or not self._inbox.empty())
+        return bool(self._reqs or not self._inbox.empty())
 
     def _dequeue(self) -> None:
         with self._lock:
             self._queued -= 1
 
     def _all_requests(self) -> list[_Request]:
-        reqs = list(self._running.values()) + self._waiting
+        reqs = list(self._reqs.values())
         while True:
             try:
                 reqs.append(self._inbox.get_nowait())
@@ -251,10 +247,8 @@ class Engine:
             self.ready = False
             for req in self._all_requests():
                 self._finish(req, "error")
-            self._running.clear()
-            self._waiting.clear()
 
-    def _admit(self) -> None:
+    def _admit(self, arrivals: list[list]) -> None:
         while True:
             try:
                 req = self._inbox.get_nowait()
@@ -264,57 +258,55 @@ class Engine:
             req.experts = self.runner.route_prompt(req.prompt)
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt) if self.tokenizer is not None else None
             req.stops = StopStrings(req.params.stop)
-            self._waiting.append(req)
+            self._reqs[req.id] = req
+            self._queue.arrive(WaitingPrefill(req.id, req.arrival_step, req.experts))
+            arrivals.append([req.id, len(req.prompt)])
 
     def _drop_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.stream.cancelled]:
-            self._finish(req, "abort")
-        for req in [r for r in self._running.values() if r.stream.cancelled]:
+        for req in [r for r in self._reqs.values() if r.stream.cancelled]:
             self._finish(req, "abort")
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self._admit()
+        arrivals: list[list] = []
+        self._admit(arrivals)
         self._drop_cancelled()
-        waiting = [WaitingPrefill(r.id, r.arrival_step, r.experts, r.done, r.slot) for r in self._waiting]
-        running = [RunningDecode(s, r.id, r.arrival_step, r.pending_expert, r.waited)
-                   for s, r in sorted(self._running.items()) if r.pending is not None]
-        pick = self.scheduler.pick(waiting, running, self.config.max_num_batched_tokens, len(self._free))
-        by_id = {r.id: r for r in self._waiting}
+        budget = self.config.max_num_batched_tokens
+        pick = self._queue.pick(self.scheduler, budget)
+        before = self._queue.clone() if self.cache is not None else None     # the expert cache's prediction
+        experts = [self._queue.running[s].expert for s in pick.decodes]       # in pick order, as adv.decoded
+        adv = self._queue.apply(pick)
         prefill_tokens = 0
-        for rid, n in pick.prefills:
-            prefill_tokens += n
-            self._prefill(by_id[rid], n)
-        picked = [s for s in pick.decodes if s in self._running and self._running[s].pending is not None]
-        distinct, reqs, experts = None, [self._running[s] for s in picked], [self._running[s].pending_expert for s in picked]
+        for c in adv.chunks:
+            prefill_tokens += c.n
+            self._prefill(self._reqs[c.request_id], c.slot, c.start, c.n, c.last)
+        picked = [slot for slot, _ in adv.decoded]
+        reqs = [self._reqs[rid] for _, rid in adv.decoded]
+        distinct = None
         if picked:
             if self.runner.is_moe:
                 distinct = len({e for e in experts if e >= 0})
-            for group in self._passes(experts, lambda: predict_future(
-                    self.scheduler, {w.request_id: w for w in waiting}, {d.slot: d for d in running},
-                    list(self._free), pick, self.config.max_num_batched_tokens, self.config.belady_window)):
+            for group in self._passes(experts, lambda: before.future(self.scheduler, pick, budget,
+                                                                     self.config.belady_window)):
                 idx = [i for i, e in enumerate(experts) if group is None or e in group]
                 toks, nxts = self.runner.decode([picked[i] for i in idx], [reqs[i].pending for i in idx],
                                                 [experts[i] for i in idx], [reqs[i].seed for i in idx],
                                                 [reqs[i].params.temperature for i in idx],
                                                 [reqs[i].params.top_p for i in idx])
                 for i, tok, nxt in zip(idx, toks.tolist(), nxts.tolist()):
-                    reqs[i].waited = 0
                     self._emit(reqs[i], tok, nxt)
-        for s, r in self._running.items():
-            if s not in picked and r.pending is not None:
-                r.waited += 1
         self.step_count += 1
         seconds = time.perf_counter() - t0
         entry = {"step": self.step_count, "seconds": seconds, "decode_tokens": len(picked),
                  "prefill_tokens": prefill_tokens, "distinct_experts": distinct,
-                 "decode_experts": experts, "decode_requests": [r.id for r in reqs]}
+                 "decode_experts": experts, "decode_requests": [r.id for r in reqs],
+                 "arrivals": arrivals, "prefills": [list(p) for p in pick.prefills], "decodes": list(pick.decodes)}
         self.step_log.append(entry)
         if len(self.step_log) > self.STEP_LOG:
             del self.step_log[: len(self.step_log) - self.STEP_LOG]
         if self.metrics is not None:
             self.metrics.on_step(seconds, len(picked), prefill_tokens, distinct)
-            self.metrics.set_gauges(self._queued, len(self._running))
+            self.metrics.set_gauges(self._queued, self._queue.busy_slots)
 
     def _passes(self, experts: list[int], predict):
         """Without an expert cache: one pass (None = every token). With one: the step's expert set S in passes
@@ -334,20 +326,13 @@ class Engine:
             self.runner.pool.sync(self.cache.resident)
             yield group
 
-    def _prefill(self, req: _Request, n: int) -> None:
-        if req.slot is None:
-            if not self._free:
-                raise EngineError(f"scheduler {self.scheduler.name!r} admitted {req.id} with no free slot")
-            req.slot = self._free.pop(0)
-            self._running[req.slot] = req
+    def _prefill(self, req: _Request, slot: int, start: int, n: int, last: bool) -> None:
+        if req.slot is None:                              # the prompt's first chunk took a slot
+            req.slot = slot
             self._dequeue()
-        chunk = req.prompt[req.done: req.done + n]
-        is_last = req.done + n == len(req.prompt)
-        tok, nxt = self.runner.prefill(req.slot, chunk, req.experts[req.done: req.done + n], is_last, req.seed,
-                                       req.params.temperature, req.params.top_p)
-        req.done += n
-        if is_last:
-            self._waiting.remove(req)
+        tok, nxt = self.runner.prefill(slot, req.prompt[start:start + n], req.experts[start:start + n], last,
+                                       req.seed, req.params.temperature, req.params.top_p)
+        if last:
             self._emit(req, tok, nxt)
 
     def _emit(self, req: _Request, tok: int, nxt: int) -> None:
@@ -371,7 +356,8 @@ class Engine:
                                or len(req.prompt) + len(req.generated) >= self.config.max_model_len):
             reason = "length"
         if reason is None:
-            req.pending, req.pending_expert = tok, nxt
+            req.pending = tok
+            self._queue.ready(req.slot, req.id, req.arrival_step, nxt)
             req.stream.put(RequestOutput(req.id, [tok], text, prompt_tokens=len(req.prompt),
                                          completion_tokens=len(req.generated)))
             return
@@ -385,13 +371,10 @@ class Engine:
             return
         if req.slot is None:
             self._dequeue()
-        if req.slot is not None and self._running.get(req.slot) is req:
-            del self._running[req.slot]
-            self.runner.free(req.slot)
-            self._free.append(req.slot)
-            self._free.sort()
-        if req in self._waiting:
-            self._waiting.remove(req)
+        if self._reqs.pop(req.id, None) is req:
+            self._queue.remove(req.id, req.slot)
+            if req.slot is not None:
+                self.runner.free(req.slot)
         req.pending = None
         req.closed = True
         req.stream.put(RequestOutput(req.id, last_tokens or [], text, finished=True, finish_reason=reason,
