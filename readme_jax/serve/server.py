@@ -229,17 +229,21 @@ async def _complete(request: Request, req, stream, request_id: str):
 
 
 async def _events(req, stream, request_id: str, created: int):
-    """The SSE body: the role chunk (chat), text chunks, finish_reason on the last one, the usage chunk when
-    asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent as an error event."""
+    """The SSE body: the role chunk (chat: sent with the engine's first output, just before the first token's
+    text, so a client's time to first chunk is its time to first token), text chunks, finish_reason on the last
+    one, the usage chunk when asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent as
+    an error event."""
     def chunk(**kw):
         return protocol.sse(protocol.chunk(req.kind, request_id, created, req.model,
                                            include_usage=req.include_usage, **kw))
 
-    if req.kind == "chat":
-        yield chunk(role=True)
+    role = req.kind == "chat"
     last = None
     async for out in stream:
         last = out
+        if role:
+            role = False
+            yield chunk(role=True)
         if not out.finished:
             if out.text:
                 yield chunk(text=out.text)
