@@ -274,7 +274,7 @@ class PagedRunner:
 
         def rows(values, fill, dtype):
             out = np.full(S, fill, dtype)
-            out[:s] = values
+            out[:len(values)] = values          # route_rows: only the routed sequences' rows
             return out
         sample_idx = rows(np.cumsum(batch.q_lens) - 1, 0, np.int32)
         rmeta = route_rows = None
