@@ -12,7 +12,7 @@ from readme_jax.model.llama import Llama
 from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve import runner as runner_mod
+from readme_jax.serve import paged_runner as runner_mod
 from readme_jax.serve.api import QueueFullError
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.schedulers import make_scheduler
@@ -47,7 +47,7 @@ def tokens(stream) -> tuple[list[int], str]:
 
 
 def compiles() -> int:
-    return sum(f._cache_size() for f in (runner_mod._prefill_step, runner_mod._decode_step, runner_mod._route_step))
+    return sum(f._cache_size() for f in (runner_mod._step, runner_mod._route))
 
 
 def test_no_compiles_after_warmup(engine):

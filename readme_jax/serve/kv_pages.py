@@ -111,26 +111,35 @@ class KVPages:
     def table(self, seq: Hashable) -> list[int]:
         return self.tables[seq].pages
 
-    def _match(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    def prefix_keys(self, tokens: Sequence[int]) -> list[bytes]:
+        """The keys of the full pages of ``tokens`` a prefix hit may take (all but the last token's; none
+        without prefix caching). A caller may keep them for ``cached_tokens`` / ``open`` of the same tokens."""
+        keys, parent, ps = [], None, self.page_size
+        if self.prefix_caching:
+            for i in range((len(tokens) - 1) // ps):
+                parent = page_key(parent, tokens[i * ps:(i + 1) * ps])
+                keys.append(parent)
+        return keys
+
+    def _match(self, tokens: Sequence[int], keys: list[bytes] | None = None) -> tuple[list[int], list[bytes]]:
         """The cached pages (and keys) of the longest cached prefix of ``tokens``, leaving >= 1 token."""
-        pages, keys, parent = [], [], None
-        if not self.prefix_caching:
-            return pages, keys
-        ps = self.page_size
-        for i in range((len(tokens) - 1) // ps):
-            k = page_key(parent, tokens[i * ps:(i + 1) * ps])
+        pages, hit = [], []
+        for k in self.prefix_keys(tokens) if keys is None else keys:
             p = self.cached.get(k)
             if p is None:
                 break
             pages.append(p)
-            keys.append(k)
-            parent = k
-        return pages, keys
+            hit.append(k)
+        return pages, hit
 
-    def admit_cost(self, tokens: Sequence[int], total: int | None = None) -> int:
+    def cached_tokens(self, keys: list[bytes]) -> int:
+        """Tokens a prompt with these ``prefix_keys`` would find cached now."""
+        return len(self._match((), keys)[0]) * self.page_size
+
+    def admit_cost(self, tokens: Sequence[int], total: int | None = None, keys: list[bytes] | None = None) -> int:
         """Pages ``open(seq, tokens, total)`` would take from the free list (cached hits on the free list
-        included: taking a reference removes them from it)."""
-        return self._cost(self._match(tokens)[0], len(tokens) if total is None else total)
+        included: taking a reference removes them from it). ``keys``: ``prefix_keys(tokens)`` if known."""
+        return self._cost(self._match(tokens, keys)[0], len(tokens) if total is None else total)
 
     def _cost(self, hit: list[int], total: int) -> int:
         return self.pages_for(total) - len(hit) + sum(1 for p in hit if self.ref[p] == 0)
@@ -152,13 +161,14 @@ class KVPages:
             del self.free[page]
         self.ref[page] += 1
 
-    def open(self, seq: Hashable, tokens: Sequence[int], total: int | None = None) -> PrefixHit:
+    def open(self, seq: Hashable, tokens: Sequence[int], total: int | None = None,
+             keys: list[bytes] | None = None) -> PrefixHit:
         """Start a sequence: take the cached prefix of ``tokens`` and pages for ``total`` tokens (default all of
         ``tokens``). Raises MemoryError (nothing taken) if the free list is too short: check ``admit_cost``."""
         if seq in self.tables:
             raise KeyError(f"KVPages.open: sequence {seq!r} already has pages")
         total = len(tokens) if total is None else int(total)
-        hit, keys = self._match(tokens)
+        hit, keys = self._match(tokens, keys)
         need = self._cost(hit, total)
         if need > len(self.free):
             raise MemoryError(f"KVPages.open: {seq!r} needs {need} free pages, {len(self.free)} free")
