@@ -3,7 +3,7 @@
 ``--model smollm2`` serves the pinned SmolLM2-135M-Instruct GGUF; any ``readme_jax.load_pretrained`` path works
 (an HF directory, a GGUF, our dense checkpoint or a Read-ME export). SIGTERM drains in-flight requests for up
 to ``--drain-timeout`` seconds, aborts the rest and exits 0. ``--mesh data=1,fsdp=8,expert=1`` serves on a
-device mesh (params and slot caches sharded, ``serve/runner.py``; a size of -1 takes the devices left).
+device mesh (params sharded, page pools replicated, ``serve/paged_runner.py``; a size of -1 takes the devices left).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class EngineConfig:
     expert_slots: int | None = None      # Read-ME: k resident experts per layer (None: all E)
     expert_policy: str = "belady"        # serve.expert_cache.make_policy name
     belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
-    mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params sharded (runner.py); None: 1 device
+    mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params sharded (paged_runner.py); None: 1 device
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",

@@ -1,7 +1,7 @@
 """One engine step's rows as the runner's packed batch, and its split into resident-expert passes.
 
     rows = [Row(rid, tokens, experts, start, n, sample, seed, temperature, top_p), ...]
-    batch = build_batch(rows, page_table_of, width, routed)           # serve/runner.py's StepBatch
+    batch = build_batch(rows, page_table_of, width, routed)           # serve/paged_runner.py's StepBatch
     for group, part in passes(rows, resident, k): ...                  # Read-ME with k resident experts
     out = run_rows(runner, rows, page_table_of, routed, cache, belady, predict)     # [(token, expert)] per row
 
