@@ -74,3 +74,13 @@ def test_kv_cache_memory_sizes():
     assert dataclasses.replace(cfg, kv_cache_memory=2000).num_pages(100) == 20
     with pytest.raises(ConfigError, match="needs 4"):
         dataclasses.replace(cfg, kv_cache_memory="3pages").num_pages(100)
+
+
+def test_cli_kv_flags(capsys):
+    from readme_jax.serve import __main__ as cli
+    args = cli.parse_args(["--model", "m", "--kv-cache-memory", "64pages", "--no-prefix-caching", "--page-size", "8"])
+    assert (args.kv_cache_memory, args.no_prefix_caching, args.page_size) == ("64pages", True, 8)
+    assert not cli.parse_args(["--model", "m"]).no_prefix_caching
+    assert cli.main(["--model", "absent", "--kv-cache-memory", "12 parsecs"]) == 2       # before loading
+    assert "--kv-cache-memory" in capsys.readouterr().err
+    assert cli.main(["--model", "absent", "--page-size", "0"]) == 2
