@@ -1,8 +1,12 @@
-"""Sampling: the one parameter validator and the token samplers (whole batch, or per row).
+"""Sampling: the one parameter validator, the token samplers (whole batch, or per row) and the per-row logit
+processors of the OpenAI / vLLM sampling fields.
 
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1)   # validated here
     tok = sample_token(logits, key, temperature, top_p)                 # one setting for the batch
     tok = sample_rows(logits, seeds, positions, temperature, top_p)     # one setting per row (serving)
+    logits = apply_penalties(logits, prompt_counts, output_counts, presence, frequency, repetition)
+    logits = apply_logit_bias(logits, bias_ids, bias_values); logits = apply_top_k(logits, top_k)
+    logits = apply_min_p(logits, min_p); lp, top_ids, top_lp = token_logprobs(logits, tokens, k)
 
 Every entry point (``generate``, its CLI, the server) validates through :class:`SamplingParams` /
 :func:`validate_sampling`, so a bad value gets the same message everywhere, naming the field.
@@ -23,6 +27,13 @@ import jax.numpy as jnp
 from readme_jax.errors import SamplingError
 
 MAX_SEED = 2**31 - 1
+
+
+#: vLLM's bounds: presence / frequency penalties in [-2, 2], logit_bias values in [-100, 100]; at most
+#: MAX_LOGPROBS alternatives per token (OpenAI's top_logprobs bound).
+PENALTY_RANGE = (-2.0, 2.0)
+BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGPROBS = 20
 
 
 def validate_sampling(*, temperature=0.0, top_p=1.0, max_tokens=1, seed=None) -> None:
@@ -56,10 +67,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self):
         validate_sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                           seed=self.seed)
+        _validate_processors(self)
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in self.logit_bias)))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -70,6 +90,38 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def active_processors(self) -> tuple[str, ...]:
+        """The fields of the logit processors set away from their neutral value (what an engine must apply)."""
+        return tuple(name for name, neutral in NEUTRAL_PROCESSORS.items() if getattr(self, name) not in neutral)
+
+
+#: Each processor field and the values that switch it off (top_k 0 or -1: vLLM's "all tokens").
+NEUTRAL_PROCESSORS = {"top_k": (0, -1), "min_p": (0.0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,),
+                      "repetition_penalty": (1.0,), "logit_bias": ((),), "logprobs": (None,)}
+
+
+def _number(name, v, lo, hi, *, lo_open=False) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise SamplingError(name, f"expected a finite number, got {v!r}")
+    if not (lo < v if lo_open else lo <= v) or not v <= hi:
+        raise SamplingError(name, f"expected a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}")
+
+
+def _validate_processors(p: "SamplingParams") -> None:
+    if isinstance(p.top_k, bool) or not isinstance(p.top_k, numbers.Integral) or p.top_k < -1:
+        raise SamplingError("top_k", f"expected an integer >= 1, or 0 / -1 for all tokens, got {p.top_k!r}")
+    _number("min_p", p.min_p, 0.0, 1.0)
+    _number("presence_penalty", p.presence_penalty, *PENALTY_RANGE)
+    _number("frequency_penalty", p.frequency_penalty, *PENALTY_RANGE)
+    _number("repetition_penalty", p.repetition_penalty, 0.0, math.inf, lo_open=True)
+    for t, v in p.logit_bias:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise SamplingError("logit_bias", f"expected token ids >= 0 as keys, got {t!r}")
+        _number("logit_bias", v, *BIAS_RANGE)
+    if p.logprobs is not None and (isinstance(p.logprobs, bool) or not isinstance(p.logprobs, numbers.Integral)
+                                   or not 0 <= p.logprobs <= MAX_LOGPROBS):
+        raise SamplingError("logprobs", f"expected an integer in [0, {MAX_LOGPROBS}] or null, got {p.logprobs!r}")
 
 
 def _nucleus(scaled: jnp.ndarray, keys: jax.Array, top_p: jnp.ndarray) -> jnp.ndarray:
@@ -140,3 +192,63 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
     which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count, side="left")
     out = jnp.where(temperature > 0, sampled, greedy)
     return jax.lax.switch(which, [bucket(s) for s in sizes], out)
+
+
+# --- per-row logit processors (vLLM's definitions; every argument has a leading row dimension B) -------------
+
+def token_counts(ids: jnp.ndarray, mask: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    """How often each vocabulary id occurs in each row. ids <int32>[B, T], mask <bool>[B, T] (False: padding)
+    -> <int32>[B, V]."""
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+    return jnp.zeros((ids.shape[0], vocab_size), jnp.int32).at[rows, ids].add(mask.astype(jnp.int32))
+
+
+def apply_penalties(logits: jnp.ndarray, prompt_counts: jnp.ndarray, output_counts: jnp.ndarray,
+                    presence: jnp.ndarray, frequency: jnp.ndarray, repetition: jnp.ndarray) -> jnp.ndarray:
+    """vLLM's penalties. logits <f32>[B, V]; prompt_counts / output_counts <int32>[B, V] (occurrences in the
+    prompt / the tokens generated so far); presence / frequency / repetition <f32>[B] -> <f32>[B, V].
+
+    repetition (CTRL's, on prompt + output tokens): a seen token's logit is divided by it when positive and
+    multiplied by it otherwise; then frequency * (output count) and presence * (1 if generated) are subtracted
+    (output tokens only, as OpenAI and vLLM define them). 1 / 0 / 0 leave the logits unchanged."""
+    seen = (prompt_counts > 0) | (output_counts > 0)
+    rep = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - frequency[:, None] * output_counts.astype(logits.dtype)
+    return logits - presence[:, None] * (output_counts > 0).astype(logits.dtype)
+
+
+def apply_logit_bias(logits: jnp.ndarray, bias_ids: jnp.ndarray, bias_values: jnp.ndarray) -> jnp.ndarray:
+    """Add OpenAI's logit_bias. logits <f32>[B, V]; bias_ids <int32>[B, K] (-1: no entry), bias_values <f32>[B, K]
+    -> <f32>[B, V] (a row's ids are distinct)."""
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], bias_ids.shape)
+    values = jnp.where(bias_ids >= 0, bias_values, 0.0).astype(logits.dtype)
+    return jnp.asarray(logits).at[rows, jnp.maximum(bias_ids, 0)].add(values)
+
+
+def apply_top_k(logits: jnp.ndarray, top_k: jnp.ndarray) -> jnp.ndarray:
+    """Keep each row's k largest logits (ties with the k-th kept, as vLLM), the rest -inf. logits <f32>[B, V],
+    top_k <int32>[B] (0 or -1, or >= V: all tokens) -> <f32>[B, V]."""
+    V = logits.shape[-1]
+    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
+    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), (k - 1)[:, None], axis=-1)
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def apply_min_p(logits: jnp.ndarray, min_p: jnp.ndarray) -> jnp.ndarray:
+    """Drop tokens whose probability is below min_p times the row's largest (vLLM's min_p, applied to the
+    temperature-scaled logits it is given). logits <f32>[B, V], min_p <f32>[B] (0: off) -> <f32>[B, V]."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, -jnp.inf, logits)
+
+
+def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The chosen token's log-probability and the row's k most likely tokens, all read from ONE log-softmax
+    array (so a greedy token's logprob equals its top-1 entry bit for bit, as lm-eval's greedy check needs).
+    logits <f32>[B, V] (the model's raw logits, vLLM's default "raw_logprobs"), tokens <int32>[B], k static
+    -> (<f32>[B], <int32>[B, k], <f32>[B, k]) with the top entries in descending order."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp

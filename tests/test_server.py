@@ -23,7 +23,7 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.llama import Llama
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.metrics import EngineMetrics
-from readme_jax.serve.server import create_app
+from readme_jax.serve.server import create_app, uvicorn_config
 from tests.tiny_models import random_model
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -74,7 +74,7 @@ class Served:
         self.base = f"http://127.0.0.1:{self.port}"
         app = create_app(engine, tokenizer, model_name=MODEL, max_model_len=max_model_len, default_max_tokens=8,
                          api_key=api_key, metrics=self.metrics)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_ready(self.base)
@@ -90,7 +90,7 @@ def make_engine(tokenizer, *, fault_hook=None, **cfg):
     model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
     metrics = EngineMetrics()
     config = EngineConfig(**({"max_num_seqs": 2, "max_num_batched_tokens": 16, "max_model_len": 256,
-                              "max_queue": 1, "default_max_tokens": 8, "scheduler": "decode-first"} | cfg))
+                              "max_queue": 4, "default_max_tokens": 8, "scheduler": "decode-first"} | cfg))
     return Engine(model, tokenizer, config, metrics=metrics, fault_hook=fault_hook), metrics
 
 
@@ -164,7 +164,7 @@ def test_streaming_equals_non_streamed(served):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"), ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"), ({"prompt": "x", "temperature": -1}, "temperature"),
@@ -195,6 +195,67 @@ def test_bad_chat_names_the_field(served, body, param):
     assert e.value.body["param"] == param
 
 
+# What vLLM's benchmark client sends (default "openai" completions backend, and "openai-chat"): every sampling
+# field a client leaves at its neutral value is accepted.
+VLLM_BENCH_COMPLETION = {"model": MODEL, "prompt": "bench", "repetition_penalty": 1.0, "max_tokens": 3, "logprobs": None,
+                         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+VLLM_BENCH_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "bench"}]}],
+                   "temperature": 0.0, "max_completion_tokens": 3, "stream": True,
+                   "stream_options": {"include_usage": True}, "ignore_eos": True}
+NEUTRAL = {"top_k": -1, "min_p": 0.0, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1,
+           "logit_bias": {}, "n": 1, "best_of": 1, "echo": False, "min_tokens": 0, "use_beam_search": False,
+           "skip_special_tokens": True, "include_stop_str_in_output": False, "top_logprobs": 0, "priority": 0}
+
+
+def _post(served, route, body, **kw):
+    return httpx.post(f"{served.base}/v1/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      **kw)
+
+
+def test_neutral_fields_are_accepted_processors_not_yet_supported(served):
+    for route, body in (("completions", VLLM_BENCH_COMPLETION), ("chat/completions", VLLM_BENCH_CHAT)):
+        r = _post(served, route, body)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        assert json.loads(r.text.split("\n\n")[-3][6:])["usage"]["completion_tokens"] == 3
+    r = _post(served, "completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "top_k": 0, **NEUTRAL})
+    assert r.status_code == 200, r.text
+    for field, value in (("top_k", 5), ("min_p", 0.1), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                         ("repetition_penalty", 1.2), ("logit_bias", {"7": 3}), ("logprobs", 1), ("logprobs", 0)):
+        r = _post(served, "completions", {"model": MODEL, "prompt": "x", field: value})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == field and "not yet supported" in err["message"], err
+    for field, value in (("top_k", -2), ("min_p", 2), ("repetition_penalty", 0), ("logit_bias", {"x": 1})):
+        err = _post(served, "completions", {"model": MODEL, "prompt": "x", field: value}).json()["error"]
+        assert err["param"] == field and "not yet supported" not in err["message"], err
+    r = _post(served, "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                           "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_prompt_lists_and_n_samples(served):
+    one = lambda p, **kw: served.client.completions.create(model=MODEL, prompt=p, max_tokens=5,  # noqa: E731
+                                                           extra_body=LONG, **kw)
+    prompts = ["Héllo", [40, 50, 60], "wörld 😀"]
+    out = one(prompts, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [one(p, temperature=0).choices[0].text for p in prompts]
+    assert out.usage.prompt_tokens == len("Héllo".encode()) + 3 + len("wörld 😀".encode())
+    assert out.usage.completion_tokens == 15
+    sampled = one("seed me", n=3, temperature=1.0, seed=7)
+    texts = [c.text for c in sampled.choices]
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and sampled.usage.completion_tokens == 15
+    assert texts == [c.text for c in one("seed me", n=3, temperature=1.0, seed=7).choices]     # reproducible
+    assert [one("seed me", temperature=1.0, seed=7 + j).choices[0].text for j in range(3)] == texts  # seed + j
+    assert len(set(texts)) > 1                                                                  # independent
+    chunks = list(one(["a", "b"], n=2, temperature=1.0, seed=3, stream=True))
+    streamed = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(4)}
+    assert streamed == {c.index: c.text for c in one(["a", "b"], n=2, temperature=1.0, seed=3).choices}
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 4
+    err = _post(served, "completions", {"model": MODEL, "prompt": ["x"] * 40, "n": 2}).json()["error"]
+    assert err["param"] == "n" and "at most 64" in err["message"]
+
+
 def test_malformed_json_unknown_model_and_auth(served):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{served.base}/v1/completions", content=b"{not json", headers=auth)
@@ -214,12 +275,13 @@ def test_queue_full_429_and_cancelled_streams_free_their_slots(served):
     long = dict(model=MODEL, prompt="long", max_tokens=200, stream=True, extra_body=LONG)
     running = [client.completions.create(**long) for _ in range(2)]           # both slots
     wait_for(lambda: engine.stats()["active_slots"] == 2)
-    queued = client.completions.create(**long)                                 # the queue of one
-    wait_for(lambda: engine.stats()["queue_depth"] == 1)
+    queued = [client.completions.create(**long) for _ in range(engine.config.max_queue)]   # a full queue
+    wait_for(lambda: engine.stats()["queue_depth"] == engine.config.max_queue)
     with pytest.raises(openai.RateLimitError) as e:
         client.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
-    for s in running + [queued]:                                               # clients go away mid-stream
+    assert e.value.body["message"].count("queue is full") == 1, e.value.body["message"]
+    for s in running + queued:                                                 # clients go away mid-stream
         next(iter(s))
         s.close()
     wait_for(lambda: engine.stats()["active_slots"] == 0 and engine.stats()["queue_depth"] == 0)

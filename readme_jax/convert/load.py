@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from readme_jax.convert import checkpoint
+from readme_jax.convert.config_check import check_hf_config, check_llama_dict
 from readme_jax.convert.readme_checkpoint import load_readme_checkpoint
 from readme_jax.errors import CheckpointError
 from readme_jax.model.config import LlamaConfig
@@ -72,6 +73,7 @@ def load_hf(directory: str | os.PathLike, dtype=jnp.float32, **overrides):
         raise CheckpointError(f"{directory}: no config.json (expected an HF model directory)") from e
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    check_hf_config(hf, source=str(cfg_path))
     cfg = _with_dtype(LlamaConfig.from_hf(hf, source=str(cfg_path)), dtype or jnp.float32, overrides)
     if not (directory / INDEX_FILE).is_file() and not any(directory.glob("*.safetensors")):
         pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -105,6 +107,7 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, **overrides):
 def _load_dense_checkpoint(path: Path, config: dict, *, dtype=None, **overrides):
     from readme_jax.convert.assemble import abstract_llama
 
+    check_llama_dict(config, source=str(path / checkpoint.CONFIG_FILE))
     try:
         cfg = LlamaConfig.from_dict(config)
     except TypeError as e:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from readme_jax.convert.checkpoint import restore_params, save_checkpoint
+from readme_jax.convert.config_check import check_readme_dict
 from readme_jax.errors import CheckpointError
 from readme_jax.model.readme import ReadMe, ReadMeConfig
 
@@ -34,6 +35,7 @@ def load_readme_checkpoint(path: str | os.PathLike, config: dict[str, Any], *, d
     ``config``: the checkpoint's config dict; ``dtype``: None (as saved) or the param and compute dtype of
     the backbone and router; ``overrides``: fields of the base LlamaConfig (e.g. ``scan_layers=False``).
     """
+    check_readme_dict(config, source=f"{path}/config.json")
     try:
         cfg = ReadMeConfig.from_dict(config)
         if dtype is not None:

@@ -175,6 +175,23 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def _run(args) -> dict[str, dict[str, float]] | None:
+    """The results of the CLI's arguments (None: the model has no tokenizer, said on stderr)."""
+    from readme_jax import load_pretrained
+
+    if not args.corpus.is_dir():                       # before the model loads
+        raise ValueError(f"{args.corpus}: no such corpus directory (expected one built by readme_jax.data.corpus)")
+    model, tokenizer = load_pretrained(args.model)
+    if args.tokenizer:
+        from readme_jax.data.tokenizers import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
+        return None
+    return evaluate_perplexity(model, tokenizer, args.corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                               batch_size=args.batch_size, domains=args.domains)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m readme_jax.eval.perplexity",
                                      description="Per-domain held-out perplexity (fixed-token protocol).")
@@ -188,16 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from readme_jax import load_pretrained
-    model, tokenizer = load_pretrained(args.model)
-    if args.tokenizer:
-        from readme_jax.data.tokenizers import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        print(f"error: {args.model} has no tokenizer; pass --tokenizer", file=sys.stderr)
+    try:
+        results = _run(args)
+        if results is None:
+            return 2
+    except (ValueError, KeyError, OSError) as e:          # a bad path / checkpoint / corpus: one line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
-    results = evaluate_perplexity(model, tokenizer, args.corpus, seq_len=args.seq_len,
-                                  max_tokens=args.max_tokens, batch_size=args.batch_size, domains=args.domains)
     print(format_table(results))
     if args.out:
         record: dict[str, Any] = {"model": str(args.model), "corpus": str(args.corpus), "seq_len": args.seq_len,

@@ -4,15 +4,43 @@
 (an HF directory, a GGUF, our dense checkpoint or a Read-ME export). SIGTERM drains in-flight requests for up
 to ``--drain-timeout`` seconds, aborts the rest and exits 0. ``--mesh data=1,fsdp=8,expert=1`` serves on a
 device mesh (params sharded, page pools replicated, ``serve/paged_runner.py``; a size of -1 takes the devices left).
+The API key comes from ``--api-key``, ``--api-key-file`` or ``$READMEJAX_API_KEY`` (an empty key is refused);
+``--max-body-bytes``, ``--header-timeout``, ``--body-timeout`` and ``--max-connections`` bound what one client
+can hold (``serve/limits.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_MAX_MODEL_LEN = 2048
+API_KEY_ENV = "READMEJAX_API_KEY"
+
+
+def api_key(args) -> str | None:
+    """The key from --api-key, --api-key-file (first line) or $READMEJAX_API_KEY (at most one of the flags; an
+    empty key is refused): None for a key-less server. ValueError naming the source otherwise."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file: cannot read {args.api_key_file} ({e})") from None
+        key, source = (lines[0] if lines else ""), f"--api-key-file {args.api_key_file}"
+    elif args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif os.environ.get(API_KEY_ENV) is not None:
+        key, source = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    if not key.strip():
+        raise ValueError(f"{source}: the API key is empty (give a non-empty key, or none for a key-less server)")
+    return key.strip()
 
 
 def context_length(model) -> int:
@@ -69,7 +97,16 @@ def parse_args(argv):
                     help="Read-ME: resident experts per layer for decode (default: all); the rest in host memory")
     ap.add_argument("--expert-policy", default="belady", help="expert cache policy (belady, lru, lfu, fifo, random)")
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
+    ap.add_argument("--api-key", default=None,
+                    help=f"require 'Authorization: Bearer <key>' (visible to local users in the process list: "
+                         f"prefer --api-key-file or ${API_KEY_ENV})")
+    ap.add_argument("--api-key-file", type=Path, default=None, help="read the API key from this file's first line")
+    ap.add_argument("--max-body-bytes", type=int, default=None,
+                    help="larger request bodies get 413 (default: 64 prompts x max-model-len x 12 bytes + 64 KiB)")
+    ap.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection may take to send a request's headers before it is closed")
+    ap.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request body may take to arrive (408)")
+    ap.add_argument("--max-connections", type=int, default=512, help="open connections before uvicorn answers 503")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     ap.add_argument("--mesh", type=parse_mesh, default=None,
                     help="serve on a device mesh, e.g. data=1,fsdp=8,expert=1 (-1: the devices left; "
@@ -81,10 +118,17 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens", "page_size"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens", "page_size",
+                 "max_connections", "header_timeout", "body_timeout") + (
+                     ("max_body_bytes",) if args.max_body_bytes is not None else ()):
+        if not getattr(args, name) > 0:
+            print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    try:
+        key = api_key(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import jax.numpy as jnp
 
@@ -94,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     from readme_jax.parallel.mesh import make_mesh
     from readme_jax.serve.engine import Engine, EngineConfig
     from readme_jax.serve.engine_config import parse_kv_memory
+    from readme_jax.serve.limits import Limits
     from readme_jax.serve.metrics import EngineMetrics
+    from readme_jax.serve.protocol import MAX_CHOICES
     from readme_jax.serve.server import create_app, serve
 
     path = assets.smollm2_gguf() if args.model == "smollm2" else Path(args.model)
@@ -126,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                            expert_slots=args.expert_slots, expert_policy=args.expert_policy, mesh=mesh,
                            page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
                            prefix_caching=not args.no_prefix_caching)
-        metrics = EngineMetrics()
+        metrics = EngineMetrics(model_name=name)
         engine = Engine(model, tokenizer, cfg, metrics=metrics)
     except (ValueError, OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    limits = Limits.for_context(max_model_len, MAX_CHOICES, body_timeout_s=args.body_timeout,
+                                header_timeout_s=args.header_timeout, max_connections=args.max_connections)
+    if args.max_body_bytes is not None:
+        limits = dataclasses.replace(limits, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, tokenizer, model_name=name, max_model_len=max_model_len,
-                     default_max_tokens=args.default_max_tokens, api_key=args.api_key, metrics=metrics)
+                     default_max_tokens=args.default_max_tokens, api_key=key, metrics=metrics, limits=limits)
     serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
     return 0
 

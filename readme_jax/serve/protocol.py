@@ -1,14 +1,19 @@
-"""The OpenAI wire format: request parsing and validation, response and stream-chunk builders, errors.
+"""The OpenAI / vLLM request format: parsing and validation of /v1/completions and /v1/chat/completions
+bodies, and the error shape.
 
-    req = parse_completion(body, tokenizer, model_name="smollm2", max_model_len=2048, default_max_tokens=16)
-    req.prompt_ids, req.params (a validated SamplingParams), req.stream, req.include_usage
-    completion_response(req_id, created, model, text, finish_reason, usage)       # -> dict (JSON body)
+    data = parse_json(body)                                        # 400: not JSON, nested too deep, bad Unicode
+    req = parse_request("completion", data, tokenizer, model_name="smollm2", max_model_len=2048,
+                        default_max_tokens=16)
+    req.prompts (token ids of each prompt), req.n, req.params (a validated SamplingParams), req.stream, ...
 
-Every field a request may carry is listed here. A field this server does not implement is accepted only at
-the value that means "off" (``n`` 1, ``logprobs`` null, ``echo`` false, penalties 0, ...); any other value,
-and any field not listed, is a 400 naming it: nothing is silently ignored. Sampling values are checked by
-the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same message
-here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Every field a request may carry is listed here (``FIELDS``), with what it answers: implemented, accepted
+only at its neutral value (the value that means "off": ``echo`` false, ``best_of`` = n, ``min_tokens`` 0,
+...), or a sampling processor the engine does not apply yet (``ENGINE_PENDING``: accepted at its neutral
+value, validated, and otherwise a 400 saying "not yet supported"). A field not listed is a 400 naming it:
+nothing is silently ignored. Sampling values are checked by the one validator
+(:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same message here as in
+``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
+``QUOTE_CHARS`` characters of a value.
 """
 
 from __future__ import annotations
@@ -19,11 +24,19 @@ import numbers
 from typing import Any
 
 from readme_jax.errors import SamplingError
-from readme_jax.sampling import SamplingParams
+from readme_jax.sampling import NEUTRAL_PROCESSORS, SamplingParams
 
-#: OpenAI's default temperature and top_p (the API samples unless asked for temperature 0).
+#: OpenAI's default temperature (the API samples unless asked for temperature 0).
 DEFAULT_TEMPERATURE = 1.0
 ROLES = ("system", "user", "assistant")
+QUOTE_CHARS = 100
+MAX_JSON_DEPTH = 64
+#: Choices per request (prompts x n): lm-eval sends its batch as one list of prompts.
+MAX_CHOICES = 64
+#: lm-eval sends every `until` string plus EOS as `stop`, so more than OpenAI's 4.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 16 * 1024
+#: Processors validated here that the engine does not apply yet: a non-neutral value is a 400.
+ENGINE_PENDING = frozenset(NEUTRAL_PROCESSORS)
 
 
 class APIError(Exception):
@@ -44,94 +57,170 @@ def bad_request(param: str | None, message: str) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 
+def quote(value: Any) -> str:
+    """``value`` as JSON, cut to QUOTE_CHARS characters (error messages never echo a whole value)."""
+    text = value if isinstance(value, str) and len(value) > 4 * QUOTE_CHARS else None
+    text = json.dumps(text[: 4 * QUOTE_CHARS] if text is not None else value, ensure_ascii=False, default=str)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + f"... ({len(text)} characters)"
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
-    """A parsed /v1/completions or /v1/chat/completions request."""
+    """A parsed /v1/completions or /v1/chat/completions request: ``n`` samples of each prompt, choice index
+    ``prompt_index * n + sample_index`` (vLLM's order)."""
 
     kind: str                       # "completion" | "chat"
     model: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]
+    n: int
     params: SamplingParams
     stream: bool
     include_usage: bool
 
+    def choice_params(self, index: int) -> SamplingParams:
+        """The settings of choice ``index``: a seeded request's j-th sample uses seed + j (as vLLM's n > 1)."""
+        j = index % self.n
+        if j == 0 or self.params.seed is None:
+            return self.params
+        return dataclasses.replace(self.params, seed=(self.params.seed + j) % (2**31 - 1))
 
-# --- field checks ------------------------------------------------------------------------------------------
 
-def _off(*allowed):
-    """A check for an unsupported field: only the listed "off" values pass."""
+# --- field table -------------------------------------------------------------------------------------------
+
+def _neutral(*allowed):
+    """A field this server does not implement: only the listed "off" values pass."""
     def check(name, value):
         if not any(value == a and type(value) is type(a) for a in allowed):
             shown = " or ".join(json.dumps(a) for a in allowed)
-            raise bad_request(name, f"not supported by this server (only {shown} is accepted), got "
-                                    f"{json.dumps(value)}")
+            raise bad_request(name, f"not supported by this server (only {shown} is accepted), got {quote(value)}")
     return check
+
+
+_IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
+                "ignore_eos", "stop_token_ids", "n", "best_of"} | set(NEUTRAL_PROCESSORS)
+_NEUTRAL_COMMON = {
+    "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
+    "include_stop_str_in_output": _neutral(False, None), "skip_special_tokens": _neutral(True, None),
+    "spaces_between_special_tokens": _neutral(True, None), "priority": _neutral(0, None),
+    "truncate_prompt_tokens": _neutral(None), "prompt_logprobs": _neutral(None, 0),
+    "allowed_token_ids": _neutral(None), "bad_words": _neutral(None, []),
+    "response_format": _neutral(None, {"type": "text"}), "guided_json": _neutral(None), "guided_regex": _neutral(None),
+    "guided_choice": _neutral(None), "guided_grammar": _neutral(None), "structured_outputs": _neutral(None),
+    "return_tokens_as_token_ids": _neutral(False, None), "add_special_tokens": _neutral(None),
+    "echo": _neutral(False, None), "service_tier": _neutral(None, "auto", "default"), "store": _neutral(False, None),
+    "metadata": _neutral(None),
+}
+NEUTRAL_ONLY = {
+    "completion": {**_NEUTRAL_COMMON, "suffix": _neutral(None, ""), "top_logprobs": _neutral(None, 0)},
+    "chat": {**_NEUTRAL_COMMON, "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
+             "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
+             "parallel_tool_calls": _neutral(None, True), "add_generation_prompt": _neutral(True, None),
+             "continue_final_message": _neutral(False, None), "chat_template": _neutral(None),
+             "chat_template_kwargs": _neutral(None, {}), "documents": _neutral(None), "modalities": _neutral(None, ["text"]),
+             "prediction": _neutral(None), "audio": _neutral(None), "reasoning_effort": _neutral(None),
+             "web_search_options": _neutral(None)},
+}
+_REQUIRED = {"completion": "prompt", "chat": "messages"}
+
+
+def fields(kind: str) -> set[str]:
+    """Every field a ``kind`` request may carry."""
+    return _IMPLEMENTED | set(NEUTRAL_ONLY[kind]) | {_REQUIRED[kind]} | (
+        {"max_completion_tokens", "top_logprobs"} if kind == "chat" else set())
+
+
+# --- body ----------------------------------------------------------------------------------------------------
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object of valid Unicode nested at most MAX_JSON_DEPTH deep, else a 400."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise bad_request(None, f"the request body is nested too deep (at most {MAX_JSON_DEPTH} levels)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(None, f"the request body is not valid JSON ({str(e)[:QUOTE_CHARS]})") from None
+    if not isinstance(data, dict):
+        raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
+    stack = [(data, 1, "")]
+    while stack:                                        # iterative: depth and Unicode of every value
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(where.lstrip(".") or None, f"nested too deep (at most {MAX_JSON_DEPTH} levels)")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            path = f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"
+            for s in (k, v):
+                if isinstance(s, str):
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise bad_request(path.lstrip("."), f"not valid Unicode (a lone surrogate at character "
+                                                            f"{e.start})") from None
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1, path))
+    return data
 
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _type(name, value, kinds, what):
+def check_type(name, value, kinds, what):
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise bad_request(name, f"expected {what}, got {json.dumps(value)}")
+        raise bad_request(name, f"expected {what}, got {quote(value)}")
 
 
-_UNSUPPORTED_COMMON = {
-    "n": _off(1, None), "presence_penalty": _off(0, 0.0, None), "frequency_penalty": _off(0, 0.0, None),
-    "logit_bias": _off(None, {}), "best_of": _off(1, None), "response_format": _off(None, {"type": "text"}),
-    "tools": _off(None, []), "tool_choice": _off(None, "none"), "functions": _off(None, []),
-    "function_call": _off(None, "none"), "parallel_tool_calls": _off(None), "top_logprobs": _off(None, 0),
-}
-_UNSUPPORTED = {
-    "completion": {**_UNSUPPORTED_COMMON, "logprobs": _off(None, 0), "echo": _off(False, None),
-                   "suffix": _off(None, "")},
-    "chat": {**_UNSUPPORTED_COMMON, "logprobs": _off(False, None)},
-}
-_SUPPORTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-              "ignore_eos", "stop_token_ids"}
-_REQUIRED = {"completion": "prompt", "chat": "messages"}
+# --- prompts -------------------------------------------------------------------------------------------------
+
+def check_chars(param: str, text: str, max_chars: int | None) -> None:
+    if max_chars is not None and len(text) > max_chars:
+        raise bad_request(param, f"{len(text)} characters cannot fit the context ({max_chars} characters at most)")
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, else a 400."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(None, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
-    return data
+def token_ids(value: list, tokenizer, param: str) -> list[int]:
+    if not value or not all(_is_int(t) for t in value):
+        raise bad_request(param, f"expected a non-empty list of token ids, got {quote(value)}")
+    bad = next((t for t in value if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise bad_request(param, f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+    return [int(t) for t in value]
 
 
-def _prompt_ids(value, tokenizer) -> list[int]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]                                   # a batch of one
+def _prompts(value, tokenizer, max_chars: int | None) -> list[list[int]]:
+    """A string, a list of token ids, or a list of strings / token-id lists (a batch)."""
     if isinstance(value, str):
-        return tokenizer.encode(value, bos=tokenizer.add_bos_default)
-    if isinstance(value, list) and value and all(_is_int(t) for t in value):
-        bad = next((t for t in value if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
-            raise bad_request("prompt", f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
-        return [int(t) for t in value]
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
-        raise bad_request("prompt", f"a batch of {len(value)} prompts is not supported; send one per request")
-    raise bad_request("prompt", f"expected a string or a non-empty list of token ids, got {json.dumps(value)[:80]}")
+        value = [value]
+    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(p, (str, list)) for p in value):
+        raise bad_request("prompt", "expected a string, a list of token ids, or a list of those, got "
+                                    f"{quote(value)}")
+    if len(value) > MAX_CHOICES:
+        raise bad_request("prompt", f"{len(value)} prompts; at most {MAX_CHOICES} per request")
+    out = []
+    for i, p in enumerate(value):
+        param = "prompt" if len(value) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            check_chars(param, p, max_chars)                  # before tokenising
+            out.append(tokenizer.encode(p, bos=tokenizer.add_bos_default))
+        else:
+            out.append(token_ids(p, tokenizer, param))
+    return out
 
 
-def _chat_prompt_ids(messages, tokenizer) -> list[int]:
+def chat_prompt_ids(messages, tokenizer, max_chars: int | None) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "expected a non-empty list of {role, content} objects")
     clean = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise bad_request(where, f"expected an object, got {json.dumps(m)[:80]}")
+            raise bad_request(where, f"expected an object, got {quote(m)}")
         extra = sorted(set(m) - {"role", "content"})
         if extra:
-            raise bad_request(f"{where}.{extra[0]}", "not supported by this server")
+            raise bad_request(f"{where}.{extra[0][:QUOTE_CHARS]}", "not supported by this server")
         if m.get("role") not in ROLES:
-            raise bad_request(f"{where}.role", f"expected one of {list(ROLES)}, got {json.dumps(m.get('role'))}")
+            raise bad_request(f"{where}.role", f"expected one of {list(ROLES)}, got {quote(m.get('role'))}")
         content = m.get("content")
         if isinstance(content, list):                      # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -140,15 +229,67 @@ def _chat_prompt_ids(messages, tokenizer) -> list[int]:
                                                       "are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise bad_request(f"{where}.content", f"expected a string, got {json.dumps(content)[:80]}")
+            raise bad_request(f"{where}.content", f"expected a string, got {quote(content)}")
         clean.append({"role": m["role"], "content": content})
+    check_chars("messages", "".join(m["content"] for m in clean), max_chars)
     if not tokenizer.chat_template:
         raise bad_request("messages", "this model's tokenizer has no chat template; use /v1/completions")
     text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
     return tokenizer.encode(text)
 
 
-def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens) -> SamplingParams:
+# --- sampling ------------------------------------------------------------------------------------------------
+
+def _stop(data) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    stop = data.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list):
+        raise bad_request("stop", f"expected a string or a list of strings, got {quote(stop)}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request("stop", f"{len(stop)} strings; at most {MAX_STOP_STRINGS}")
+    if any(not isinstance(s, str) for s in stop):
+        raise bad_request("stop", f"expected strings, got {quote(stop)}")
+    if sum(map(len, stop)) > MAX_STOP_CHARS:
+        raise bad_request("stop", f"{sum(map(len, stop))} characters in all; at most {MAX_STOP_CHARS}")
+    ids = data.get("stop_token_ids") or []
+    if not isinstance(ids, list) or len(ids) > MAX_STOP_STRINGS:
+        raise bad_request("stop_token_ids", f"expected a list of at most {MAX_STOP_STRINGS} token ids, got "
+                                            f"{quote(ids)}")
+    return tuple(stop), tuple(ids)
+
+
+def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request("logit_bias", f"expected an object {{token id: bias}}, got {quote(value)}")
+    out = []
+    for k, v in value.items():
+        if not k.isdigit() or not int(k) < vocab_size:
+            raise bad_request("logit_bias", f"key {quote(k)} is not a token id in [0, {vocab_size})")
+        out.append((int(k), v))
+    return tuple(out)
+
+
+def _logprobs(data, kind) -> int | None:
+    if kind == "completion":                   # vLLM: an integer k >= 0 asks for the chosen token + k others
+        lp = data.get("logprobs")
+        if lp is None or lp is False:
+            return None
+        check_type("logprobs", lp, (int,), "an integer or null")
+        return lp
+    lp, top = data.get("logprobs"), data.get("top_logprobs")
+    if lp is not None:
+        check_type("logprobs", lp, (bool,), "a boolean")
+    if top and not lp:
+        raise bad_request("top_logprobs", "only allowed when logprobs is true")
+    return (top or 0) if lp else None
+
+
+def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_size) -> SamplingParams:
     max_tokens = data.get("max_tokens")
     if kind == "chat" and data.get("max_completion_tokens") is not None:
         if max_tokens is not None:
@@ -157,112 +298,89 @@ def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens) -> Samp
     if max_tokens is None:                     # the stated default, shortened to what the context has left
         max_tokens = min(default_max_tokens, max_model_len - prompt_len) if prompt_len < max_model_len \
             else default_max_tokens
-    stop = data.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif not isinstance(stop, list):
-        raise bad_request("stop", f"expected a string or a list of strings, got {json.dumps(stop)}")
-    stop_ids = data.get("stop_token_ids") or ()
-    if not isinstance(stop_ids, (list, tuple)):
-        raise bad_request("stop_token_ids", f"expected a list of token ids, got {json.dumps(stop_ids)}")
+    stop, stop_ids = _stop(data)
     ignore_eos = data.get("ignore_eos", False)
-    _type("ignore_eos", ignore_eos, (bool,), "a boolean")
-    temperature = data.get("temperature")
+    check_type("ignore_eos", ignore_eos, (bool,), "a boolean")
     top_p = data.get("top_p")
+
+    def given(name, default):
+        return default if data.get(name) is None else data[name]
+
     try:
-        return SamplingParams(temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p, max_tokens=max_tokens, seed=data.get("seed"),
-                              stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos)
+        params = SamplingParams(
+            temperature=given("temperature", DEFAULT_TEMPERATURE), top_p=1.0 if top_p is None else top_p,
+            max_tokens=max_tokens, seed=data.get("seed"), stop=stop, stop_token_ids=stop_ids, ignore_eos=ignore_eos,
+            top_k=given("top_k", 0), min_p=given("min_p", 0.0), presence_penalty=given("presence_penalty", 0.0),
+            frequency_penalty=given("frequency_penalty", 0.0), repetition_penalty=given("repetition_penalty", 1.0),
+            logit_bias=_logit_bias(data.get("logit_bias"), vocab_size), logprobs=_logprobs(data, kind))
     except SamplingError as e:
-        raise bad_request(e.param, str(e).split(": ", 1)[-1]) from None
+        raise bad_request(e.param, str(e).split(": ", 1)[-1][: 2 * QUOTE_CHARS]) from None
+    pending = [f for f in params.active_processors() if f in ENGINE_PENDING]
+    if pending:
+        field = pending[0]
+        raise bad_request(field, f"not yet supported by this server's engine (got {quote(data.get(field))}; "
+                                 f"accepted: the neutral value {_neutral_text(field)})")
+    return params
+
+
+def _neutral_text(field: str) -> str:
+    return {"top_k": "-1 or 0", "min_p": "0", "presence_penalty": "0", "frequency_penalty": "0",
+            "repetition_penalty": "1", "logit_bias": "{} or null", "logprobs": "null / false"}[field]
+
+
+def _n(data) -> int:
+    n = data.get("n")
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request("n", f"expected an integer in [1, {MAX_CHOICES}], got {quote(n)}")
+    best_of = data.get("best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request("best_of", f"not supported by this server (only null or n = {n} is accepted), got "
+                                     f"{quote(best_of)}")
+    return n
 
 
 def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str, max_model_len: int,
-                  default_max_tokens: int) -> GenerationRequest:
-    """Validate one request body (already a JSON object) of ``kind`` "completion" or "chat"."""
-    unsupported = _UNSUPPORTED[kind]
-    allowed = _SUPPORTED | set(unsupported) | {_REQUIRED[kind]} | ({"max_completion_tokens"} if kind == "chat"
-                                                                   else set())
+                  default_max_tokens: int, max_prompt_chars: int | None = None) -> GenerationRequest:
+    """Validate one request body (already a JSON object) of ``kind`` "completion" or "chat" and tokenise its
+    prompts (strings longer than ``max_prompt_chars`` are refused before tokenising)."""
+    neutral_only = NEUTRAL_ONLY[kind]
+    allowed = fields(kind)
     for name in sorted(data):
         if name not in allowed:
-            raise bad_request(name, "unknown or unsupported parameter")
-        if name in unsupported:
-            unsupported[name](name, data[name])
+            raise bad_request(name[:QUOTE_CHARS], "unknown or unsupported parameter")
+        if name in neutral_only:
+            neutral_only[name](name, data[name])
     for name in ("model", _REQUIRED[kind]):
         if name not in data:
             raise bad_request(name, "required field is missing")
-    _type("model", data["model"], (str,), "a string")
+    check_type("model", data["model"], (str,), "a string")
     if data["model"] != model_name:
-        raise APIError(404, f"model: {data['model']!r} does not exist; this server serves {model_name!r}",
+        raise APIError(404, f"model: {quote(data['model'])} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
     if data.get("user") is not None:
-        _type("user", data["user"], (str,), "a string")
+        check_type("user", data["user"], (str,), "a string")
     stream = data.get("stream", False)
     if stream is not None:
-        _type("stream", stream, (bool,), "a boolean")
+        check_type("stream", stream, (bool,), "a boolean")
     stream = bool(stream)
     options = data.get("stream_options")
     include_usage = False
     if options is not None:
         if not stream:
             raise bad_request("stream_options", "only allowed when stream is true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise bad_request("stream_options", f"expected {{\"include_usage\": bool}}, got {json.dumps(options)}")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"} \
+                or options.get("continuous_usage_stats"):
+            raise bad_request("stream_options", f"expected {{\"include_usage\": bool}}, got {quote(options)}")
         include_usage = options.get("include_usage", False)
-        _type("stream_options.include_usage", include_usage, (bool,), "a boolean")
+        check_type("stream_options.include_usage", include_usage, (bool,), "a boolean")
+    n = _n(data)
     if kind == "chat":
-        prompt_ids = _chat_prompt_ids(data["messages"], tokenizer)
+        prompts = [chat_prompt_ids(data["messages"], tokenizer, max_prompt_chars)]
     else:
-        prompt_ids = _prompt_ids(data["prompt"], tokenizer)
-    params = _sampling(data, kind, len(prompt_ids), max_model_len, default_max_tokens)
-    return GenerationRequest(kind, data["model"], prompt_ids, params, stream, include_usage)
+        prompts = _prompts(data["prompt"], tokenizer, max_prompt_chars)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request("n", f"{len(prompts)} prompts x n = {n} choices; at most {MAX_CHOICES} per request")
+    params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size)
+    return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage)
 
-
-# --- responses ---------------------------------------------------------------------------------------------
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _choice(kind: str, text: str, finish_reason: str | None, *, delta: bool, role: bool = False) -> dict:
-    if kind == "completion":
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    if delta:
-        d = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
-        return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-            "finish_reason": finish_reason}
-
-
-def response(kind: str, request_id: str, created: int, model: str, text: str, finish_reason: str,
-             use: dict[str, int]) -> dict:
-    """The non-streamed body of a completion ("text_completion") or a chat completion."""
-    obj = "text_completion" if kind == "completion" else "chat.completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model,
-            "choices": [_choice(kind, text, finish_reason, delta=False)], "usage": use}
-
-
-def chunk(kind: str, request_id: str, created: int, model: str, text: str = "", finish_reason: str | None = None,
-          *, role: bool = False, use: dict[str, int] | None = None, include_usage: bool = False) -> dict:
-    """One streamed chunk. ``use`` given: the final usage chunk (no choices). With ``include_usage`` every
-    other chunk carries ``"usage": null``, as OpenAI's do."""
-    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-    out = {"id": request_id, "object": obj, "created": created, "model": model,
-           "choices": [] if use is not None else [_choice(kind, text, finish_reason, delta=True, role=role)]}
-    if use is not None or include_usage:
-        out["usage"] = use
-    return out
-
-
-def sse(payload: dict | str) -> bytes:
-    """One server-sent event: ``data: <json>\\n\\n`` (or ``data: [DONE]``)."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
-
-
-def models_list(model: str, created: int, max_model_len: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "readme_jax",
-                                        "max_model_len": max_model_len}]}

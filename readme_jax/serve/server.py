@@ -3,13 +3,15 @@
     app = create_app(engine, tokenizer, model_name="smollm2", max_model_len=2048, default_max_tokens=16)
     serve(app, host="127.0.0.1", port=8000)          # uvicorn; SIGTERM drains, then exits 0
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE with
-``"stream": true``), ``GET /health`` (200 ready, 503 starting / draining / engine failed), ``GET /metrics``.
-With ``api_key`` every ``/v1`` route needs ``Authorization: Bearer <key>``. Engine errors map to HTTP:
-QueueFullError 429 (with Retry-After), NotReadyError 503, EngineError or a request that ends in "error" 500,
-SamplingError 400 naming the field. A client that disconnects cancels its request (its slot is freed at
-the engine's next step). The engine starts (compiles, warms up) on a thread once the app starts, so
-``/health`` answers 503 until it is ready.
+Routes: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a list, ``n`` samples each),
+``POST /v1/chat/completions`` (SSE with ``"stream": true``), vLLM's ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info``, ``GET /health`` (200 ready, 503 starting / draining / failed), ``GET /metrics``. With
+``api_key`` all but /health and /metrics need ``Authorization: Bearer <key>``. Every ``/v1`` route answers 503
+with Retry-After until the engine (started, compiled and warmed up on a thread) can serve, so a client polling
+``/v1/models`` never sees 200 before a completion can succeed. Engine errors map to HTTP: QueueFullError 429
+(Retry-After), NotReadyError 503, EngineError or an output ending in "error" 500, SamplingError 400 naming the
+field. A client that disconnects cancels its requests. Bodies are bounded (``serve/limits.py``: 413 before
+reading more, 415, 408) and parsed and tokenised on a worker thread, so no request stalls the event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import threading
 import time
 import uuid
@@ -27,29 +30,31 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from readme_jax.errors import SamplingError
-from readme_jax.serve import protocol
+from readme_jax.serve import protocol, responses, tokenizer_api
 from readme_jax.serve.api import EngineError, NotReadyError, QueueFullError
+from readme_jax.serve.limits import Limits, header_timeout_protocol, max_prompt_chars, read_body
 from readme_jax.serve.metrics import EngineMetrics
 from readme_jax.serve.protocol import APIError
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info",
+          "/health", "/metrics")
 RETRY_AFTER_S = 1
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger("uvicorn.error")
 
 
 class _EngineStream(StreamingResponse):
-    """An SSE response that cancels its engine request however the response ends (client gone included)."""
+    """An SSE response that cancels its engine requests however the response ends (client gone included)."""
 
-    def __init__(self, content, stream):
+    def __init__(self, content, streams):
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._stream = stream
+        self._streams = streams
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if not self._stream.finished:
-                self._stream.cancel()
+            _cancel(self._streams)
 
 
 class _CountRequests:
@@ -76,6 +81,12 @@ class _CountRequests:
             self.metrics.on_request(path if path in ROUTES else "other", status)
 
 
+def _cancel(streams) -> None:
+    for s in streams:
+        if not s.finished:
+            s.cancel()
+
+
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -85,19 +96,54 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+async def _merged(streams):
+    """(choice index, output) of every stream as they arrive, until each has finished."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, out = await queue.get()
+            if out is None:
+                live -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, default_max_tokens: int,
-               api_key: str | None = None, metrics: EngineMetrics | None = None) -> FastAPI:
+               api_key: str | None = None, metrics: EngineMetrics | None = None, limits: Limits | None = None) -> FastAPI:
     """The app serving ``engine`` (not yet started: the app starts it on a thread at startup, and shuts
-    it down at exit). ``metrics``: the registry the engine reports to (a fresh one if None)."""
+    it down at exit). ``metrics``: the registry the engine reports to (a fresh one if None); ``limits``: body
+    size and read time (default: ``Limits.for_context(max_model_len, protocol.MAX_CHOICES)``)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key: empty; give a non-empty key or none")
     metrics = metrics if metrics is not None else EngineMetrics()
+    metrics.bind_model_name(model_name)
+    limits = limits or Limits.for_context(max_model_len, protocol.MAX_CHOICES)
+    prompt_chars = max_prompt_chars(tokenizer, max_model_len)
     created = int(time.time())
     state = {"draining": False, "drained": False, "start_error": None}
 
     def start_engine():
+        t0 = time.perf_counter()
+        log.info("engine: compiling and warming up; /v1 routes answer 503 until it is ready")
         try:
             engine.start()
+            log.info("engine: ready after %.1f s, serving %r", time.perf_counter() - t0, model_name)
         except Exception as e:  # noqa: BLE001 - any start failure is reported by /health
             state["start_error"] = f"{type(e).__name__}: {e}"
+            log.error("engine: failed to start: %s", state["start_error"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -107,7 +153,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
             await asyncio.to_thread(engine.shutdown, drain_timeout=0.0)
 
     app = FastAPI(title="readme_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.state = engine, state
+    app.state.engine, app.state.state, app.state.limits = engine, state, limits
     app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -116,12 +162,13 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path[:100]}: {e.detail}",
                                         type="invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {str(e)[:200]}",
+                                        type="server_error"))
 
     def check_auth(request: Request):
         if api_key is None:
@@ -131,6 +178,22 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
+
+    def check_serving(request: Request):
+        """Auth, then 503 (with Retry-After while starting) unless the engine can take a request now."""
+        check_auth(request)
+        if state["draining"]:
+            raise APIError(503, "the server is shutting down", type="service_unavailable")
+        if state["start_error"] or engine.error:
+            raise APIError(503, f"the engine failed: {(state['start_error'] or engine.error)[:200]}",
+                           type="service_unavailable")
+        if not engine.ready:
+            raise APIError(503, "the engine is starting (compiling and warming up); retry later",
+                           type="service_unavailable", code="starting", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def body_json(request: Request) -> dict:
+        body = await read_body(request, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout_s)
+        return await asyncio.to_thread(protocol.parse_json, body)
 
     @app.get("/health")
     async def health():
@@ -146,37 +209,66 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
 
     @app.get("/metrics")
     async def metrics_route():
+        metrics.set_engine_stats(engine.stats())
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models(request: Request):
+        check_serving(request)
+        return responses.models_list(model_name, created, max_model_len)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
         check_auth(request)
-        return protocol.models_list(model_name, created, max_model_len)
+        return tokenizer_api.tokenizer_info(tokenizer, max_model_len)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_auth(request)
+        data = await body_json(request)
+        ids = await asyncio.to_thread(tokenizer_api.parse_tokenize, data, tokenizer, model_name=model_name,
+                                      max_prompt_chars=prompt_chars)
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+                "token_strs": [tokenizer.id_to_token(i) for i in ids] if data.get("return_token_strs") else None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_auth(request)
+        data = await body_json(request)
+        ids = tokenizer_api.parse_detokenize(data, tokenizer, model_name=model_name)
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
 
     async def generate(request: Request, kind: str):
-        check_auth(request)
-        if state["draining"]:
-            raise APIError(503, "the server is shutting down", type="service_unavailable")
-        data = protocol.parse_json(await request.body())
-        req = protocol.parse_request(kind, data, tokenizer, model_name=model_name, max_model_len=max_model_len,
-                                     default_max_tokens=default_max_tokens)
+        arrival = time.perf_counter()
+        check_serving(request)
+        data = await body_json(request)
+        req = await asyncio.to_thread(protocol.parse_request, kind, data, tokenizer, model_name=model_name,
+                                      max_model_len=max_model_len, default_max_tokens=default_max_tokens,
+                                      max_prompt_chars=prompt_chars)
         request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-        try:
-            stream = engine.submit(req.prompt_ids, req.params, loop=asyncio.get_running_loop(),
-                                   request_id=request_id)
+        streams = []
+        try:                                       # all choices or none: a refused one cancels the others
+            for i in range(len(req.prompts) * req.n):
+                streams.append(engine.submit(req.prompts[i // req.n], req.choice_params(i),
+                                             loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}"))
         except QueueFullError as e:
-            raise APIError(429, f"the request queue is full ({e}); retry later", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            _cancel(streams)
+            raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except NotReadyError as e:
+            _cancel(streams)
             raise APIError(503, f"the engine is not accepting requests ({e})", type="service_unavailable") from None
         except SamplingError as e:
+            _cancel(streams)
             param = "messages" if kind == "chat" and e.param == "prompt" else e.param
             raise protocol.bad_request(param, str(e).split(": ", 1)[-1]) from None
         except EngineError as e:
+            _cancel(streams)
             raise APIError(500, f"the engine failed: {e}", type="server_error") from None
+        done = lambda: metrics.on_request_done(time.perf_counter() - arrival)  # noqa: E731
         if req.stream:
-            return _EngineStream(_events(req, stream, request_id, int(time.time())), stream)
-        return await _complete(request, req, stream, request_id)
+            return _EngineStream(_events(req, streams, request_id, int(time.time()), done), streams)
+        return await _complete(request, req, streams, request_id, done)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -198,67 +290,75 @@ def _final_error(out) -> APIError | None:
     return None
 
 
-async def _complete(request: Request, req, stream, request_id: str):
+def _usage(req, streams, finals) -> dict[str, int]:
+    prompt = sum(finals[i].prompt_tokens or streams[i].prompt_tokens for i in range(0, len(streams), req.n))
+    return responses.usage(prompt, sum(f.completion_tokens for f in finals.values()))
+
+
+async def _complete(request: Request, req, streams, request_id: str, done):
     """Collect a non-streamed request; a client that disconnects first cancels it."""
     async def collect():
-        pieces, last = [], None
-        async for out in stream:
-            pieces.append(out.text)
-            last = out
-        return "".join(pieces), last
+        pieces, finals = [[] for _ in streams], {}
+        async for i, out in _merged(streams):
+            pieces[i].append(out.text)
+            if out.finished:
+                finals[i] = out
+                done()
+        return ["".join(p) for p in pieces], finals
 
     task = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():                                  # the client went away
-            stream.cancel()
             return Response(status_code=499)
-        text, last = task.result()
+        texts, finals = task.result()
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
-        if not stream.finished:
-            stream.cancel()
-    error = _final_error(last)
-    if error is not None:
-        return _error_response(error)
-    use = protocol.usage(last.prompt_tokens or stream.prompt_tokens, last.completion_tokens)
-    return protocol.response(req.kind, request_id, int(time.time()), req.model, text, last.finish_reason, use)
+        _cancel(streams)
+    for i in range(len(streams)):
+        error = _final_error(finals[i])
+        if error is not None:
+            return _error_response(error)
+    choices = [(i, texts[i], finals[i].finish_reason) for i in range(len(streams))]
+    return responses.response(req.kind, request_id, int(time.time()), req.model, choices,
+                              _usage(req, streams, finals))
 
 
-async def _events(req, stream, request_id: str, created: int):
-    """The SSE body: the role chunk (chat: sent with the engine's first output, just before the first token's
-    text, so a client's time to first chunk is its time to first token), text chunks, finish_reason on the last
-    one, the usage chunk when asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent as
-    an error event."""
+async def _events(req, streams, request_id: str, created: int, done):
+    """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just
+    before its first token's text, so a client's time to first chunk is its time to first token), text chunks,
+    finish_reason on each choice's last one, the usage chunk when asked, then ``[DONE]``. An engine failure or
+    shutdown abort mid-stream is sent as an error event and ends the stream."""
     def chunk(**kw):
-        return protocol.sse(protocol.chunk(req.kind, request_id, created, req.model,
-                                           include_usage=req.include_usage, **kw))
+        return responses.sse(responses.chunk(req.kind, request_id, created, req.model,
+                                             include_usage=req.include_usage, **kw))
 
-    role = req.kind == "chat"
-    last = None
-    async for out in stream:
-        last = out
-        if role:
-            role = False
-            yield chunk(role=True)
+    roles = set(range(len(streams))) if req.kind == "chat" else set()
+    finals = {}
+    async for i, out in _merged(streams):
+        if i in roles:
+            roles.discard(i)
+            yield chunk(index=i, role=True)
         if not out.finished:
             if out.text:
-                yield chunk(text=out.text)
+                yield chunk(index=i, text=out.text)
             continue
+        finals[i] = out
+        done()
         error = _final_error(out)
         if error is not None:
             if out.text:
-                yield chunk(text=out.text)
-            yield protocol.sse(error.body())
-        else:
-            yield chunk(text=out.text, finish_reason=out.finish_reason)
-    if req.include_usage and last is not None and last.finish_reason not in ("error", "abort"):
-        use = protocol.usage(last.prompt_tokens or stream.prompt_tokens, last.completion_tokens)
-        yield protocol.sse(protocol.chunk(req.kind, request_id, created, req.model, use=use))
-    yield protocol.sse("[DONE]")
+                yield chunk(index=i, text=out.text)
+            yield responses.sse(error.body())
+            break
+        yield chunk(index=i, text=out.text, finish_reason=out.finish_reason)
+    if req.include_usage and len(finals) == len(streams) and all(_final_error(f) is None for f in finals.values()):
+        use = _usage(req, streams, finals)
+        yield responses.sse(responses.chunk(req.kind, request_id, created, req.model, use=use))
+    yield responses.sse("[DONE]")
 
 
 class DrainingServer(uvicorn.Server):
@@ -288,9 +388,18 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=drain, name="drain", daemon=True).start()
 
 
+def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                   **kw) -> uvicorn.Config:
+    """uvicorn's config for ``app`` with its limits: the header-read timeout (our h11 protocol) and the
+    connection cap (``limit_concurrency``: 503 beyond it)."""
+    limits: Limits = app.state.limits
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                          http=header_timeout_protocol(limits.header_timeout_s),
+                          limit_concurrency=limits.max_connections, **kw)
+
+
 def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
           log_level: str = "info") -> None:
     """Run ``app`` until SIGTERM / SIGINT (see :class:`DrainingServer`)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="on")
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     DrainingServer(config, app, drain_timeout).run()
