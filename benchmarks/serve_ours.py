@@ -71,8 +71,8 @@ def _load(spec: str, cache: dict):
 
 
 def _compiles() -> int:
-    from readme_jax.serve import runner as runner_mod
-    return sum(f._cache_size() for f in (runner_mod._prefill_step, runner_mod._decode_step, runner_mod._route_step))
+    from readme_jax.serve import paged_runner as runner_mod
+    return sum(f._cache_size() for f in (runner_mod._step, runner_mod._route))
 
 
 def _median_s(fns: dict, repeats: int) -> dict[str, float]:
@@ -149,8 +149,8 @@ class EngineWorker:
         r = eng.runner
         self.engines[(model, slots)] = eng
         self.prepared[(model, slots)] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0,
-                                         "prefill_buckets": list(r.prefill_buckets),
-                                         "decode_buckets": list(r.decode_buckets), "budget": budget, "max_len": max_len}
+                                         "token_buckets": list(r.token_buckets),
+                                         "seq_buckets": list(r.seq_buckets), "budget": budget, "max_len": max_len}
         return {**self.prepared[(model, slots)], "reused": False}
 
     def release(self, keep: list) -> dict:

@@ -165,14 +165,16 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
     being sampled in its sequence); temperature / top_p <f32>[B] -> <int32>[B].
 
     A row's token depends only on its logits, seed, position and settings, never on its neighbours. Greedy
-    rows (temperature 0) take the argmax; the others sample; the rows asking for top_p < 1 are gathered
+    rows (temperature 0) take the argmax; the others sample (a batch of greedy rows only skips the draw); the rows asking for top_p < 1 are gathered
     into a bucket of 1, 2, 4, ... B rows (the smallest that holds them; none at all when no row asks) and
     only those are sorted."""
     B = logits.shape[0]
     keys = row_keys(seeds, positions)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(temperature > 0),       # an all-greedy batch draws nothing
+                           lambda: jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32),
+                           lambda: greedy)
     wants_nucleus = (temperature > 0) & (top_p < 1)
     order = jnp.argsort(~wants_nucleus, stable=True).astype(jnp.int32)     # nucleus rows first
     count = jnp.sum(wants_nucleus, dtype=jnp.int32)

@@ -12,9 +12,11 @@ from readme_jax.model.llama import Llama
 from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve import runner as runner_mod
+from readme_jax.serve import paged_runner as runner_mod
 from readme_jax.serve.api import QueueFullError
 from readme_jax.serve.engine import Engine, EngineConfig
+from readme_jax.serve.schedulers import make_scheduler
+from readme_jax.serve.simulate import SimConfig, requests_from_log, simulate
 from tests.tiny_models import random_model
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -45,7 +47,7 @@ def tokens(stream) -> tuple[list[int], str]:
 
 
 def compiles() -> int:
-    return sum(f._cache_size() for f in (runner_mod._prefill_step, runner_mod._decode_step, runner_mod._route_step))
+    return sum(f._cache_size() for f in (runner_mod._step, runner_mod._route))
 
 
 def test_no_compiles_after_warmup(engine):
@@ -143,22 +145,31 @@ RCFG = ReadMeConfig(
 
 
 def test_readme_engine_routes_ahead_and_matches_generate():
-    """Read-ME: the router runs on each prompt at arrival and on each sampled token right after sampling;
-    the backbone gets those ids. Tokens equal ``generate`` alone; the experts the engine ran for each decode
-    token equal routing the whole sequence at once; idle slots count as no expert."""
+    """Read-ME, expert-aware batching: the router runs on each prompt at arrival and on each sampled token
+    right after sampling; the backbone gets those ids. Tokens equal ``generate`` alone; the experts the engine
+    ran for each decode token equal routing the whole sequence at once; idle slots count as no expert. The
+    engine's step log replayed through the simulator (same scheduler, slots, budget) reproduces every pick."""
     import jax.numpy as jnp
 
     model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
                          overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
-    eng = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64,
-                                           min_prefill_bucket=16))
+    cfg = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64, min_prefill_bucket=16,
+                       scheduler="expert-aware", scheduler_options=(("max_wait", 1),))
+    eng = Engine(model, None, cfg)
     eng.start()
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 40, n).tolist() for n in (5, 20, 2, 9)]
-    streams = [eng.submit(p, SamplingParams(max_tokens=7, ignore_eos=True)) for p in prompts]
-    outs = [tokens(s)[0] for s in streams]
+    prompts = [rng.integers(0, 40, n).tolist() for n in (5, 20, 2, 9, 17, 3)]
+    streams = [eng.submit(p, SamplingParams(max_tokens=7, ignore_eos=True)) for p in prompts[:3]]
+    first = next(iter(streams[0])).token_ids              # the rest arrive while these decode
+    streams += [eng.submit(p, SamplingParams(max_tokens=7, ignore_eos=True)) for p in prompts[3:]]
+    outs = [([] if i else first) + tokens(s)[0] for i, s in enumerate(streams)]
     log = list(eng.step_log)
     eng.shutdown(5)
+    sim = simulate(requests_from_log(log), make_scheduler("expert-aware", max_wait=1),
+                   SimConfig(slots=3, budget=16, record_picks=True))
+    assert [(tuple(map(tuple, e["prefills"])), tuple(e["decodes"])) for e in log] == \
+        [(p.prefills, p.decodes) for p in sim.picks]
+    assert any(len(e["decodes"]) and e["prefills"] for e in log)      # decodes and chunks shared steps
     for p, got in zip(prompts, outs):
         assert got == generate_ids(model, [p], 7)[0]
     for rid, p, got in zip([st.request_id for st in streams], prompts, outs):

@@ -1,5 +1,5 @@
-"""The engine on a device mesh (the 8 simulated CPU devices): params and slot caches sharded, and the same
-greedy tokens as the same engine on one device."""
+"""The engine on a device mesh (the 8 simulated CPU devices): params sharded, page pools replicated, and the
+same greedy tokens as the same engine on one device."""
 
 import time
 
@@ -39,11 +39,11 @@ PROMPTS, MAX_TOKENS = (3, 9, 1), (7, 6, 8)
 
 
 def serve(model, slots: int, mesh=None):
-    """Three greedy requests (prompts of 1..9 tokens), submitted staggered. 8 slots: decode buckets of 1, 2
-    and 4 rows (3 slots decoding: one padding entry next to real rows); 2 slots: 1 row, or both rows in place,
-    and the third request waits for a freed slot. Returns the tokens, the runner and the step log."""
+    """Three greedy requests (prompts of 1..9 tokens), submitted staggered. 8 slots: three sequences decode in
+    one step (a sequence bucket of 4: one padding row); 2 slots: the third request waits for a freed slot.
+    Returns the tokens, the runner and the step log."""
     eng = Engine(model, None, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=16, max_model_len=16,
-                                           min_prefill_bucket=16, mesh=mesh))
+                                           min_prefill_bucket=16, page_size=8, mesh=mesh))
     eng.start(warmup=False)                             # compile only the buckets these requests use
     rng = np.random.default_rng(0)
     streams = []
@@ -56,32 +56,24 @@ def serve(model, slots: int, mesh=None):
     return outs, eng.runner, eng.step_log
 
 
-# model, slots, mesh, the cache rows' spec, a param and its spec, the decode widths the run must see
-CASES = [pytest.param("dense", 8, {"fsdp": 8}, ("fsdp",), ("attn", "wq"), P(None, "fsdp", None), {3},
-                      id="dense-1x8x1"),
-         pytest.param("readme", 2, {"data": 2, "fsdp": 2, "expert": 2}, ("data",), ("experts", "w_gate"),
+# model, slots, mesh, a param and its spec, the decode widths the run must see
+CASES = [pytest.param("dense", 8, {"fsdp": 8}, ("attn", "wq"), P(None, "fsdp", None), {3}, id="dense-1x8x1"),
+         pytest.param("readme", 2, {"data": 2, "fsdp": 2, "expert": 2}, ("experts", "w_gate"),
                       P(None, "expert", "fsdp", None), {2}, id="readme-2x2x2")]
 
 
-@pytest.mark.parametrize("name, slots, sizes, rows, param, param_spec, widths", CASES)
-def test_mesh_engine_matches_one_device(models, name, slots, sizes, rows, param, param_spec, widths):
+@pytest.mark.parametrize("name, slots, sizes, param, param_spec, widths", CASES)
+def test_mesh_engine_matches_one_device(models, name, slots, sizes, param, param_spec, widths):
     model = models[name]
     ref, _, _ = serve(model, slots)
     got, runner, log = serve(model, slots, make_mesh(sizes))
     chex.assert_trees_all_equal(got, ref)
     assert [len(t) for t in got] == list(MAX_TOKENS)
     assert widths <= {e["decode_tokens"] for e in log}          # padding next to real rows / every row in place
-    weight = runner.params[param[0]][param[1]][...]
+    weight = runner.params[0][param[0]][param[1]][...]
     assert weight.sharding.spec == param_spec and not weight.sharding.is_fully_replicated
-    caches = [runner.caches.backbone] + ([runner.caches.router] if name == "readme" else [])
-    layouts = [runner.layout.backbone] + ([runner.layout.router] if name == "readme" else [])
-    for cache, layout in zip(caches, layouts):       # still in the layout it was made in, after every step
-        chex.assert_shape(cache.k, (None, slots, 16, None, None))
-        for field in ("k", "v", "key_mask", "index", "next_pos"):
-            arr, want = getattr(cache, field), getattr(layout, field)
-            assert arr.sharding.is_equivalent_to(want, arr.ndim), field
-            assert not arr.sharding.is_fully_replicated, field
-        assert cache.k.sharding.spec == P(None, *rows) and cache.index.sharding.spec == P(*rows)
+    pools = list(runner.kv) + (list(runner.rkv) if name == "readme" else [])
+    assert pools and all(a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8 for a in pools)
 
 
 def test_mesh_refuses_the_resident_pool(models):

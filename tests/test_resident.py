@@ -1,12 +1,11 @@
-"""The resident expert pool in the engine: decode computes on k resident slots, tokens are unchanged."""
+"""The resident expert pool in the engine: steps compute on k resident slots, tokens are unchanged."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve import runner as runner_mod
+from readme_jax.serve import paged_runner as runner_mod
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.resident import ResidentPool
 from tests.test_engine import RCFG, tokens
@@ -45,9 +44,9 @@ def test_cache_leaves_tokens_unchanged_and_moves_experts(model):
             assert stats.misses > 0 and stats.hits > 0
 
 
-def test_decode_step_reads_only_the_pool():
-    """The compiled pool decode step takes no argument holding all experts and makes no temporary of them
-    (experts wide enough here to dominate every other buffer of the step)."""
+def test_step_reads_only_the_pool(monkeypatch):
+    """The compiled packed step with a resident pool takes no argument holding all experts and makes no
+    temporary of them (experts wide enough here to dominate every other buffer of the step)."""
     import dataclasses
     model = random_model(lambda rngs: ReadMe(dataclasses.replace(RCFG, expert_dim=256), rngs=rngs), seed=2)
     pool = ResidentPool(model.experts.arrays(), 1)
@@ -55,12 +54,21 @@ def test_decode_step_reads_only_the_pool():
     eng = Engine(model, None, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64,
                                            expert_slots=1))
     r = eng.runner
-    args = (r.decode_graphdef, r.decode_params, r.layers, r.caches, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32),
-            jnp.zeros(2, jnp.int32), jnp.ones(2, bool), jnp.zeros(2, jnp.int32), jnp.zeros(2), jnp.ones(2))
-    compiled = runner_mod._decode_step.lower(*args, pool=r.pool.fast, dispatcher=r.dispatcher).compile()
-    leaves = jax.tree.leaves((r.decode_params, r.layers, r.pool.fast))
+    seen = {}
+    real = runner_mod._step
+
+    def spy(*args, **kwargs):                      # the arguments of a real step, as the runner passes them
+        seen["args"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array)
+                                    else x, (args, kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runner_mod, "_step", spy)
+    r.pool.sync({0})
+    r._warm_step(r.token_buckets[0], 1)
+    args, kwargs = seen["args"]
+    compiled = real.lower(*args, **kwargs).compile()
+    leaves = jax.tree.leaves((r.params, r.layers(None), r.pool.fast))
     assert max(x.size * x.dtype.itemsize for x in leaves) < all_experts
-    stub, rest = r.decode_params                   # the experts' variables travel as zero-size stand-ins
+    stub, rest = r.params                          # the experts' variables travel as zero-size stand-ins
     assert all(x.size == 0 for x in jax.tree.leaves(stub)) and len(jax.tree.leaves(stub)) == 3
     assert not any("experts" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(rest))
     chex_shapes = {k: v.shape for k, v in r.pool.fast.items()}

@@ -3,7 +3,7 @@
 ``--model smollm2`` serves the pinned SmolLM2-135M-Instruct GGUF; any ``readme_jax.load_pretrained`` path works
 (an HF directory, a GGUF, our dense checkpoint or a Read-ME export). SIGTERM drains in-flight requests for up
 to ``--drain-timeout`` seconds, aborts the rest and exits 0. ``--mesh data=1,fsdp=8,expert=1`` serves on a
-device mesh (params and slot caches sharded, ``serve/runner.py``; a size of -1 takes the devices left).
+device mesh (params sharded, page pools replicated, ``serve/paged_runner.py``; a size of -1 takes the devices left).
 The API key comes from ``--api-key``, ``--api-key-file`` or ``$READMEJAX_API_KEY`` (an empty key is refused);
 ``--max-body-bytes``, ``--header-timeout``, ``--body-timeout`` and ``--max-connections`` bound what one client
 can hold (``serve/limits.py``).
@@ -87,6 +87,12 @@ def parse_args(argv):
     ap.add_argument("--scheduler", default="decode-first",
                     help="batching policy (decode-first, prefill-first, expert-aware)")
     ap.add_argument("--max-wait", type=int, default=8, help="expert-aware: steps a decode token may wait at most")
+    ap.add_argument("--kv-cache-memory", default=None,
+                    help="KV pages' memory: bytes (536870912, 512MiB, 2GB) or pages (4096pages); default: every "
+                         "sequence at --max-model-len (no preemption)")
+    ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="turn off automatic prefix caching (on by default: prompts sharing full pages skip them)")
     ap.add_argument("--expert-slots", type=int, default=None,
                     help="Read-ME: resident experts per layer for decode (default: all); the rest in host memory")
     ap.add_argument("--expert-policy", default="belady", help="expert cache policy (belady, lru, lfu, fifo, random)")
@@ -112,8 +118,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens", "max_connections",
-                 "header_timeout", "body_timeout") + (("max_body_bytes",) if args.max_body_bytes is not None else ()):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens", "page_size",
+                 "max_connections", "header_timeout", "body_timeout") + (
+                     ("max_body_bytes",) if args.max_body_bytes is not None else ()):
         if not getattr(args, name) > 0:
             print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
             return 2
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from readme_jax.errors import ConfigError
     from readme_jax.parallel.mesh import make_mesh
     from readme_jax.serve.engine import Engine, EngineConfig
+    from readme_jax.serve.engine_config import parse_kv_memory
     from readme_jax.serve.limits import Limits
     from readme_jax.serve.metrics import EngineMetrics
     from readme_jax.serve.protocol import MAX_CHOICES
@@ -138,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     path = assets.smollm2_gguf() if args.model == "smollm2" else Path(args.model)
     name = args.served_model_name or ("smollm2" if args.model == "smollm2" else
                                       (path.stem if path.suffix == ".gguf" else path.name))
+    try:                                              # before loading: a bad size fails fast
+        if args.kv_cache_memory is not None:
+            parse_kv_memory(args.kv_cache_memory)
+    except ConfigError as e:
+        print(f"error: --kv-cache-memory: {e}", file=sys.stderr)
+        return 2
     try:                                              # before loading: a mesh the devices cannot hold fails fast
         mesh = None if args.mesh is None else make_mesh(args.mesh)
     except ValueError as e:
@@ -155,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                            max_model_len=max_model_len, max_queue=args.max_queue,
                            default_max_tokens=args.default_max_tokens, scheduler=args.scheduler,
                            scheduler_options=(("max_wait", args.max_wait),) if args.scheduler == "expert-aware" else (),
-                           expert_slots=args.expert_slots, expert_policy=args.expert_policy, mesh=mesh)
+                           expert_slots=args.expert_slots, expert_policy=args.expert_policy, mesh=mesh,
+                           page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
+                           prefix_caching=not args.no_prefix_caching)
         metrics = EngineMetrics(model_name=name)
         engine = Engine(model, tokenizer, cfg, metrics=metrics)
     except (ValueError, OSError, ConfigError) as e:

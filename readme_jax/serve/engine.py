@@ -1,4 +1,4 @@
-"""The continuous-batching engine: a bounded request queue, fixed slots, a scheduler, one thread.
+"""The continuous-batching engine: a bounded request queue, paged KV with prefix caching, one packed step.
 
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256))
     engine.start()                                         # compile every bucket, then start the thread
@@ -6,14 +6,22 @@
     text = "".join(out.text for out in stream)
     engine.shutdown(drain_timeout=30)
 
-Each step: take new requests from the bounded inbox and route their prompts (lookahead: every waiting
-token's expert is known before the backbone runs), drop cancelled requests (their slots are freed now),
-ask the scheduler for this step's work within the token budget (``serve/api.py: Scheduler``), run the
-prefill chunks (a prompt longer than the budget is prefilled in ordered chunks), then one decode step over
-the picked slots, and release each request's new text (incremental detokenisation, stop strings that may
-span steps). A request ends on EOS or a stop token ("stop"), a stop string ("stop"), ``max_tokens`` or the
-context ("length"), cancellation or shutdown ("abort"). If the step fails, every in-flight request gets a
-final output with finish_reason "error" and the engine stays unhealthy.
+Each step: take new requests from the bounded inbox (they wait in ``serve/queue_state.py``'s queue), drop
+cancelled ones (their pages are freed now), ask the scheduler for this step's work within the token budget
+(``serve/api.py: Scheduler``; new prompts are admissible only while their pages fit: ``serve/kv_pages.py``),
+give every picked decode token its page (preempting the latest-arrived sequence when none is free: its pages
+are freed and it is recomputed later), open the admitted prompts' pages (a cached prefix is taken, not
+prefilled; Read-ME routes the rest of the prompt here, writing the router's KV into the same pages), and run
+every decode token and prompt chunk of the step as one packed ``runner.step`` (``serve/paged_runner.py``). Then
+release each request's new text (incremental detokenisation, stop strings that may span steps) and cache
+the pages its step filled. A request ends on EOS or a stop token ("stop"), a stop string ("stop"),
+``max_tokens`` or the context ("length"), cancellation or shutdown ("abort"). If the step fails, every
+in-flight request gets a final output with finish_reason "error" and the engine stays unhealthy.
+
+A preempted request keeps its tokens: it comes back as a prompt of its prompt and all but its last generated
+token (prefilled without sampling; the last one is its pending decode token), so it produces the tokens it
+would have produced unpreempted. With ``expert_slots`` (Read-ME, k resident experts per layer) a step runs in
+passes of at most k experts (``engine_step.run_rows``); every pass reads experts only from the resident pool.
 """
 
 from __future__ import annotations
@@ -27,58 +35,24 @@ import threading
 import time
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from readme_jax.errors import SamplingError
-from readme_jax.model.protocol import arch_config
+from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
-                                  RunningDecode, WaitingPrefill)
+                                  WaitingPrefill)
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
-from readme_jax.serve.expert_cache import ExpertCache, LazyFuture, WindowFuture, make_policy
-from readme_jax.serve.runner import ModelRunner
+from readme_jax.serve.engine_config import EngineConfig, page_bytes_of
+from readme_jax.serve.engine_pages import PagedScheduling
+from readme_jax.serve.engine_step import Row, run_rows
+from readme_jax.serve.expert_cache import ExpertCache, make_policy
+from readme_jax.serve.kv_pages import KVPages
+from readme_jax.serve.queue_state import QueueState
+from readme_jax.serve.paged_runner import PagedRunner
 from readme_jax.serve.schedulers import make_scheduler
-from readme_jax.serve.simulate import predict_future
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """max_num_seqs: slots (sequences decoding at once); max_num_batched_tokens: the per-step token budget
-    (decode tokens + prefill tokens); max_model_len: prompt + output tokens per sequence (the cache length);
-    max_queue: requests waiting for a slot before submit raises QueueFullError; default_max_tokens: used
-    when a request names none; scheduler: a name of ``serve.schedulers.make_scheduler`` with its options."""
-
-    max_num_seqs: int = 8
-    max_num_batched_tokens: int = 256
-    max_model_len: int = 2048
-    max_queue: int = 64
-    default_max_tokens: int = 16
-    scheduler: str = "decode-first"
-    scheduler_options: tuple[tuple[str, object], ...] = ()
-    min_prefill_bucket: int = 16
-    expert_slots: int | None = None      # Read-ME: k resident experts per layer for decode (None: all E)
-    expert_policy: str = "belady"        # serve.expert_cache.make_policy name
-    belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
-    mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params, caches sharded (runner.py); None: 1 device
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",
-                     "default_max_tokens", "min_prefill_bucket"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"EngineConfig.{name}: expected an integer >= 1, got {v!r}")
-
-    def prefill_buckets(self) -> tuple[int, ...]:
-        """Chunk sizes: powers of two from min_prefill_bucket up to the budget (and the budget itself)."""
-        sizes, b = [], self.min_prefill_bucket
-        while b < self.max_num_batched_tokens:
-            sizes.append(b)
-            b *= 2
-        return tuple(sizes) + (self.max_num_batched_tokens,)
-
 
 @dataclasses.dataclass
 class _Request:
@@ -89,20 +63,20 @@ class _Request:
     stream: RequestStream
     arrival_time: float
     arrival_step: int = 0
-    experts: np.ndarray | None = None     # [prompt tokens]
+    tokens: list[int] = dataclasses.field(default_factory=list)     # prompt + generated
+    experts: list[int] = dataclasses.field(default_factory=list)    # each known token's expert (-1: unknown/dense)
+    target: int = 0                        # tokens to prefill (prompt; after a preemption all but the pending)
+    computed: int = 0                      # tokens whose KV is in the pages
+    keys: list[bytes] | None = None         # prefix-cache keys of the target's full pages (kv_pages.py)
     slot: int | None = None
-    done: int = 0                          # prompt tokens prefilled
     generated: list[int] = dataclasses.field(default_factory=list)
-    pending: int | None = None             # sampled, not yet run through the backbone
-    pending_expert: int = -1
-    waited: int = 0
     last_token_time: float | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
     closed: bool = False                   # the final output was sent
 
 
-class Engine:
+class Engine(PagedScheduling):
     """See the module docstring. Thread-safe ``submit``; everything else runs on the engine thread."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), *, metrics=None,
@@ -111,9 +85,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.fault_hook = fault_hook
-        self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=config.max_model_len,
-                                  prefill_buckets=config.prefill_buckets(), expert_slots=config.expert_slots,
-                                  mesh=config.mesh)
+        num_pages = config.num_pages(page_bytes_of(model, config.page_size))
+        self.runner = PagedRunner(model, num_pages=num_pages, page_size=config.page_size,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=config.max_model_len, expert_slots=config.expert_slots,
+                                  mesh=config.mesh, min_token_bucket=config.min_prefill_bucket)
+        self.pages = KVPages(num_pages, config.page_size, prefix_caching=config.prefix_caching)
+        self.lookahead = 1 if is_routed(model) else 0   # Read-ME: the router's entry of the sampled token
+        self.sliding_window = arch_config(model).sliding_window
         self.cache = None
         if self.runner.pool is not None:
             pool = self.runner.pool
@@ -124,9 +104,8 @@ class Engine:
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
-        self._waiting: list[_Request] = []             # routed, not fully prefilled
-        self._running: dict[int, _Request] = {}        # slot -> request
-        self._free = list(range(config.max_num_seqs))
+        self._queue = QueueState(config.max_num_seqs)  # the scheduler's state (serve/queue_state.py)
+        self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -135,6 +114,8 @@ class Engine:
         self._stop = False
         self._draining = False
         self.step_count = 0
+        self.preemptions = 0
+        self._preempted: list[str] = []                # ids preempted in the current step
         self.ready = False
         self.error: str | None = None
         self.step_log: list[dict] = []                 # bounded: last STEP_LOG entries (benchmarks read it)
@@ -155,18 +136,7 @@ class Engine:
         self.ready = True
 
     def warmup(self) -> None:
-        r = self.runner
-        for T in r.prefill_buckets:
-            r.prefill(r.scratch, [0] * T, np.full(T, -1, np.int32), True, 0, 0.0, 1.0)
-        for M in r.decode_buckets:                    # gathered buckets, and (most slots) every row at once
-            if 2 * M <= r.num_slots:
-                r.decode([r.scratch] * M, [0] * M, [-1] * M, [0] * M, [0.0] * M, [1.0] * M)
-        n = r.num_slots
-        r.decode(list(range(n)), [0] * n, [-1] * n, [0] * n, [0.0] * n, [1.0] * n)
-        for s in range(n):
-            r.free(s)
-        for T in r.route_buckets:
-            r.route_prompt([0] * T)
+        self.runner.warmup()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, loop=None,
                request_id: str | None = None) -> RequestStream:
@@ -192,7 +162,7 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
         req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter())
-        with self._lock:                     # bounded: requests not yet holding a slot, inbox + routed
+        with self._lock:                     # bounded: requests not yet holding a slot, inbox + waiting
             if self._queued >= self.config.max_queue:
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")
             self._queued += 1
@@ -201,9 +171,10 @@ class Engine:
         return stream
 
     def stats(self) -> dict:
-        return {"queue_depth": self._queued, "active_slots": len(self._running),
+        return {"queue_depth": self._queued, "active_slots": self._queue.busy_slots,
                 "max_num_seqs": self.config.max_num_seqs, "steps": self.step_count, "healthy": self.healthy,
-                "ready": self.ready}
+                "ready": self.ready, "kv_cache_usage": self.pages.usage, "preemptions": self.preemptions,
+                "prefix_cache_queries": self.pages.stats.queries, "prefix_cache_hits": self.pages.stats.hits}
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop admitting; let in-flight requests finish for up to ``drain_timeout`` s; abort the rest."""
@@ -221,14 +192,14 @@ class Engine:
 
     # --- engine thread ------------------------------------------------------------------------------------
     def _busy(self) -> bool:
-        return bool(self._running or self._waiting or not self._inbox.empty())
+        return bool(self._reqs or not self._inbox.empty())
 
-    def _dequeue(self) -> None:
+    def _dequeue(self, n: int = -1) -> None:
         with self._lock:
-            self._queued -= 1
+            self._queued += n
 
     def _all_requests(self) -> list[_Request]:
-        reqs = list(self._running.values()) + self._waiting
+        reqs = list(self._reqs.values())
         while True:
             try:
                 reqs.append(self._inbox.get_nowait())
@@ -251,104 +222,89 @@ class Engine:
             self.ready = False
             for req in self._all_requests():
                 self._finish(req, "error")
-            self._running.clear()
-            self._waiting.clear()
 
-    def _admit(self) -> None:
+    def _admit(self, arrivals: list[list]) -> None:
         while True:
             try:
                 req = self._inbox.get_nowait()
             except queue.Empty:
                 return
             req.arrival_step = self.step_count
-            req.experts = self.runner.route_prompt(req.prompt)
+            req.tokens, req.target = list(req.prompt), len(req.prompt)
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt) if self.tokenizer is not None else None
             req.stops = StopStrings(req.params.stop)
-            self._waiting.append(req)
+            self._reqs[req.id] = req
+            self._wait(req)
+            arrivals.append([req.id, len(req.prompt)])
+
+    def _wait(self, req: _Request) -> None:
+        """Into the queue as a prompt of ``req.target`` tokens (expert ids known once its pages open)."""
+        self._queue.arrive(WaitingPrefill(req.id, req.arrival_step, np.full(req.target, -1, np.int32)))
 
     def _drop_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.stream.cancelled]:
-            self._finish(req, "abort")
-        for req in [r for r in self._running.values() if r.stream.cancelled]:
+        for req in [r for r in self._reqs.values() if r.stream.cancelled]:
             self._finish(req, "abort")
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self._admit()
+        arrivals: list[list] = []
+        self._admit(arrivals)
         self._drop_cancelled()
-        waiting = [WaitingPrefill(r.id, r.arrival_step, r.experts, r.done, r.slot) for r in self._waiting]
-        running = [RunningDecode(s, r.id, r.arrival_step, r.pending_expert, r.waited)
-                   for s, r in sorted(self._running.items()) if r.pending is not None]
-        pick = self.scheduler.pick(waiting, running, self.config.max_num_batched_tokens, len(self._free))
-        by_id = {r.id: r for r in self._waiting}
-        prefill_tokens = 0
-        for rid, n in pick.prefills:
-            prefill_tokens += n
-            self._prefill(by_id[rid], n)
-        picked = [s for s in pick.decodes if s in self._running and self._running[s].pending is not None]
-        distinct, reqs, experts = None, [self._running[s] for s in picked], [self._running[s].pending_expert for s in picked]
-        if picked:
-            if self.runner.is_moe:
-                distinct = len({e for e in experts if e >= 0})
-            for group in self._passes(experts, lambda: predict_future(
-                    self.scheduler, {w.request_id: w for w in waiting}, {d.slot: d for d in running},
-                    list(self._free), pick, self.config.max_num_batched_tokens, self.config.belady_window)):
-                idx = [i for i, e in enumerate(experts) if group is None or e in group]
-                toks, nxts = self.runner.decode([picked[i] for i in idx], [reqs[i].pending for i in idx],
-                                                [experts[i] for i in idx], [reqs[i].seed for i in idx],
-                                                [reqs[i].params.temperature for i in idx],
-                                                [reqs[i].params.top_p for i in idx])
-                for i, tok, nxt in zip(idx, toks.tolist(), nxts.tolist()):
-                    reqs[i].waited = 0
-                    self._emit(reqs[i], tok, nxt)
-        for s, r in self._running.items():
-            if s not in picked and r.pending is not None:
-                r.waited += 1
+        if self.config.prefix_caching:               # the scheduler sees what a new prompt has left to prefill
+            for w in self._queue.waiting.values():
+                if w.slot is None:
+                    req = self._reqs[w.request_id]
+                    if req.keys is None:
+                        req.keys = self.pages.prefix_keys(req.tokens[:req.target])
+                    w.done = self.pages.cached_tokens(req.keys)
+        self._preempted = []
+        pick = self._schedule()
+        preempted = self._preempted
+        before = self._queue.clone() if self.cache is not None else None     # the expert cache's prediction
+        experts = [self._queue.running[s].expert for s in pick.decodes]       # in pick order, as adv.decoded
+        adv = self._queue.apply(pick)
+        rows = []
+        for c in adv.chunks:
+            req = self._reqs[c.request_id]
+            if req.slot is None:                     # the prompt's first chunk took a slot
+                req.slot = c.slot
+                self._dequeue()
+            rows.append(Row(req.id, req.tokens, req.experts, c.start, c.n, c.last and not req.generated,
+                            req.seed, req.params.temperature, req.params.top_p))
+        for _, rid in adv.decoded:
+            req = self._reqs[rid]
+            rows.append(Row(rid, req.tokens, req.experts, req.computed, 1, True, req.seed, req.params.temperature,
+                            req.params.top_p))
+        out = run_rows(self.runner, rows, self.pages.table, bool(self.lookahead), self.cache,
+                       self.config.expert_policy == "belady",
+                       lambda: before.future(self.scheduler, pick, self.config.max_num_batched_tokens,
+                                             self.config.belady_window)) if rows else []
+        for row, (tok, nxt) in zip(rows, out):
+            req = self._reqs[row.request_id]
+            req.computed = row.start + row.n
+            self.pages.commit(req.id, req.tokens[:req.computed], req.experts[:req.computed] if self.lookahead else None)
+            if self.sliding_window is not None and not self.lookahead:
+                self.pages.slide(req.id, req.computed + 1 - self.sliding_window)
+            if row.sample:
+                self._emit(req, tok, nxt)
+            elif req.computed == req.target and req.generated:     # recomputed: its pending token waits again
+                self._queue.ready(req.slot, req.id, req.arrival_step, req.experts[len(req.tokens) - 1])
         self.step_count += 1
         seconds = time.perf_counter() - t0
-        entry = {"step": self.step_count, "seconds": seconds, "decode_tokens": len(picked),
-                 "prefill_tokens": prefill_tokens, "distinct_experts": distinct,
-                 "decode_experts": experts, "decode_requests": [r.id for r in reqs]}
+        prefill_tokens = sum(c.n for c in adv.chunks)
+        distinct = len({e for e in experts if e >= 0}) if self.lookahead and experts else None
+        entry = {"step": self.step_count, "seconds": seconds, "decode_tokens": len(adv.decoded),
+                 "prefill_tokens": prefill_tokens, "distinct_experts": distinct, "decode_experts": experts,
+                 "decode_requests": [rid for _, rid in adv.decoded], "arrivals": arrivals,
+                 "prefills": [list(p) for p in pick.prefills], "decodes": list(pick.decodes),
+                 "preempted": preempted, "kv_cache_usage": self.pages.usage}
         self.step_log.append(entry)
         if len(self.step_log) > self.STEP_LOG:
             del self.step_log[: len(self.step_log) - self.STEP_LOG]
         if self.metrics is not None:
-            self.metrics.on_step(seconds, len(picked), prefill_tokens, distinct)
-            self.metrics.set_gauges(self._queued, len(self._running))
-
-    def _passes(self, experts: list[int], predict):
-        """Without an expert cache: one pass (None = every token). With one: the step's expert set S in passes
-        of at most k experts (resident first, then by id, as the cache processes S); before each pass the
-        cache references its experts (the policy sees the rest of this step, then ``predict()``'s next steps)
-        and the resident pool loads what the cache now holds. Yields each pass's expert set."""
-        if self.cache is None:
-            yield None
-            return
-        need = sorted({e for e in experts if e >= 0}, key=lambda e: (e not in self.cache.resident, e))
-        k = self.cache.capacity
-        groups = [set(need[i: i + k]) for i in range(0, len(need), k)]
-        for g, group in enumerate(groups):
-            rest = set().union(*groups[g + 1:]) if g + 1 < len(groups) else set()
-            future = LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
-            self.cache.reference(group, future if self.config.expert_policy == "belady" else WindowFuture(()))
-            self.runner.pool.sync(self.cache.resident)
-            yield group
-
-    def _prefill(self, req: _Request, n: int) -> None:
-        if req.slot is None:
-            if not self._free:
-                raise EngineError(f"scheduler {self.scheduler.name!r} admitted {req.id} with no free slot")
-            req.slot = self._free.pop(0)
-            self._running[req.slot] = req
-            self._dequeue()
-        chunk = req.prompt[req.done: req.done + n]
-        is_last = req.done + n == len(req.prompt)
-        tok, nxt = self.runner.prefill(req.slot, chunk, req.experts[req.done: req.done + n], is_last, req.seed,
-                                       req.params.temperature, req.params.top_p)
-        req.done += n
-        if is_last:
-            self._waiting.remove(req)
-            self._emit(req, tok, nxt)
+            self.metrics.on_step(seconds, len(adv.decoded), prefill_tokens, distinct)
+            self.metrics.set_gauges(self._queued, self._queue.busy_slots)
+            self.metrics.set_kv(self.pages.usage, self.pages.stats.queries, self.pages.stats.hits, self.preemptions)
 
     def _emit(self, req: _Request, tok: int, nxt: int) -> None:
         """A token was sampled for ``req``: release its text, decide whether the request ends."""
@@ -360,6 +316,8 @@ class Engine:
                 self.metrics.on_token(now - req.last_token_time)
         req.last_token_time = now
         req.generated.append(tok)
+        req.tokens.append(tok)
+        req.experts.append(nxt)
         p = req.params
         text, reason, hit = "", None, False
         if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
@@ -371,7 +329,7 @@ class Engine:
                                or len(req.prompt) + len(req.generated) >= self.config.max_model_len):
             reason = "length"
         if reason is None:
-            req.pending, req.pending_expert = tok, nxt
+            self._queue.ready(req.slot, req.id, req.arrival_step, nxt)
             req.stream.put(RequestOutput(req.id, [tok], text, prompt_tokens=len(req.prompt),
                                          completion_tokens=len(req.generated)))
             return
@@ -385,14 +343,10 @@ class Engine:
             return
         if req.slot is None:
             self._dequeue()
-        if req.slot is not None and self._running.get(req.slot) is req:
-            del self._running[req.slot]
-            self.runner.free(req.slot)
-            self._free.append(req.slot)
-            self._free.sort()
-        if req in self._waiting:
-            self._waiting.remove(req)
-        req.pending = None
+        if self._reqs.pop(req.id, None) is req:
+            self._queue.remove(req.id, req.slot)
+            if req.id in self.pages.tables:
+                self.pages.close(req.id)
         req.closed = True
         req.stream.put(RequestOutput(req.id, last_tokens or [], text, finished=True, finish_reason=reason,
                                      prompt_tokens=len(req.prompt), completion_tokens=len(req.generated),

@@ -38,7 +38,8 @@ class EngineMetrics:
     generation tokens, TTFT, inter-token latency (and its older name time_per_output_token), end-to-end
     latency, queue time, finished requests by reason. Ours: queue depth, active slots, tokens (counters and a
     tokens/s gauge), TTFT and per-token latency, step time, finished requests by reason, distinct experts per
-    step (Read-ME only) and HTTP requests."""
+    step (Read-ME only), KV cache usage, prefix cache queries and hits, preemptions (pushed by the engine with
+    ``set_kv``; the vLLM KV series are read from ``engine.stats()`` at scrape time) and HTTP requests."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -65,6 +66,15 @@ class EngineMetrics:
         self.finished = Counter(f"{PREFIX}_requests_finished", "Finished requests", ["finish_reason"], registry=r)
         self.completion_tokens = Counter(f"{PREFIX}_completion_tokens", "Tokens of finished requests",
                                          registry=r)
+        self.kv_cache_usage = Gauge(f"{PREFIX}_kv_cache_usage_perc", "Fraction of KV pages held by sequences",
+                                    registry=r)
+        self.prefix_cache_queries = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "prefix cache", registry=r)
+        self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                         registry=r)
+        self.preemptions = Counter(f"{PREFIX}_num_preemptions", "Sequences preempted (pages freed, recomputed)",
+                                   registry=r)
+        self._kv_totals = (0, 0, 0)
         self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP requests answered", ["route", "status"],
                                      registry=r)
         self._vllm(r)
@@ -147,6 +157,14 @@ class EngineMetrics:
         self.active_slots.set(active_slots)
         self.v_waiting.labels(self.model_name).set(queue_depth)
         self.v_running.labels(self.model_name).set(active_slots)
+
+    def set_kv(self, usage: float, queries: int, hits: int, preemptions: int) -> None:
+        """KV usage now and the engine's running totals of prefix-cache queries / hits and preemptions."""
+        self.kv_cache_usage.set(usage)
+        for counter, total, seen in zip((self.prefix_cache_queries, self.prefix_cache_hits, self.preemptions),
+                                        (queries, hits, preemptions), self._kv_totals):
+            counter.inc(total - seen)
+        self._kv_totals = (queries, hits, preemptions)
 
     # --- called by the server ---
     def on_request(self, route: str, status: int) -> None:

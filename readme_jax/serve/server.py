@@ -328,18 +328,20 @@ async def _complete(request: Request, req, streams, request_id: str, done):
 
 
 async def _events(req, streams, request_id: str, created: int, done):
-    """The SSE body: the role chunk of each choice (chat), text chunks, finish_reason on each choice's last
-    one, the usage chunk when asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent
-    as an error event and ends the stream."""
+    """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just
+    before its first token's text, so a client's time to first chunk is its time to first token), text chunks,
+    finish_reason on each choice's last one, the usage chunk when asked, then ``[DONE]``. An engine failure or
+    shutdown abort mid-stream is sent as an error event and ends the stream."""
     def chunk(**kw):
         return responses.sse(responses.chunk(req.kind, request_id, created, req.model,
                                              include_usage=req.include_usage, **kw))
 
-    if req.kind == "chat":
-        for i in range(len(streams)):
-            yield chunk(index=i, role=True)
+    roles = set(range(len(streams))) if req.kind == "chat" else set()
     finals = {}
     async for i, out in _merged(streams):
+        if i in roles:
+            roles.discard(i)
+            yield chunk(index=i, role=True)
         if not out.finished:
             if out.text:
                 yield chunk(index=i, text=out.text)

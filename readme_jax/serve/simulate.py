@@ -11,10 +11,8 @@ turns the work and the misses into seconds (without a cost model every step last
 studies). A prefill that completes yields the request's first token (TTFT) at the step's end; each decode
 yields one token; a request ends after its G-th token and frees its slot.
 
-Windowed Belady's future (binding definition): after the pick, the scheduler is run forward ``window`` steps
-on a copy of the queue with no new arrivals. Tokens this step produces are unknown until it ends, so the
-slots it advances (and prompts it completes) drop out of the prediction; everything else keeps its known
-expert (decode tokens known one step ahead, prompts' tokens fully). ``instant_prefill``: arrivals go straight
+The queue's transitions and windowed Belady's future are the engine's own (``serve/queue_state.py``:
+``QueueState.apply`` / ``future``), so an engine step log replayed here reproduces every pick. ``instant_prefill``: arrivals go straight
 into free slots as decodes, prefill uncharged — for measuring decode batching alone (running >= 4 x budget).
 """
 
@@ -26,9 +24,10 @@ from typing import Sequence
 import numpy as np
 
 from readme_jax.errors import ConfigError
-from readme_jax.serve.api import Pick, RunningDecode, WaitingPrefill
+from readme_jax.serve.api import WaitingPrefill
 from readme_jax.serve.costmodel import CostModel, StepWork
 from readme_jax.serve.expert_cache import CacheStats, ExpertCache, LazyFuture, make_policy
+from readme_jax.serve.queue_state import QueueState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +67,7 @@ class SimConfig:
     instant_prefill: bool = False
     max_steps: int = 2_000_000
     record_futures: bool = False     # keep every step's predicted future (for replaying other policies)
+    record_picks: bool = False       # keep every step's Pick (an engine step log replayed must match them)
 
 
 @dataclasses.dataclass
@@ -90,6 +90,7 @@ class SimResult:
     prefill_experts: np.ndarray
     cache: CacheStats
     works: list                      # each step's StepWork (misses from the policy in the loop)
+    picks: list                      # each step's Pick (with ``record_picks``)
 
     @property
     def normalised_latency(self) -> np.ndarray:
@@ -107,71 +108,20 @@ class SimResult:
         return float(len(self.output) / (self.finish.max() - self.arrival.min()))
 
 
-class _State:
-    """The queue: waiting prefills, running decodes and per-request progress."""
-
-    def __init__(self, slots: int):
-        self.waiting: dict[str, WaitingPrefill] = {}
-        self.running: dict[int, RunningDecode] = {}
-        self.free = list(range(slots))
-        self.produced: dict[str, int] = {}
-        self.ready: list[str] = []           # instant_prefill: arrived, waiting for a slot
-
-
-def _apply(pick: Pick, waiting: dict, running: dict, free: list) -> list[tuple[str, int]]:
-    """Advance a queue by one step: chunks progress (a new prompt takes the lowest free slot), picked
-    decodes leave ``running`` (their next token is not known yet), the others wait one step more.
-    Returns the completed prefills [(request_id, slot)]."""
-    completed = []
-    for rid, n in pick.prefills:
-        w = waiting[rid]
-        if w.slot is None:
-            if not free:
-                raise ConfigError(f"scheduler admitted {rid} with no free slot")
-            w.slot = free.pop(0)
-        w.done += n
-        if w.remaining <= 0:
-            del waiting[rid]
-            completed.append((rid, w.slot))
-    picked = set(pick.decodes)
-    for s, r in list(running.items()):
-        if s in picked:
-            del running[s]
-        else:
-            r.waited += 1
-    return completed
-
-
-def _clone(st_waiting: dict, st_running: dict):
-    return ({k: dataclasses.replace(v) for k, v in st_waiting.items()},
-            {k: dataclasses.replace(v) for k, v in st_running.items()})
-
-
-def _pick_experts(pick: Pick, waiting: dict, running: dict) -> set[int]:
-    s = {int(running[slot].expert) for slot in pick.decodes}
-    for rid, n in pick.prefills:
-        w = waiting[rid]
-        s.update(int(e) for e in np.unique(w.experts[w.done:w.done + n]))
-    return s
-
-
-def predict_future(scheduler, waiting: dict, running: dict, free: list, pick: Pick, budget: int,
-                   window: int) -> list[set[int]]:
-    """The expert sets of the next ``window`` steps as ``scheduler`` would pick them with no new arrivals,
-    after ``pick`` runs (tokens it produces are unknown and drop out)."""
-    w, r = _clone(waiting, running)
-    fr = list(free)
-    _apply(pick, w, r, fr)
-    out = []
-    for _ in range(window):
-        if not w and not r:
-            break
-        p = scheduler.pick(list(w.values()), list(r.values()), budget, len(fr))
-        if p.num_tokens == 0:
-            break
-        out.append(_pick_experts(p, w, r))
-        _apply(p, w, r, fr)
-    return out
+def requests_from_log(step_log: Sequence[dict]) -> list[SimRequest]:
+    """The requests of an engine step log (``Engine.step_log`` from the engine's first step; every request
+    ran to stop or length) as a trace for ``simulate`` with ``cost=None`` (one step = 1 s): arrival = the step
+    before which it arrived, its prompt length, its generated tokens (1 + its decodes) and the experts its
+    decode tokens ran with. Prompt tokens' experts are -1 (the log does not keep them; picks never read them).
+    Replayed with the engine's scheduler, slots and budget, ``simulate`` reproduces every pick."""
+    arrival, prompt, decoded = {}, {}, {}
+    for entry in step_log:
+        for rid, n in entry["arrivals"]:
+            arrival[rid], prompt[rid], decoded[rid] = entry["step"] - 1, n, []
+        for rid, e in zip(entry["decode_requests"], entry["decode_experts"]):
+            decoded[rid].append(e)
+    return [SimRequest(rid, float(arrival[rid]), prompt[rid], 1 + len(decoded[rid]),
+                       np.asarray([-1] * prompt[rid] + decoded[rid], np.int32)) for rid in arrival]
 
 
 def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: CostModel | None = None
@@ -191,24 +141,25 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
                             expert_bytes=cost.model.expert_bytes if cost else 0.0)
     if cost is not None:
         cost.reset()
-    st = _State(cfg.slots)
+    st = QueueState(cfg.slots)
+    produced: dict[str, int] = {}
+    ready: list[str] = []                                     # instant_prefill: arrived, waiting for a slot
     rec = {k: [] for k in ("start", "time", "dexp", "running", "dtok")}
-    sets, futures, prefill_exp, works = [], [], [], []
+    sets, futures, prefill_exp, works, picks = [], [], [], [], []
     now, nxt, step, done = 0.0, 0, 0, 0
 
     def start_decode(rid: str, slot: int, t: float) -> None:
         nonlocal done
         q = reqs[rid]
-        st.produced[rid] = 1
+        produced[rid] = 1
         if np.isnan(ttft[idx[rid]]):
             ttft[idx[rid]] = t
         if q.output == 1:
             finish[idx[rid]] = t
-            st.free.append(slot)
-            st.free.sort()
+            st.release(slot)
             done += 1
         else:
-            st.running[slot] = RunningDecode(slot, rid, int(q.arrival * 1e6), int(q.experts[q.prompt]))
+            st.ready(slot, rid, int(q.arrival * 1e6), int(q.experts[q.prompt]))
 
     while done < n:
         if step >= cfg.max_steps:
@@ -218,12 +169,11 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
             q = order[nxt]
             nxt += 1
             if cfg.instant_prefill:
-                st.ready.append(q.request_id)
+                ready.append(q.request_id)
             else:
-                st.waiting[q.request_id] = WaitingPrefill(q.request_id, int(q.arrival * 1e6),
-                                                          q.experts[:q.prompt])
-        while st.ready and st.free:
-            start_decode(st.ready.pop(0), st.free.pop(0), now)
+                st.arrive(WaitingPrefill(q.request_id, int(q.arrival * 1e6), q.experts[:q.prompt]))
+        while ready and st.free:
+            start_decode(ready.pop(0), st.free.pop(0), now)
         if not st.running and not st.waiting:
             if nxt >= n and done < n:
                 raise ConfigError(f"simulate: {n - done} requests neither running nor waiting")
@@ -231,17 +181,16 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
                 now = max(now, order[nxt].arrival)
             continue
         waiting = st.waiting
-        pick = scheduler.pick(list(waiting.values()), list(st.running.values()), cfg.budget, len(st.free))
-        if pick.num_tokens == 0 or pick.num_tokens > cfg.budget:
-            raise ConfigError(f"scheduler {scheduler.name} picked {pick.num_tokens} tokens (budget {cfg.budget}) "
-                              f"with {len(waiting)} waiting and {len(st.running)} running")
-        S = _pick_experts(pick, waiting, st.running)
-        fut = LazyFuture(lambda: predict_future(scheduler, waiting, st.running, st.free, pick, cfg.budget,
-                                                cfg.window))
+        pick = st.pick(scheduler, cfg.budget)
+        if pick.num_tokens == 0:
+            raise ConfigError(f"scheduler {scheduler.name} picked no tokens with {len(waiting)} waiting and "
+                              f"{len(st.running)} running")
+        S = st.experts(pick)
+        fut = LazyFuture(lambda: st.future(scheduler, pick, cfg.budget, cfg.window))
         refs = cache.reference(S, fut) if cache is not None else None
         work = StepWork(decode_tokens=len(pick.decodes),
                         decode_context=sum(reqs[st.running[s].request_id].prompt
-                                           + st.produced[st.running[s].request_id] - 1 for s in pick.decodes),
+                                           + produced[st.running[s].request_id] - 1 for s in pick.decodes),
                         prefill_tokens=sum(m for _, m in pick.prefills),
                         prefill_context=sum(waiting[rid].done for rid, _ in pick.prefills),
                         prefill_attended=sum(m * waiting[rid].done + m * (m + 1) // 2 for rid, m in pick.prefills),
@@ -263,25 +212,26 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
         sets.append(frozenset(S))
         if cfg.record_futures:
             futures.append(fut.sets)
-        decoded = [(s, st.running[s].request_id) for s in pick.decodes]
-        completed = _apply(pick, st.waiting, st.running, st.free)
+        if cfg.record_picks:
+            picks.append(pick)
+        adv = st.apply(pick)
         now += dt
         step += 1
-        for rid, slot in completed:
-            start_decode(rid, slot, now)
-        for slot, rid in decoded:
+        for c in adv.chunks:
+            if c.last:
+                start_decode(c.request_id, c.slot, now)
+        for slot, rid in adv.decoded:
             q = reqs[rid]
-            st.produced[rid] += 1
-            k = st.produced[rid]
+            produced[rid] += 1
+            k = produced[rid]
             if k >= q.output:
                 finish[idx[rid]] = now
-                st.free.append(slot)
-                st.free.sort()
+                st.release(slot)
                 done += 1
             else:
-                st.running[slot] = RunningDecode(slot, rid, int(q.arrival * 1e6), int(q.experts[q.prompt + k - 1]))
+                st.ready(slot, rid, int(q.arrival * 1e6), int(q.experts[q.prompt + k - 1]))
     arr = {k: np.asarray(v) for k, v in rec.items()}
     return SimResult(np.array([q.arrival for q in requests]), ttft - np.array([q.arrival for q in requests]),
                      finish, np.array([q.output for q in requests], np.float64), arr["start"], arr["time"],
                      arr["dexp"], arr["running"], arr["dtok"], sets, futures,
-                     np.asarray(prefill_exp), cache.stats if cache is not None else CacheStats(), works)
+                     np.asarray(prefill_exp), cache.stats if cache is not None else CacheStats(), works, picks)
