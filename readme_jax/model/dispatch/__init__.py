@@ -16,15 +16,16 @@ import jax
 from readme_jax.model.dispatch.base import Dispatcher
 from readme_jax.model.dispatch.blocked import Blocked, BlockedPlan
 from readme_jax.model.dispatch.decode import Decode, DecodePlan
+from readme_jax.model.dispatch.grouped import Grouped, GroupedPlan
 from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
 
 #: The decode dispatcher is the default up to this many tokens per call (a decode step over a few slots).
 #: Each expert in use runs on every row, so past a few rows it is compute-bound; measured (benchmarks/moe.py,
 #: moe_decode, 30 layers, E=5): B=1 about 0.5x the dense FFN's time, B=8 about the dense FFN's.
 DECODE_MAX_TOKENS = 8
-DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode())}
+DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode(), Grouped())}
 
-__all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan",
+__all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan", "Grouped", "GroupedPlan",
            "DECODE_MAX_TOKENS", "DISPATCHERS", "default_dispatcher", "get"]
 
 
@@ -42,7 +43,7 @@ def default_dispatcher(num_tokens: int | None = None) -> Dispatcher:
 
 
 def get(name: str) -> Dispatcher:
-    """The dispatcher called ``name`` ("blocked", "ragged", "decode") with its default settings."""
+    """The dispatcher called ``name`` ("blocked", "ragged", "decode", "grouped") with its default settings."""
     if name not in DISPATCHERS:
         raise ValueError(f"dispatch.get: unknown dispatcher {name!r}, expected one of {sorted(DISPATCHERS)}")
     return DISPATCHERS[name]
