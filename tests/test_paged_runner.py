@@ -89,15 +89,14 @@ def test_packed_steps_equal_generate_alone(kind):
         model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3, overrides={"router.head": 1.0})
         vocab = RCFG.base.vocab_size
     runner = PagedRunner(model, num_pages=64, page_size=PS, max_num_seqs=4, max_num_batched_tokens=16,
-                         max_model_len=48)
+                         max_model_len=32, min_token_bucket=16)
     runner.warmup()
     before = compiles()
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 19, 1, 9)]
     got = drive(runner, prompts, new_tokens=6, budget=16, arrivals=[0, 0, 2, 3])
     assert compiles() == before
-    for p, g in zip(prompts, got):
-        assert g == generate_ids(model, [p], 6)[0]
+    assert got == generate_ids(model, prompts, 6)       # left-padded rows equal each prompt alone
     if kind == "readme":
         assert runner.page_bytes > runner.cfg.num_layers * PS * 2 * 8 * 4
 
