@@ -11,15 +11,10 @@ decode token again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from readme_jax.serve.api import Pick, WaitingPrefill
 from readme_jax.serve.schedulers import prefill_order
-
-if TYPE_CHECKING:
-    from readme_jax.serve.engine import _Request
 
 
 class PagedScheduling:
@@ -43,11 +38,11 @@ class PagedScheduling:
             n += 1
         return n
 
-    def _page_need(self, req: _Request) -> int:
+    def _page_need(self, req: "engine._Request") -> int:
         """Tokens a newly opened sequence needs pages for: its prefill, and the router's lookahead entry."""
         return req.target + self.lookahead
 
-    def _preempt(self, req: _Request) -> None:
+    def _preempt(self, req: "engine._Request") -> None:
         """Free ``req``'s pages and slot; it waits again to recompute its tokens (see the module doc)."""
         self.pages.close(req.id)
         self._queue.remove(req.id, req.slot)
@@ -58,7 +53,7 @@ class PagedScheduling:
         self._dequeue(+1)
         self.preemptions += 1
 
-    def _grow(self, req: _Request, total: int, protected: set[str]) -> bool:
+    def _grow(self, req: "engine._Request", total: int, protected: set[str]) -> bool:
         """Pages for ``total`` tokens of ``req``, preempting the latest-arrived other sequences (never those
         in ``protected``) while none is free. False: ``req`` itself was preempted."""
         while not self.pages.grow(req.id, total):
@@ -69,7 +64,7 @@ class PagedScheduling:
                 return False
         return True
 
-    def _open(self, req: _Request, w: WaitingPrefill) -> bool:
+    def _open(self, req: "engine._Request", w: WaitingPrefill) -> bool:
         """Open an admitted prompt's pages (its cached prefix is taken, not prefilled) and, for Read-ME, route
         the tokens past the prefix (the router's KV goes into the same pages). False: the pages no longer fit
         (a hit was evicted this step); it stays waiting."""
