@@ -33,7 +33,8 @@ REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe"
                             "serve": "benchmarks.serve", "serve_load": "benchmarks.serve_load",
                             "serve_vllm": "benchmarks.serve_vllm",
                             "codesign": "benchmarks.codesign",
-                            "codesign_cpu": "benchmarks.codesign_engine"}
+                            "codesign_cpu": "benchmarks.codesign_engine",
+                            "step_roofline": "benchmarks.step_roofline"}
 DEFAULT_OUT = Path("out/benchmarks")  # git-ignored
 
 
