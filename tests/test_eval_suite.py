@@ -177,7 +177,8 @@ def test_suite_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert suite.main(["--model", "ref=a", "--model", "b", "--model", "same=a_again", *args]) == 0
     ev = out / "eval"
     assert {p.name for p in ev.iterdir()} == {"ppl.json", "agreement.json", "mc.json", "cloze.json", "summary.md",
-                                              "ppl_ratio.png"}
+                                              "ppl_ratio.png", "raw"}
+    assert {p.name for p in (ev / "raw").iterdir()} == {"model_ref.json", "model_b.json", "model_same.json"}
     ppl = json.loads((ev / "ppl.json").read_text())["ppl"]
     assert set(ppl["draw"]) == {"news", "code"} and all(d["tokens"] >= 300 for d in ppl["draw"].values())
     # the suite's perplexity is the model's own token NLL over the drawn windows
@@ -201,6 +202,14 @@ def test_suite_cli_end_to_end(tmp_path, monkeypatch, capsys):
     summary = (ev / "summary.md").read_text()
     assert "kept" in summary and "b / ref ratio" in summary and "Multiple choice" in summary
     assert "Held-out perplexity" in capsys.readouterr().out
+    # a rerun reuses every model's raw scores (same settings); other settings recompute
+    first = (ev / "ppl.json").read_text()
+    monkeypatch.setattr(suite, "score_model", lambda *a, **k: pytest.fail("recomputed"))
+    assert suite.main(["--model", "ref=a", "--model", "b", "--model", "same=a_again", *args]) == 0
+    assert json.loads((ev / "ppl.json").read_text())["ppl"] == json.loads(first)["ppl"]
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        suite.main(["--model", "ref=a", *args, "--seed", "1"])
+    capsys.readouterr()
     # bad input: one error line, exit 2
     assert suite.main(["--model", "a", "--model", "a", *args]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --model labels repeat")

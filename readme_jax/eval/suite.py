@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from readme_jax.atomic import atomic_write_json, atomic_write_text
+from readme_jax.atomic import atomic_write_json
 from readme_jax.data.corpus import Corpus, load_corpus, tokenizer_fingerprint
 from readme_jax.eval import cloze as cloze_lib
 from readme_jax.eval import sampler, window_scores
@@ -209,6 +210,26 @@ def parse_model(arg: str) -> tuple[str, str, str | None]:
     return label or (spec + (f"@{dtype}" if dtype else "")), spec, dtype or None
 
 
+def raw_cache(folder: Path, key: dict) -> Cache:
+    """A :data:`Cache` of each model's raw scores in ``folder/<name>.json``, reused by a rerun whose ``key``
+    (settings, corpus, domains, that model's source) is the same, recomputed otherwise (so a killed run resumes
+    after the last finished model)."""
+    def cache(name: str, compute: Callable[[], dict]) -> dict:
+        label = name.removeprefix("model_")
+        record_key = {**{k: v for k, v in key.items() if k != "models"}, "model": key["models"].get(label)}
+        path = folder / f"{name}.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("key") == json.loads(json.dumps(record_key)):
+                tqdm.write(f"[evaluate] {label}: reused {path}")
+                return old["scores"]
+        scores = compute()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"key": record_key, "scores": scores})
+        return scores
+    return cache
+
+
 def _parser() -> argparse.ArgumentParser:
     d = SuiteSettings()
     p = argparse.ArgumentParser(prog="python -m readme_jax.eval.suite", description=__doc__.split("\n\n")[0])
@@ -243,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.corpus.is_dir():
             raise ValueError(f"{args.corpus}: no such corpus folder")
         models = {label: (lambda spec=spec, dtype=dtype: load_model(spec, dtype)[1:]) for label, spec, dtype in parsed}
-        result = run_suite(models, args.corpus, args.out, settings, domains=args.domains,
-                           cloze_path=args.cloze_items, progress=not args.no_progress)
+        key = {"settings": dataclasses.asdict(settings), "corpus": str(args.corpus.resolve()), "domains": args.domains,
+               "cloze_items": str(args.cloze_items), "models": {label: [spec, dtype] for label, spec, dtype in parsed}}
+        result = run_suite(models, args.corpus, args.out, settings, domains=args.domains, cloze_path=args.cloze_items,
+                           cache=raw_cache(args.out / "eval" / "raw", key), progress=not args.no_progress)
     except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
