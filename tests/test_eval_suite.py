@@ -220,3 +220,31 @@ def test_suite_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert suite.main(["--model", "a", *args, "--ppl-tokens", "99999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fewer than min_tokens=99999" in err[0]
+
+
+def test_science_evaluate_writes_the_experiment_folder_and_resumes(tmp_path, monkeypatch):
+    """``python -m readme_jax.science evaluate``'s entry on a stand-in finished run (tiny models, same compiles
+    as the CLI test): eval/*.json + table.md under science/evaluate, model parts reused on a rerun."""
+    import types
+
+    from readme_jax.science.evaluate import evaluate
+    tok = CharTokenizer()
+    dense = random_model(lambda r: Llama(CFG, rngs=r), seed=0, std=0.3)
+    moe = random_model(lambda r: Llama(CFG, rngs=r), seed=1, std=0.3)
+    items = tmp_path / "cloze.json"
+    items.write_text(json.dumps({"format": 1, "items": [{"kind": "line", "prompt": "abc", "answers": ["d"]}]}))
+    monkeypatch.setattr(cloze, "ITEMS_PATH", items)
+    run = types.SimpleNamespace(dir=tmp_path / "run", cfg=types.SimpleNamespace(name="tiny"), dense=dense,
+                                tokenizer=tok, trained_model=lambda: moe,
+                                corpus=_corpus(tmp_path / "corpus", {"news": _docs(1, 24), "code": _docs(2, 12)}))
+    settings = suite.SuiteSettings(ppl_tokens=300, seq_len=32, batch=4, mc_items_per_domain=6, mc_context_tokens=8,
+                                   mc_continuation_tokens=4, mc_batch=16, cloze_batch=2, bootstrap=200)
+    result = evaluate(run, settings, progress=False)
+    folder = run.dir / "science" / "evaluate"
+    assert result["models"] == ["dense parent", "Read-ME"]
+    assert {"ppl.json", "agreement.json", "mc.json", "cloze.json", "summary.md"} <= {p.name for p in (folder / "eval").iterdir()}
+    assert (folder / "table.md").read_text().startswith("**Held-out perplexity**")
+    assert json.loads((folder / "result.json").read_text())["cloze"]["Read-ME"][1] == 1
+    monkeypatch.setattr(suite, "score_model", lambda *a, **k: pytest.fail("recomputed"))
+    again = evaluate(run, settings, progress=False)
+    assert again["ppl"]["models"] == result["ppl"]["models"]

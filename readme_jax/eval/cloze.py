@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--items", type=Path, default=ITEMS_PATH)
     args = p.parse_args(argv)
     try:
-        from readme_jax.eval.suite import load_model
+        from readme_jax.eval.model_specs import load_model
         source, model, tokenizer = load_model(args.model)
         if args.cmd == "build":
             record = build_set(model, tokenizer, seed=args.seed, source=Path(source).name)

@@ -37,6 +37,7 @@ from readme_jax.data.corpus import Corpus, load_corpus, tokenizer_fingerprint
 from readme_jax.eval import cloze as cloze_lib
 from readme_jax.eval import sampler, window_scores
 from readme_jax.eval.mc_tasks import MCItem, builtin_items
+from readme_jax.eval.model_specs import load_model, parse_model
 from readme_jax.eval.multiple_choice import ItemResult, correct_flags, evaluate_items, summarize
 from readme_jax.eval.paired import bootstrap_mean, compare_models
 
@@ -187,29 +188,6 @@ def run_suite(models: Mapping[str, ModelLoader], corpus: Corpus | str | Path, ou
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def load_model(spec: str, dtype: str | None = None):
-    """``(source, model, tokenizer)`` of ``smollm2`` (the pinned SmolLM2 GGUF) or anything load_pretrained loads."""
-    import jax.numpy as jnp
-    from readme_jax import assets
-    from readme_jax.convert.load import load_pretrained
-    source = assets.smollm2_gguf() if spec == "smollm2" else Path(spec)
-    if not Path(source).exists():
-        raise ValueError(f"{spec}: no such model file or folder")
-    model, tokenizer = load_pretrained(source, dtype=jnp.dtype(dtype) if dtype else jnp.float32)
-    return str(source), model, tokenizer
-
-
-def parse_model(arg: str) -> tuple[str, str, str | None]:
-    """``[LABEL=]SPEC[@DTYPE]`` -> (label, spec, dtype)."""
-    label, _, rest = arg.rpartition("=") if "=" in arg else ("", "", arg)
-    spec, _, dtype = rest.partition("@")
-    if not spec:
-        raise ValueError(f"--model {arg!r}: expected [LABEL=]PATH[@DTYPE]")
-    if dtype and dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--model {arg!r}: dtype {dtype!r} is not float32, bfloat16 or float16")
-    return label or (spec + (f"@{dtype}" if dtype else "")), spec, dtype or None
-
-
 def raw_cache(folder: Path, key: dict) -> Cache:
     """A :data:`Cache` of each model's raw scores in ``folder/<name>.json``, reused by a rerun whose ``key``
     (settings, corpus, domains, that model's source) is the same, recomputed otherwise (so a killed run resumes
