@@ -83,16 +83,22 @@ def summary(result: dict) -> str:
 
 
 def ratio_plot(result: dict, path: Path) -> Path | None:
-    """Per-domain perplexity ratio of every model to the reference with its 95% CI (None with one model)."""
+    """Per-domain perplexity of every model relative to the reference, in percent (``100 * (ratio - 1)``, 0 =
+    the reference's), with the 95% paired CI; None with one model."""
     from readme_jax.science.plots import grouped_bars
     ref = result["reference"]
     pairs = {p["a"]: p["domains"] for p in result["ppl"]["pairs"] if p["b"] == ref}
     if not pairs:
         return None
-    return grouped_bars({m: {d: x["ratio"] for d, x in doms.items()} for m, doms in pairs.items()}, path,
-                        title=f"held-out perplexity / {ref} (95% paired bootstrap CI)", ylabel="perplexity ratio",
-                        intervals={m: {d: (x["ratio_low"], x["ratio_high"]) for d, x in doms.items()}
-                                   for m, doms in pairs.items()}, hline=1.0)
+
+    def pct(r):
+        return 100.0 * (r - 1.0)
+
+    return grouped_bars({m: {d: pct(x["ratio"]) for d, x in doms.items()} for m, doms in pairs.items()}, path,
+                        title=f"held-out perplexity vs {ref} (95% paired bootstrap CI)",
+                        ylabel=f"perplexity above {ref} (%)",
+                        intervals={m: {d: (pct(x["ratio_low"]), pct(x["ratio_high"])) for d, x in doms.items()}
+                                   for m, doms in pairs.items()}, hline=0.0)
 
 
 def write_report(out_dir: Path, result: dict) -> Path:
