@@ -6,7 +6,6 @@ import string
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from readme_jax.eval import cloze, sampler, suite, window_scores
 from readme_jax.eval.paired import bootstrap_mean, paired_bootstrap
