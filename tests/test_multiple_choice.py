@@ -45,6 +45,10 @@ class Bigram(nnx.Module):
     def __init__(self, table):
         self.table = nnx.Param(jnp.asarray(table, jnp.float32))
 
+    def __call__(self, input_ids):
+        """logits [B, T, V] (not a CausalLM of model/protocol.py, so the scorers call it)."""
+        return self.table[...][input_ids]
+
     def token_nll(self, input_ids, targets):
         logp = jax.nn.log_softmax(self.table[...], axis=-1)[input_ids]                  # [B, T, V]
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

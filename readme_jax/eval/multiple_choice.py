@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -85,6 +86,15 @@ class ItemResult:
 
 
 # ------------------------------------------------------------------------------------------ scoring
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _module_loglik(graphdef, state, ids, targets, weights):
+    """[B]: summed ``weights * log p(targets)`` per row; one compile per (graph, shapes), shared by models of
+    one architecture (their weights are traced arguments)."""
+    m = nnx.merge(graphdef, state)
+    nll = m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
+    return -jnp.sum(nll * weights, axis=-1)
+
+
 def make_loglik_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> LoglikFn:
     """A jitted ``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> float32[B]``:
     per row, ``sum_t weights * log p(targets[t] | input_ids[:t+1])``.
@@ -95,15 +105,7 @@ def make_loglik_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> Logl
     """
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
-
-        def token_nll(m, ids, targets):
-            return m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
-
-        @jax.jit
-        def loglik_state(state, ids, targets, weights):
-            return -jnp.sum(token_nll(nnx.merge(graphdef, state), ids, targets) * weights, axis=-1)
-
-        return lambda ids, targets, weights: np.asarray(loglik_state(state, ids, targets, weights))
+        return lambda ids, targets, weights: np.asarray(_module_loglik(graphdef, state, ids, targets, weights))
 
     forward_fn = model
 

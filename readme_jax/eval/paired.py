@@ -2,12 +2,19 @@
 
     mcnemar(correct_a, correct_b)           # exact two-sided McNemar: {"b01", "b10", "p_value"}
     paired_bootstrap(correct_a, correct_b)  # {"diff", "ci_low", "ci_high", "p_value"} of acc_a - acc_b
+    paired_bootstrap(nll_a, nll_b, weights=tokens)   # per-token NLL difference, resampling windows
+    bootstrap_mean(values, weights=tokens)  # {"mean", "ci_low", "ci_high"} of one model's (weighted) mean
     compare_models({"dense": c0, "moe": c1}, reference="dense")  # one row per model
 
 Two models on the same N items are not independent samples: the test that respects the pairing looks only
 at the discordant items (one right, the other wrong). ``b01`` counts items A gets wrong and B right, ``b10``
 the reverse; under "same accuracy" each discordant item is a fair coin, so ``p = binomtest(b10, b01 + b10,
 0.5)`` (two-sided, exact).
+
+The bootstraps resample units (items, or windows of tokens) with replacement; with ``weights`` (e.g. the tokens
+of each window, values being per-window means) a resample's statistic is ``sum(w * v) / sum(w)`` over the
+drawn units, so a per-token mean is estimated while whole windows are resampled (tokens of one window are not
+independent). Dimension names: N units, S resamples.
 """
 
 from __future__ import annotations
@@ -41,23 +48,73 @@ def mcnemar(correct_a, correct_b) -> dict:
     return {"b01": b01, "b10": b10, "p_value": min(1.0, p)}
 
 
-def paired_bootstrap(correct_a, correct_b, *, samples: int = 10000, seed: int = 0,
-                     chunk: int = 1000) -> dict:
-    """Paired bootstrap of ``acc_a - acc_b`` over items. correct_a, correct_b: bool[N].
+def _values(values, weights) -> tuple[np.ndarray, np.ndarray | None]:
+    v = np.asarray(values, np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("bootstrap of 0 units")
+    if weights is None:
+        return v, None
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if w.shape != v.shape:
+        raise ValueError(f"bootstrap weights: {w.size} for {v.size} values")
+    if np.any(w < 0) or not np.sum(w) > 0:
+        raise ValueError("bootstrap weights must be >= 0 with a positive sum")
+    return v, w
 
-    Each of ``samples`` resamples draws N item indices with replacement (the same for both models).
+
+def _resampled_means(v: np.ndarray, w: np.ndarray | None, samples: int, seed: int, chunk: int) -> np.ndarray:
+    """float64[S]: the (weighted) mean of ``v`` [N] over ``samples`` resamples of N unit indices with
+    replacement, drawn in chunks of ``chunk`` resamples from ``np.random.default_rng(seed)``."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(0, samples, chunk):
+        idx = rng.integers(0, v.size, size=(min(chunk, samples - i), v.size))    # [chunk, N]
+        if w is None:
+            out.append(v[idx].mean(axis=1))
+        else:
+            ws = w[idx]
+            total = ws.sum(axis=1)
+            out.append(np.where(total > 0, (ws * v[idx]).sum(axis=1) / np.where(total > 0, total, 1), np.nan))
+    means = np.concatenate(out)
+    return means[~np.isnan(means)]
+
+
+def _mean(v: np.ndarray, w: np.ndarray | None) -> float:
+    return float(v.mean() if w is None else np.sum(w * v) / np.sum(w))
+
+
+def bootstrap_mean(values, *, weights=None, samples: int = 10000, seed: int = 0, chunk: int = 1000) -> dict:
+    """Percentile bootstrap of the (weighted) mean of ``values`` float[N] (``weights`` float[N] or None).
+
+    Returns ``{"mean": observed, "ci_low", "ci_high": 95% percentile interval, "n": N}``; resamples whose
+    weights sum to 0 are dropped.
+    """
+    v, w = _values(values, weights)
+    means = _resampled_means(v, w, samples, seed, chunk)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": _mean(v, w), "ci_low": float(lo), "ci_high": float(hi), "n": int(v.size)}
+
+
+def paired_bootstrap(correct_a, correct_b, *, weights=None, samples: int = 10000, seed: int = 0,
+                     chunk: int = 1000) -> dict:
+    """Paired bootstrap of ``mean_a - mean_b`` over units. correct_a, correct_b: bool[N] (accuracy) or
+    float[N] (e.g. per-window mean NLL, with ``weights`` the tokens per window).
+
+    Each of ``samples`` resamples draws N unit indices with replacement (the same for both models).
     Returns ``{"diff": observed, "ci_low", "ci_high": 95% percentile interval, "p_value"}``, p being twice
     the share of resampled diffs on the other side of 0 from the observed one (0 included), capped at 1
     (1.0 when the observed diff is 0).
     """
-    a, b = _pair(correct_a, correct_b)
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    d = a.astype(np.float64) - b.astype(np.float64)                      # [N]
-    rng = np.random.default_rng(seed)
-    diffs = np.concatenate([d[rng.integers(0, d.size, size=(min(chunk, samples - i), d.size))].mean(axis=1)
-                            for i in range(0, samples, chunk)])          # [samples]
-    observed = float(d.mean())
+    a, b = np.asarray(correct_a), np.asarray(correct_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same items: {a.size} vs {b.size} values")
+    if a.size == 0:
+        raise ValueError("paired comparison of 0 items")
+    d, w = _values(a.astype(np.float64) - b.astype(np.float64), weights)         # [N]
+    diffs = _resampled_means(d, w, samples, seed, chunk)                          # [S]
+    observed = _mean(d, w)
     if observed > 0:
         p = 2.0 * float(np.mean(diffs <= 0))
     elif observed < 0:

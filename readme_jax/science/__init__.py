@@ -12,14 +12,17 @@ record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability
     ablate_pool     router pool size
+    evaluate        the evaluation suite: perplexity, agreement, multiple choice, cloze, all with CIs
 """
 
 from readme_jax.science.ablations import ablate_lr, ablate_split
 from readme_jax.science.bounds import bounds
 from readme_jax.science.calib import ablate_calib
 from readme_jax.science.dense_baseline import dense_baseline
+from readme_jax.science.evaluate import evaluate
 from readme_jax.science.layerwise import layerwise
 from readme_jax.science.mc import mc
 from readme_jax.science.pool import ablate_pool
 
-__all__ = ["ablate_calib", "ablate_lr", "ablate_pool", "ablate_split", "bounds", "dense_baseline", "layerwise", "mc"]
+__all__ = ["ablate_calib", "ablate_lr", "ablate_pool", "ablate_split", "bounds", "dense_baseline", "evaluate", "layerwise",
+           "mc"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split", "ablate_calib",
-               "ablate_pool")
+               "ablate_pool", "evaluate")
 
 
 def _run(name: str, parent, s, progress: bool):

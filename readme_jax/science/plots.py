@@ -27,8 +27,11 @@ def _plt():
 
 
 def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, *, title: str, ylabel: str,
-                 log: bool = False) -> Path:
-    """Bars of ``values[series][group]`` grouped by group (e.g. perplexity per domain per model)."""
+                 log: bool = False, intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+                 hline: float | None = None) -> Path:
+    """Bars of ``values[series][group]`` grouped by group (e.g. perplexity per domain per model); with
+    ``intervals[series][group] = (low, high)`` an error bar each (e.g. a 95% CI), with ``hline`` a dashed
+    reference line (e.g. ratio 1)."""
     plt = _plt()
     series = list(values)
     groups = list(next(iter(values.values())))
@@ -36,7 +39,14 @@ def grouped_bars(values: Mapping[str, Mapping[str, float]], path: Path, *, title
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
     x = np.arange(len(groups))
     for i, s in enumerate(series):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [values[s][g] for g in groups], width, label=s)
+        y = np.array([values[s][g] for g in groups], np.float64)
+        err = None
+        if intervals is not None:
+            lo_hi = np.array([intervals[s][g] for g in groups], np.float64)        # [groups, 2]
+            err = np.stack([y - lo_hi[:, 0], lo_hi[:, 1] - y])
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, y, width, label=s, yerr=err, capsize=3 if err is not None else 0)
+    if hline is not None:
+        ax.axhline(hline, color="k", linestyle="--", linewidth=0.8)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

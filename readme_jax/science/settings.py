@@ -18,6 +18,7 @@ import yaml
 
 from readme_jax.config.loader import apply_override, build, merge, plain
 from readme_jax.errors import ConfigError
+from readme_jax.eval.suite import SuiteSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ScienceSettings:
     ablate_split: AblateSplitSettings = AblateSplitSettings()
     ablate_calib: AblateCalibSettings = AblateCalibSettings()
     ablate_pool: AblatePoolSettings = AblatePoolSettings()
+    evaluate: SuiteSettings = SuiteSettings()    # the evaluation suite (readme_jax.eval.suite)
 
     def section(self, name: str) -> dict:
         return plain(getattr(self, name))
