@@ -13,8 +13,8 @@ import pytest
 from readme_jax import assets
 from readme_jax.data import corpus as corpus_mod
 from readme_jax.data import sources
-from readme_jax.data.corpus import (CorpusError, build_corpus, load_corpus, main, split_documents, split_long,
-                                    verify_corpus)
+from readme_jax.data.corpus import build_corpus, load_corpus, main, split_documents, split_long, verify_corpus
+from readme_jax.errors import CorpusError
 from readme_jax.data.sources import Document
 
 

@@ -13,7 +13,7 @@ from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve import runner as runner_mod
-from readme_jax.serve.api import QueueFullError
+from readme_jax.errors import QueueFullError
 from readme_jax.serve.engine import Engine, EngineConfig
 from tests.tiny_models import random_model
 

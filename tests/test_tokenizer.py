@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from readme_jax.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from readme_jax.errors import TokenizerError
 
 TEXTS = [
     "12345 and 3.14159",

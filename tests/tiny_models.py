@@ -1,4 +1,6 @@
-"""Tiny random NNX models without per-shape RNG compiles: build abstractly, fill from NumPy.
+"""Tiny random NNX models without per-shape RNG compiles: build abstractly, fill from NumPy; the one tiny dense
+and the one tiny Read-ME config that modules share (session fixtures ``tiny_dense`` / ``tiny_readme`` in
+tests/conftest.py), so that their compiled steps are shared too.
 
 Eagerly initialising a model runs one ``jax.random`` program per parameter shape, each compiled on first
 use; on a busy CPU that costs seconds per test module. Norm scales (names ending in ``norm``) are ones,
@@ -9,6 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.readme import ReadMeConfig
+from readme_jax.model.router import RouterConfig
+
+TINY_DENSE = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=256)
+TINY_READ_ME = ReadMeConfig(
+    base=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2,
+                     num_kv_heads=1, head_dim=8, max_position_embeddings=128),
+    num_experts=3, expert_dim=12,
+    router=RouterConfig(vocab_size=40, dim=16, n_heads=2, mlp_dim=16, num_experts=3, embed_rank=4, max_len=128))
 
 
 def random_model(make, *, seed: int = 0, std: float = 0.02, overrides: dict | None = None):

@@ -30,11 +30,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import EngineError, NotReadyError, QueueFullError, SamplingError
+from readme_jax.model.dispatch import Dispatcher
 from readme_jax.model.protocol import arch_config
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
-                                  RunningDecode, WaitingPrefill)
+from readme_jax.serve.api import RequestOutput, RequestStream, RunningDecode, WaitingPrefill
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
 from readme_jax.serve.expert_cache import ExpertCache, LazyFuture, WindowFuture, make_policy
 from readme_jax.serve.runner import ModelRunner
@@ -60,9 +60,11 @@ class EngineConfig:
     scheduler_options: tuple[tuple[str, object], ...] = ()
     min_prefill_bucket: int = 16
     expert_slots: int | None = None      # Read-ME: k resident experts per layer for decode (None: all E)
-    expert_policy: str = "belady"        # serve.expert_cache.make_policy name
+    expert_policy: str = "belady"        # serve.expert_cache.POLICIES name, with its options
+    expert_policy_options: tuple[tuple[str, object], ...] = ()
     belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
     mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params, caches sharded (runner.py); None: 1 device
+    dispatcher: Dispatcher | None = None   # Read-ME decode steps' dispatcher (model.dispatch.DISPATCHERS); None: default
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",
@@ -113,11 +115,12 @@ class Engine:
         self.fault_hook = fault_hook
         self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=config.max_model_len,
                                   prefill_buckets=config.prefill_buckets(), expert_slots=config.expert_slots,
-                                  mesh=config.mesh)
+                                  mesh=config.mesh, dispatcher=config.dispatcher)
         self.cache = None
         if self.runner.pool is not None:
             pool = self.runner.pool
-            self.cache = ExpertCache(pool.capacity, make_policy(config.expert_policy), num_layers=pool.num_layers,
+            policy = make_policy(config.expert_policy, **dict(config.expert_policy_options))
+            self.cache = ExpertCache(pool.capacity, policy, num_layers=pool.num_layers,
                                      expert_bytes=pool.expert_bytes / pool.num_layers)
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = arch_config(model).vocab_size
@@ -330,7 +333,7 @@ class Engine:
         for g, group in enumerate(groups):
             rest = set().union(*groups[g + 1:]) if g + 1 < len(groups) else set()
             future = LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
-            self.cache.reference(group, future if self.config.expert_policy == "belady" else WindowFuture(()))
+            self.cache.reference(group, future if self.cache.policy.uses_future else WindowFuture(()))
             self.runner.pool.sync(self.cache.resident)
             yield group
 

@@ -18,26 +18,12 @@ import json
 import numbers
 from typing import Any
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import APIError, SamplingError
 from readme_jax.sampling import SamplingParams
 
 #: OpenAI's default temperature and top_p (the API samples unless asked for temperature 0).
 DEFAULT_TEMPERATURE = 1.0
 ROLES = ("system", "user", "assistant")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape. ``param``: the request field at fault (None if none)."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
-        self.code = code if code is not None else status
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(param: str | None, message: str) -> APIError:

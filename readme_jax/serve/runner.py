@@ -210,7 +210,8 @@ class ModelRunner:
     """Owns the params, the slot caches and the compiled steps (see the module docstring)."""
 
     def __init__(self, model, *, num_slots: int, max_len: int, prefill_buckets: tuple[int, ...],
-                 expert_slots: int | None = None, mesh: jax.sharding.Mesh | None = None):
+                 expert_slots: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                 dispatcher: dispatch.Dispatcher | None = None):
         if mesh is not None and expert_slots is not None:
             raise ValueError("ModelRunner: expert_slots (the resident expert pool) lives on one device and cannot "
                              "be combined with a mesh; pass one of them")
@@ -222,9 +223,9 @@ class ModelRunner:
                                                           if (big << (i - 1)) < max_len)
         self.is_moe = is_routed(model)
         self.num_experts = model.config.num_experts if self.is_moe else 0
-        # decode: the "decode" dispatcher (reads only the experts some slot uses), weights split per layer
-        # (and per expert) once; prefill chunks plan with the default dispatcher for their size.
-        self.dispatcher = dispatch.get("decode") if self.is_moe else None
+        # decode: ``dispatcher`` (a config key; default the "decode" dispatcher, which reads only the experts
+        # some slot uses), weights in its layout once; prefill chunks plan with the default for their size.
+        self.dispatcher = (dispatcher or dispatch.get("decode")) if self.is_moe else None
         self.graphdef, self.params = nnx.split(model)
         if mesh is not None:                          # the params on the mesh; the layers below slice them
             self.params = sharding.place(self.params, sharding.param_shardings(self.params, mesh))

@@ -26,11 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import APIError, EngineError, NotReadyError, QueueFullError, SamplingError
 from readme_jax.serve import protocol
-from readme_jax.serve.api import EngineError, NotReadyError, QueueFullError
 from readme_jax.serve.metrics import EngineMetrics
-from readme_jax.serve.protocol import APIError
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 RETRY_AFTER_S = 1
