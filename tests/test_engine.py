@@ -6,26 +6,19 @@ import time
 import numpy as np
 import pytest
 
+from readme_jax.errors import QueueFullError
 from readme_jax.generation import generate_ids
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.llama import Llama
-from readme_jax.model.readme import ReadMe, ReadMeConfig
-from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve import runner as runner_mod
-from readme_jax.errors import QueueFullError
 from readme_jax.serve.engine import Engine, EngineConfig
-from tests.tiny_models import random_model
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, max_position_embeddings=256)
 ENGINE_CFG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, max_queue=64,
                           min_prefill_bucket=16)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
+def model(tiny_dense):
+    return tiny_dense
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +61,10 @@ def test_staggered_requests_get_the_tokens_they_get_alone(engine, model):
     for i, p in enumerate(prompts):
         streams.append(engine.submit(p, SamplingParams(max_tokens=6 + i, ignore_eos=True)))
         time.sleep(0.02 * (i % 3))
+    alone = generate_ids(model, prompts, 6 + len(prompts))                 # one compile: each alone in its row
     for i, (p, s) in enumerate(zip(prompts, streams)):
         got, reason = tokens(s)
-        assert got == generate_ids(model, [p], 6 + i)[0], f"prompt of {len(p)} tokens"
+        assert got == alone[i][:6 + i], f"prompt of {len(p)} tokens"
         assert reason == "length"
 
 
@@ -135,21 +129,13 @@ def test_engine_failure_reaches_every_request(model):
     assert not eng.healthy
 
 
-RCFG = ReadMeConfig(
-    base=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2,
-                     num_kv_heads=1, head_dim=8, max_position_embeddings=128),
-    num_experts=3, expert_dim=12,
-    router=RouterConfig(vocab_size=40, dim=16, n_heads=2, mlp_dim=16, num_experts=3, embed_rank=4, max_len=128))
-
-
-def test_readme_engine_routes_ahead_and_matches_generate():
+def test_readme_engine_routes_ahead_and_matches_generate(tiny_readme):
     """Read-ME: the router runs on each prompt at arrival and on each sampled token right after sampling;
     the backbone gets those ids. Tokens equal ``generate`` alone; the experts the engine ran for each decode
     token equal routing the whole sequence at once; idle slots count as no expert."""
     import jax.numpy as jnp
 
-    model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
-                         overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
+    model = tiny_readme
     eng = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64,
                                            min_prefill_bucket=16))
     eng.start()
