@@ -72,10 +72,6 @@ class Registry:
 
         return add
 
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (a test's temporary entry)."""
-        self._entries.pop(name, None)
-
     def names(self) -> tuple[str, ...]:
         """Every registered name, in registration order."""
         return tuple(self._entries)

@@ -23,16 +23,23 @@ import pytest  # noqa: E402
 import tests.registry_extensions  # noqa: E402,F401  (registers a test scheduler, cache policy and dispatcher)
 
 
-#: Fixtures that put a test in a lane by themselves (the marks are added at collection).
-LANE_OF_FIXTURE = {"smollm2_gguf": "real_model", "sentencepiece_model": "real_model", "tiny_run": "subprocess"}
+#: Fixtures that put a test in lanes by themselves (the marks are added at collection, before ``-m`` selects).
+LANES_OF_FIXTURE = {
+    "smollm2_gguf": (pytest.mark.real_model,),
+    "sentencepiece_model": (pytest.mark.real_model,),
+    "tiny_run": (pytest.mark.subprocess,
+                 pytest.mark.slow(reason="needs the tiny pipeline run (a fresh process, ~30 s once per session)")),
+}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Mark tests by the fixtures they use (LANE_OF_FIXTURE); a ``slow`` mark must say why (``reason=``)."""
+    """Mark tests by the fixtures they use (LANES_OF_FIXTURE); a ``slow`` mark must say why (``reason=``)."""
     for item in items:
-        for fixture, lane in LANE_OF_FIXTURE.items():
+        for fixture, marks in LANES_OF_FIXTURE.items():
             if fixture in item.fixturenames:
-                item.add_marker(lane)
+                for mark in marks:
+                    item.add_marker(mark)
         for mark in item.iter_markers("slow"):
             if not mark.kwargs.get("reason"):
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow needs reason=... (why it takes > 10 s)")

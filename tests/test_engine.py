@@ -41,6 +41,7 @@ def compiles() -> int:
     return sum(f._cache_size() for f in (runner_mod._prefill_step, runner_mod._decode_step, runner_mod._route_step))
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_no_compiles_after_warmup(engine):
     """First test of the module: the engine has only warmed up. 50 requests of 1..99 prompt tokens (chunked
     past the budget) and 1..11 new tokens compile nothing more."""
@@ -53,6 +54,7 @@ def test_no_compiles_after_warmup(engine):
     assert compiles() == before
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_staggered_requests_get_the_tokens_they_get_alone(engine, model):
     """Prompts of 1..70 tokens (70 > the 32-token budget: chunked prefill) arriving while others decode."""
     rng = np.random.default_rng(0)
@@ -68,6 +70,7 @@ def test_staggered_requests_get_the_tokens_they_get_alone(engine, model):
         assert reason == "length"
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_seeded_request_ignores_its_neighbours(engine):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=11, ignore_eos=True)
     alone = tokens(engine.submit([5, 6, 7], params))[0]
@@ -80,6 +83,7 @@ def test_seeded_request_ignores_its_neighbours(engine):
     assert alone != greedy                                # the seed, not the argmax, picked these
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_stop_tokens_cancel_and_finish_reasons(engine, model):
     ref = generate_ids(model, [[4, 4, 2]], 8)[0]
     got, reason = tokens(engine.submit([4, 4, 2], SamplingParams(max_tokens=8, stop_token_ids=(ref[3],))))
@@ -111,6 +115,7 @@ def test_bounded_queue_and_bad_lengths(model):
         eng.submit([64], SamplingParams(max_tokens=8))
 
 
+@pytest.mark.slow(reason="runs an engine until an injected failure")
 def test_engine_failure_reaches_every_request(model):
     fail = threading.Event()
 
@@ -129,6 +134,7 @@ def test_engine_failure_reaches_every_request(model):
     assert not eng.healthy
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_readme_engine_routes_ahead_and_matches_generate(tiny_readme):
     """Read-ME: the router runs on each prompt at arrival and on each sampled token right after sampling;
     the backbone gets those ids. Tokens equal ``generate`` alone; the experts the engine ran for each decode

@@ -63,6 +63,7 @@ CASES = [pytest.param("dense", 8, {"fsdp": 8}, ("fsdp",), ("attn", "wq"), P(None
                       P(None, "expert", "fsdp", None), {2}, id="readme-2x2x2")]
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 @pytest.mark.parametrize("name, slots, sizes, rows, param, param_spec, widths", CASES)
 def test_mesh_engine_matches_one_device(models, name, slots, sizes, rows, param, param_spec, widths):
     model = models[name]

@@ -26,7 +26,7 @@ def test_markers_are_declared_and_strict():
 
 
 def test_a_slow_mark_without_a_reason_is_refused(request):
-    conftest = next(p for p in request.config.pluginmanager.get_plugins() if hasattr(p, "LANE_OF_FIXTURE"))
+    conftest = next(p for p in request.config.pluginmanager.get_plugins() if hasattr(p, "LANES_OF_FIXTURE"))
 
     class Item:
         nodeid, fixturenames = "t::x", ()

@@ -121,6 +121,7 @@ def test_export_loads_back_with_same_logits(tiny_run):
     assert not list(run_dir.glob(".export*")), "the export left a temp folder"
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_domain_with_too_few_calibration_tokens_is_a_clear_error(tmp_path):
     from readme_jax.train.pipeline import run_pipeline
     from readme_jax.errors import PipelineError

@@ -30,6 +30,7 @@ def run(model, expert_slots, prompts, policy="belady"):
     return outs, eng
 
 
+@pytest.mark.slow(reason="runs four engines (no cache, three cache settings)")
 def test_cache_leaves_tokens_unchanged_and_moves_experts(model):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 40, n).tolist() for n in (6, 3, 11, 2, 8)]

@@ -106,6 +106,7 @@ def served(tok):
     s.stop()
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_completion(served):
     out = served.client.completions.create(model=MODEL, prompt="Héllo wörld 😀", max_tokens=12, temperature=0,
                                            extra_body=LONG)
@@ -121,6 +122,7 @@ def test_completion(served):
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_chat(served, tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüß dich! 東京?"}]
     out = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
@@ -135,6 +137,7 @@ def test_chat(served, tok):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_streaming_equals_non_streamed(served):
     kw = dict(model=MODEL, prompt="ça va? 👍🏽", max_tokens=20, temperature=0, extra_body=LONG)
     full = served.client.completions.create(**kw).choices[0].text
@@ -173,6 +176,7 @@ def test_streaming_equals_non_streamed(served):
     ({"prompt": 5}, "prompt"), ({"prompt": [1, 2, 999]}, "prompt"), ({"prompt": "x" * 300}, "prompt"),
     ({"prompt": "x" * 250, "max_tokens": 10}, "max_tokens"), ({"prompt": "x", "stream_options": {}}, "stream_options"),
 ])
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_bad_completion_names_the_field(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         served.client.post("/completions", body={"model": MODEL, **body}, cast_to=object)
@@ -189,12 +193,14 @@ def test_bad_completion_names_the_field(served, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ])
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_bad_chat_names_the_field(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         served.client.post("/chat/completions", body={"model": MODEL, **body}, cast_to=object)
     assert e.value.body["param"] == param
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_malformed_json_unknown_model_and_auth(served):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{served.base}/v1/completions", content=b"{not json", headers=auth)
@@ -209,6 +215,7 @@ def test_malformed_json_unknown_model_and_auth(served):
     assert httpx.get(f"{served.base}/nope", headers=auth).json()["error"]["code"] == 404
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_queue_full_429_and_cancelled_streams_free_their_slots(served):
     engine, client = served.engine, served.client
     long = dict(model=MODEL, prompt="long", max_tokens=200, stream=True, extra_body=LONG)
@@ -232,6 +239,7 @@ def test_queue_full_429_and_cancelled_streams_free_their_slots(served):
         assert name in text, name
 
 
+@pytest.mark.slow(reason="warms up a serving engine (compiles every prefill and decode bucket)")
 def test_engine_failure_gives_500_and_health_503(tok):
     fail = threading.Event()
 
@@ -254,6 +262,7 @@ def test_engine_failure_gives_500_and_health_503(tok):
         s.stop()
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_sigterm_drains_and_exits_0(tmp_path, tok):
     from readme_jax.convert.checkpoint import save_checkpoint
 

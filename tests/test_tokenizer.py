@@ -43,6 +43,7 @@ def hf_smollm2(smollm2_gguf):
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_ids_match_transformers(smollm2, hf_smollm2):
     texts = TEXTS + ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
     for text in texts:
@@ -74,6 +75,7 @@ def test_smollm2_digits_split_individually(smollm2):
     assert smollm2.encode(" ²") == [space] + smollm2.encode("²")
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
     conversations = [
         [{"role": "user", "content": "What is 2+2?"}],
@@ -90,6 +92,7 @@ def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
     assert smollm2.encode(rendered) == hf_smollm2.encode(rendered, add_special_tokens=False)
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_save_load_round_trip(smollm2, tmp_path, hf_smollm2):
     smollm2.save(tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")

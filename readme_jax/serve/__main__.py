@@ -12,6 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from readme_jax.model.dispatch import DISPATCHERS
+from readme_jax.serve.expert_cache import POLICIES
+from readme_jax.serve.schedulers import SCHEDULERS
+
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
@@ -44,10 +48,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def parse_args(argv):
-    from readme_jax.model.dispatch import DISPATCHERS
-    from readme_jax.serve.expert_cache import POLICIES
-    from readme_jax.serve.schedulers import SCHEDULERS
-
     ap = argparse.ArgumentParser(prog="python -m readme_jax.serve", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True,
@@ -79,9 +79,6 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from readme_jax.errors import ConfigError
-    from readme_jax.model.dispatch import DISPATCHERS
-    from readme_jax.serve.expert_cache import POLICIES
-    from readme_jax.serve.schedulers import SCHEDULERS
     try:                                              # a registry name with options of another entry: one line
         scheduler, scheduler_options = SCHEDULERS.from_cli(args, "scheduler")
         policy, policy_options = POLICIES.from_cli(args, "expert-policy")
