@@ -43,7 +43,6 @@ DEFAULT_TRACE = "../shared/traces/azure_llm_inference_2023"
 DEFAULT_EXPORT = "runs/default/export"
 DEFAULT_OUT = "runs/codesign"
 NAME = "codesign"
-POLICIES = ("belady", "lru", "lfu", "fifo", "random")
 
 
 def _resolve(p: str | Path) -> Path:
@@ -73,8 +72,8 @@ def _requests(trace, streams, serving, n, rate=None, arrive_at_zero=False):
 
 
 def _sched(name, serving):
-    from readme_jax.serve.schedulers import make_scheduler
-    return make_scheduler(name, **({"max_wait": int(serving["max_wait"])} if name == "expert-aware" else {}))
+    from readme_jax.serve.schedulers import SCHEDULERS
+    return SCHEDULERS.make_from(name, {"max_wait": int(serving["max_wait"])})
 
 
 def distinct_vs_budget(trace, streams, serving, budgets, note):
@@ -97,7 +96,7 @@ def distinct_vs_budget(trace, streams, serving, budgets, note):
 
 
 def hit_ratios(trace, streams, serving, E, n, note):
-    from readme_jax.serve.expert_cache import make_policy, offline_optimum, replay
+    from readme_jax.serve.expert_cache import POLICIES, offline_optimum, replay
     from readme_jax.serve.simulate import SimConfig, simulate
     reqs = _requests(trace, streams, serving, n, arrive_at_zero=True)
     table, rows = {}, []
@@ -106,10 +105,10 @@ def hit_ratios(trace, streams, serving, E, n, note):
                      capacity=1, policy="belady", window=int(serving["belady_window"]), record_futures=True))
         per = {}
         for k in range(1, E):
-            per[k] = {"belady": replay(r.sets, make_policy("belady"), k, futures=r.futures).hit_ratio}
-            for p in POLICIES[1:]:
-                per[k][p] = replay(r.sets, make_policy(p), k).hit_ratio
-            per[k]["offline belady"] = replay(r.sets, make_policy("belady"), k).hit_ratio
+            per[k] = {p: replay(r.sets, POLICIES.make(p), k, futures=r.futures).hit_ratio for p in POLICIES.names()}
+            for p in POLICIES.names():          # a policy that looks ahead, also with the whole trace
+                if POLICIES.make(p).uses_future:
+                    per[k][f"offline {p}"] = replay(r.sets, POLICIES.make(p), k).hit_ratio
             refs = sum(len(s) for s in r.sets)
             per[k]["optimum"] = 1.0 - offline_optimum(r.sets, k) / refs
         table[name] = per

@@ -61,6 +61,7 @@ def run(quick: bool = False, *, export: str | Path = DEFAULT_EXPORT, corpus: str
 
     from readme_jax.convert.load import load_pretrained
     from readme_jax.serve.engine import Engine, EngineConfig
+    from readme_jax.serve.schedulers import SCHEDULERS
     export, out = Path(export), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     case = "32 slots, budget 8, k = E, greedy"
@@ -71,7 +72,7 @@ def run(quick: bool = False, *, export: str | Path = DEFAULT_EXPORT, corpus: str
         engines = {name: Engine(model, None, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=budget,
                                                           max_model_len=8 + n_out + 8, min_prefill_bucket=8,
                                                           max_queue=slots, scheduler=name,
-                                                          scheduler_options=(("max_wait", 8),) if name == "expert-aware" else ()))
+                                                          scheduler_options=tuple(SCHEDULERS.own_options(name, {"max_wait": 8}).items())))
                    for name in ("decode-first", "expert-aware")}
         t0 = time.perf_counter()
         for e in engines.values():

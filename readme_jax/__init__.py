@@ -7,16 +7,12 @@
 Both names are imported lazily, so ``import readme_jax`` stays light (no jax import).
 """
 
+from readme_jax.lazy import lazy_getattr
+
 _LAZY = {
     "load_pretrained": "readme_jax.convert.load",
     "generate": "readme_jax.generation",
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

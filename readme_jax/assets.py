@@ -19,10 +19,7 @@ import zipfile
 from pathlib import Path
 
 from readme_jax.atomic import atomic_file
-
-
-class AssetError(RuntimeError):
-    """A pinned download failed or did not match its checksum."""
+from readme_jax.errors import AssetError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,17 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere; the session fixtures modules share.
+
+Lanes (markers declared in pyproject.toml, strict): ``slow`` (over ~10 s on 2 CPU cores; each says why),
+``subprocess`` (runs a CLI or a worker in a fresh process), ``real_model`` (reads the real SmolLM2 or its
+tokenizer). ``pytest -m "not slow"`` is the developer lane; plain ``pytest`` (the README's and CI's command)
+runs everything.
+
+Shared fixtures (session scope: built once, and the compiled steps of one config are shared by every module):
+``tiny_run`` (the tiny pipeline run), ``tiny_dense`` / ``tiny_readme`` (random models of
+``tests.tiny_models.TINY_DENSE`` / ``TINY_READ_ME``). Tests must not change them.
+
+tests/registry_extensions.py adds one scheduler, cache policy and dispatcher to the registries before any
+test module is collected (see tests/test_registries.py).
+"""
 
 import os
 
@@ -6,6 +19,30 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+import tests.registry_extensions  # noqa: E402,F401  (registers a test scheduler, cache policy and dispatcher)
+
+
+#: Fixtures that put a test in lanes by themselves (the marks are added at collection, before ``-m`` selects).
+LANES_OF_FIXTURE = {
+    "smollm2_gguf": (pytest.mark.real_model,),
+    "sentencepiece_model": (pytest.mark.real_model,),
+    "tiny_run": (pytest.mark.subprocess,
+                 pytest.mark.slow(reason="needs the tiny pipeline run (a fresh process, ~30 s once per session)")),
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by the fixtures they use (LANES_OF_FIXTURE); a ``slow`` mark must say why (``reason=``)."""
+    for item in items:
+        for fixture, marks in LANES_OF_FIXTURE.items():
+            if fixture in item.fixturenames:
+                for mark in marks:
+                    item.add_marker(mark)
+        for mark in item.iter_markers("slow"):
+            if not mark.kwargs.get("reason"):
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow needs reason=... (why it takes > 10 s)")
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +57,31 @@ def sentencepiece_model():
     """Path of the real Llama-2-layout SentencePiece model (mistral_common's tokenizer.model.v1)."""
     from readme_jax import assets
     return assets.sentencepiece_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(run_dir, completed CLI process)``: ``python -m readme_jax.train --config tiny`` run once per session
+    in a fresh process (tests copy the folder before changing it)."""
+    from tests.tiny_run import train_cli
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    proc = train_cli(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_dense():
+    """A random dense Llama of ``TINY_DENSE`` (std 0.3: its greedy tokens vary with the prompt)."""
+    from readme_jax.model.llama import Llama
+    from tests.tiny_models import TINY_DENSE, random_model
+    return random_model(lambda rngs: Llama(TINY_DENSE, rngs=rngs), seed=1, std=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_readme():
+    """A random Read-ME model of ``TINY_READ_ME`` (router weights large enough that its choices vary)."""
+    from readme_jax.model.readme import ReadMe
+    from tests.tiny_models import TINY_READ_ME, random_model
+    return random_model(lambda rngs: ReadMe(TINY_READ_ME, rngs=rngs), seed=2, std=0.3,
+                        overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})

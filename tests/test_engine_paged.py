@@ -16,6 +16,8 @@ from readme_jax.serve.engine_config import parse_kv_memory
 from tests.test_engine import CFG, ENGINE_CFG, RCFG, tokens
 from tests.tiny_models import random_model
 
+pytestmark = pytest.mark.slow(reason="warms up serving engines (compiles every token and sequence bucket of the packed step)")
+
 
 def run(model, cfg: EngineConfig, prompts, max_tokens: int):
     """The first prompt alone until its first token (its pages are cached), then the rest together."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from readme_jax.errors import ConfigError
-from readme_jax.serve.expert_cache import ExpertCache, WindowFuture, make_policy, offline_optimum, replay
+from readme_jax.serve.expert_cache import POLICIES, ExpertCache, WindowFuture, make_policy, offline_optimum, replay
 
 # Silberschatz et al., Operating System Concepts, ch. 10: 3 frames -> OPT 9, LRU 12, FIFO 15 page faults
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
@@ -71,8 +71,8 @@ def test_offline_belady_never_worse_on_100_random_strings():
         multi = i % 2 == 1
         trace = _random_trace(rng, 40, E, min(3, E) if multi else min(3, k))
         belady = replay(trace, make_policy("belady"), k).misses
-        others = [replay(trace, make_policy(n, **({"seed": i} if n == "random" else {})), k).misses
-                  for n in ("lru", "lfu", "fifo", "random")]
+        others = [replay(trace, POLICIES.make_from(n, {"seed": i}), k).misses
+                  for n in POLICIES.names() if n != "belady"]
         best = offline_optimum(trace, k)
         assert best <= min(others + [belady]), (i, best, belady, others)
         if not multi:

@@ -79,6 +79,7 @@ CASES = [  # (data, fsdp, expert), E, routing, strategy
 ]
 
 
+@pytest.mark.slow(reason="compiles sharded steps on the 8-device mesh")
 @pytest.mark.parametrize("sizes,E,routing,strategy", CASES)
 def test_layer_and_grads_match_single_device(sizes, E, routing, strategy, record_property):
     mesh = _mesh(sizes)
@@ -130,6 +131,7 @@ def test_capacity_buckets_and_pick(n, m):
         ep.pick_capacity(n + 1, buckets)
 
 
+@pytest.mark.slow(reason="compiles sharded steps on the 8-device mesh")
 def test_compiles_stay_within_the_buckets():
     """20 routings from uniform to all-on-one-expert: one compile per capacity used, never more."""
     mesh = _mesh((1, 1, 8))

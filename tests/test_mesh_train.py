@@ -62,6 +62,7 @@ def _same(a, b):
     chex.assert_trees_all_close(ta, tb, rtol=0, atol=3e-5)
 
 
+@pytest.mark.slow(reason="compiles sharded steps on the 8-device mesh")
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
 def test_expert_step_on_a_mesh_matches_one_device(sizes):
     dense, masks, model = _tiny_readme()
@@ -79,6 +80,7 @@ def test_expert_step_on_a_mesh_matches_one_device(sizes):
     _same(one, got)
 
 
+@pytest.mark.slow(reason="compiles sharded steps on the 8-device mesh")
 def test_router_step_on_a_mesh_matches_one_device():
     dense, masks, model = _tiny_readme()
     ids = np.random.default_rng(4).integers(0, 64, size=(8, 16)).astype(np.int32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+from readme_jax.errors import ConfigError
 from readme_jax.model import dispatch, moe
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import run_layers
@@ -146,7 +147,7 @@ def test_dispatcher_and_shape_errors():
     ids = jnp.zeros((1, 4), jnp.int32)
     plan = jax.jit(moe.plan_dispatch, static_argnums=1)(ids, 2)
     wg, wu, wd = _weights(jax.random.key(0), 2)
-    with pytest.raises(ValueError, match="unknown dispatcher 'nope'"):
+    with pytest.raises(ConfigError, match="dispatcher 'nope' is unknown"):
         dispatch.get("nope")
     with pytest.raises(ValueError, match="tokens"):
         moe.moe_ffn(plan, jnp.zeros((1, 5, D)), wg, wu, wd)

@@ -18,9 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tiny_run import REPO, cli_env, tiny_run_fixture
+from tests.tiny_run import REPO, cli_env
 
-tiny_run = tiny_run_fixture()
 STEPS = ["train.router_steps=3", "train.expert_steps=3", "train.router_batch=16", "train.expert_batch=16",
          "train.checkpoint_every=3"]
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]

@@ -13,6 +13,8 @@ from readme_jax.serve import paged_runner as pr
 from readme_jax.serve.paged_runner import PagedRunner, StepBatch
 from tests.tiny_models import random_model
 
+pytestmark = pytest.mark.slow(reason="compiles every bucket of the packed step, dense and Read-ME")
+
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=256)
 RCFG = ReadMeConfig(base=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2,

@@ -113,6 +113,7 @@ def _left_pad_mask(B, T, pads):
     return np.array([[j >= p for j in range(T)] for p in pads[:B]])
 
 
+@pytest.mark.slow(reason="builds and runs transformers' reference model")
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(tmp_path, case):
     family, kw, left_padded = CASES[case]

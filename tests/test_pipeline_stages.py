@@ -17,9 +17,7 @@ from readme_jax.errors import CheckpointError
 from readme_jax.train import losses
 from readme_jax.train.stages import STAGE_NAMES, STAGES
 from tests.faults import Faults
-from tests.tiny_run import tiny_run_fixture, train_cli
-
-tiny_run = tiny_run_fixture()
+from tests.tiny_run import train_cli
 
 
 def _params(module) -> dict:
@@ -123,9 +121,10 @@ def test_export_loads_back_with_same_logits(tiny_run):
     assert not list(run_dir.glob(".export*")), "the export left a temp folder"
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_domain_with_too_few_calibration_tokens_is_a_clear_error(tmp_path):
     from readme_jax.train.pipeline import run_pipeline
-    from readme_jax.train.run import PipelineError
+    from readme_jax.errors import PipelineError
     cfg = load_config("tiny", ["extract.calib_seqs=400"])
     for stage in ("dense", "corpus"):
         run_pipeline(cfg, tmp_path / "run", stage=stage, progress=False)
@@ -136,7 +135,7 @@ def test_domain_with_too_few_calibration_tokens_is_a_clear_error(tmp_path):
 
 def test_rerun_with_different_training_config_is_refused(tiny_run):
     from readme_jax.train.pipeline import run_pipeline
-    from readme_jax.train.records import StaleRunError
+    from readme_jax.errors import StaleRunError
     with pytest.raises(StaleRunError,
                        match=r"other settings \(stage 'rounds': train.rounds; stage 'export': train.rounds\)"):
         run_pipeline(load_config("tiny", ["train.rounds=3"]), tiny_run[0], stage="plots", progress=False)

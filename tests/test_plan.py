@@ -32,6 +32,7 @@ def _keep_environment(monkeypatch):
             monkeypatch.delenv(key, raising=False)
 
 
+@pytest.mark.slow(reason="compiles the tiny run's train steps for the memory plan")
 def test_tiny_plan_through_the_cli(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["--config", "tiny", "--plan", "--plan-out", str(out), *MESH, *BATCHES]) == 0

@@ -159,7 +159,7 @@ def test_server_completion_on_a_tiny_dense_qwen2():
 
 
 # ------------------------------------------------------------------------------------------------ Read-ME
-@pytest.mark.slow   # the whole tiny pipeline in a subprocess (~50 s of CPU): compiles of every stage's steps
+@pytest.mark.slow(reason="the whole tiny pipeline in a subprocess (~50 s of CPU): compiles of every stage's steps")
 def test_read_me_pipeline_and_server_on_a_tiny_qwen2(tmp_path):
     run_dir = tmp_path / "run"
     proc = train_cli(run_dir, f"model.random.architecture={QWEN2}", "model.random.rope_theta=1000000.0",

@@ -14,9 +14,7 @@ import pytest
 
 from readme_jax.train.checkpointing import PhaseCheckpoints
 from readme_jax.train.lock import LOCK_FILE
-from tests.tiny_run import REPO, cli_env, step_and_eval_records, tiny_run_fixture, train_cli
-
-tiny_run = tiny_run_fixture()
+from tests.tiny_run import REPO, cli_env, step_and_eval_records, train_cli
 
 
 def _canonical(records: list[dict]) -> list[dict]:
@@ -171,7 +169,8 @@ def test_sampling_values_are_refused_by_library_cli_and_server():
     from readme_jax.errors import SamplingError
     from readme_jax.generate import main as generate_main
     from readme_jax.generation import generate_ids
-    from readme_jax.serve.protocol import APIError, parse_request
+    from readme_jax.serve.protocol import parse_request
+    from readme_jax.errors import APIError
     bad = {"temperature": -1.0, "top_p": 1.5}
     for field, value in bad.items():
         with pytest.raises(SamplingError, match=f"^{field}: expected"):

@@ -8,28 +8,28 @@ from readme_jax.sampling import SamplingParams
 from readme_jax.serve import paged_runner as runner_mod
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.resident import ResidentPool
-from tests.test_engine import RCFG, tokens
-from tests.tiny_models import random_model
+from tests.test_engine import tokens
+from tests.tiny_models import TINY_READ_ME, random_model
 
 from readme_jax.model.readme import ReadMe
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
-                        overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
+def model(tiny_readme):
+    return tiny_readme
 
 
 def run(model, expert_slots, prompts, policy="belady"):
     eng = Engine(model, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64,
                                            expert_slots=expert_slots, expert_policy=policy))
-    eng.start()
+    eng.start(warmup=False)                   # compiles only the shapes these prompts use
     streams = [eng.submit(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
     outs = [tokens(s)[0] for s in streams]
     eng.shutdown(5)
     return outs, eng
 
 
+@pytest.mark.slow(reason="runs four engines (no cache, three cache settings)")
 def test_cache_leaves_tokens_unchanged_and_moves_experts(model):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 40, n).tolist() for n in (6, 3, 11, 2, 8)]
@@ -38,7 +38,7 @@ def test_cache_leaves_tokens_unchanged_and_moves_experts(model):
         got, eng = run(model, k, prompts, policy)
         assert got == full, (k, policy)
         stats = eng.cache.stats
-        assert stats.misses == eng.runner.pool.loads * RCFG.base.num_layers   # every miss was a real move
+        assert stats.misses == eng.runner.pool.loads * TINY_READ_ME.base.num_layers   # every miss was a real move
         assert len(eng.runner.pool.slot_of) <= k
         if k < 3:
             assert stats.misses > 0 and stats.hits > 0
@@ -48,7 +48,7 @@ def test_step_reads_only_the_pool(monkeypatch):
     """The compiled packed step with a resident pool takes no argument holding all experts and makes no
     temporary of them (experts wide enough here to dominate every other buffer of the step)."""
     import dataclasses
-    model = random_model(lambda rngs: ReadMe(dataclasses.replace(RCFG, expert_dim=256), rngs=rngs), seed=2)
+    model = random_model(lambda rngs: ReadMe(dataclasses.replace(TINY_READ_ME, expert_dim=256), rngs=rngs), seed=2)
     pool = ResidentPool(model.experts.arrays(), 1)
     all_experts = sum(a.size * a.dtype.itemsize for a in model.experts.arrays().values())
     eng = Engine(model, None, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64,

@@ -20,12 +20,10 @@ from readme_jax.science import redundancy
 from readme_jax.science.dense_baseline import kept_channels, pooled_scores, prune_ffn
 from readme_jax.science.layerwise import LayerwiseMoE
 from tests.tiny_models import random_model
-from tests.tiny_run import tiny_run_fixture
 
 BASE = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=4, num_heads=2, num_kv_heads=1,
                    head_dim=8, max_position_embeddings=64)
 E = 3
-tiny_run = tiny_run_fixture()
 
 
 def test_pruned_dense_baseline_has_one_experts_width():
@@ -109,9 +107,9 @@ def test_fork_reuses_what_the_variant_shares(tiny_run, tmp_path):
 
 
 def test_science_settings_file_is_the_defaults():
-    from readme_jax.science.settings import ScienceSettings, load_settings
+    from readme_jax.science.settings import load_settings, science_settings
     from tests.tiny_run import REPO
-    assert load_settings(REPO / "configs" / "science" / "default.yaml") == ScienceSettings()
+    assert load_settings(REPO / "configs" / "science" / "default.yaml") == science_settings()
     with pytest.raises(Exception, match="unknown"):
         load_settings(None, ["mc.nope=1"])
 

@@ -26,6 +26,8 @@ from readme_jax.serve.metrics import EngineMetrics
 from readme_jax.serve.server import create_app, uvicorn_config
 from tests.tiny_models import random_model
 
+pytestmark = pytest.mark.slow(reason="starts a server whose engine warms up (compiles every bucket)")
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -18,6 +18,8 @@ from readme_jax.serve.metrics import EngineMetrics
 from readme_jax.serve.server import create_app, uvicorn_config
 from tests.test_server import MODEL, byte_tokenizer, free_port, make_engine, wait_for
 
+pytestmark = pytest.mark.slow(reason="starts a server whose engine warms up (compiles every bucket)")
+
 MAX_MODEL_LEN = 128
 LIMITS = Limits.for_context(MAX_MODEL_LEN, 64, body_timeout_s=2.0, header_timeout_s=1.0, max_connections=12)
 MB = 1 << 20

@@ -36,6 +36,7 @@ def reference(smollm2_gguf):
     return model, tok
 
 
+@pytest.mark.slow(reason="loads and runs the real SmolLM2-135M")
 def test_config_from_gguf_metadata(ours):
     cfg = ours[0].config
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -43,6 +44,7 @@ def test_config_from_gguf_metadata(ours):
     assert cfg.rope_theta == 100000.0 and cfg.tie_word_embeddings and ours[0].tok.lm_head is None
 
 
+@pytest.mark.slow(reason="loads and runs the real SmolLM2-135M")
 def test_logits_match_transformers_on_real_text(ours, reference):
     model, tok = ours
     hf_model, hf_tok = reference
@@ -73,6 +75,7 @@ def _greedy_with_cache(model, ids, n):
     return out
 
 
+@pytest.mark.slow(reason="loads and runs the real SmolLM2-135M")
 def test_greedy_capital_of_france(ours, reference):
     model, tok = ours
     hf_model, hf_tok = reference
@@ -90,6 +93,7 @@ def test_greedy_capital_of_france(ours, reference):
         assert text.startswith(" Paris"), text
 
 
+@pytest.mark.slow(reason="loads and runs the real SmolLM2-135M")
 def test_export_to_hf_loads_in_transformers(ours, reference, tmp_path):
     """GGUF -> our params -> HF safetensors + tokenizer files -> transformers == transformers on the GGUF."""
     from readme_jax.convert.hf_export import export_hf
@@ -107,6 +111,7 @@ def test_export_to_hf_loads_in_transformers(ours, reference, tmp_path):
         assert back_tok(PRIDE)["input_ids"] == hf_tok(PRIDE)["input_ids"]
 
 
+@pytest.mark.slow(reason="loads and runs the real SmolLM2-135M")
 def test_heldout_perplexity_per_domain_is_far_below_shuffled_text(ours, tmp_path):
     """Real held-out text of three default domains: finite perplexity, far below the same words shuffled."""
     from readme_jax.data.corpus import build_corpus, load_corpus

@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from readme_jax.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from readme_jax.errors import TokenizerError
 
 TEXTS = [
     "12345 and 3.14159",
@@ -42,6 +43,7 @@ def hf_smollm2(smollm2_gguf):
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_ids_match_transformers(smollm2, hf_smollm2):
     texts = TEXTS + ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
     for text in texts:
@@ -73,6 +75,7 @@ def test_smollm2_digits_split_individually(smollm2):
     assert smollm2.encode(" ²") == [space] + smollm2.encode("²")
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
     conversations = [
         [{"role": "user", "content": "What is 2+2?"}],
@@ -89,6 +92,7 @@ def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
     assert smollm2.encode(rendered) == hf_smollm2.encode(rendered, add_special_tokens=False)
 
 
+@pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
 def test_smollm2_save_load_round_trip(smollm2, tmp_path, hf_smollm2):
     smollm2.save(tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")

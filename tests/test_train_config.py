@@ -41,6 +41,7 @@ def test_no_file_is_the_default_config_and_overrides_are_typed():
     assert cfg.train.grad_clip is None and cfg.eval.each_round is False
 
 
+@pytest.mark.slow(reason="runs the CLI in a fresh process (imports jax, compiles)")
 def test_cli_bad_config_exits_with_message(tmp_path):
     proc = train_cli(tmp_path / "run", "extract.keep_ratio=0")
     assert proc.returncode == 2

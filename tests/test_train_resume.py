@@ -7,9 +7,7 @@ import json
 
 from readme_jax.train.checkpointing import PhaseCheckpoints
 from tests.faults import EXIT_CODE
-from tests.tiny_run import step_and_eval_records, tiny_run_fixture, train_cli
-
-tiny_run = tiny_run_fixture()
+from tests.tiny_run import step_and_eval_records, train_cli
 
 
 def test_kill_then_diverge_then_rerun_matches_uninterrupted(tiny_run, tmp_path):

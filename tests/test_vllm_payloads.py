@@ -12,6 +12,8 @@ import pytest
 
 from tests.test_server import MODEL, Served, byte_tokenizer, make_engine
 
+pytestmark = pytest.mark.slow(reason="starts a server whose engine warms up (compiles every bucket)")
+
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm_payloads"
 PAYLOADS = ("openai", "openai-chat", "openai-chat-benchmark")
 

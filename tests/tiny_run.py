@@ -1,8 +1,8 @@
-"""The tiny pipeline run the training tests share (``configs/tiny.yaml``, run once per test session), and
-helpers to run the CLI in a fresh process.
+"""The tiny pipeline run the training tests share (``configs/tiny.yaml``, run once per test session: the
+``tiny_run`` fixture of tests/conftest.py), and helpers to run the CLI in a fresh process.
 
-A test module that needs it defines ``tiny_run = tiny_run_fixture()``; the folder is made once however many
-modules use it. Tests must not change it: copy it first (``shutil.copytree``) to mutate.
+Import this module as ``tests.tiny_run`` only (one module object, one run). Tests must not change the run
+folder: copy it first (``shutil.copytree``) to mutate.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
-_RUN: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
 
 
 def cli_env(**extra) -> dict:
@@ -42,18 +39,3 @@ def step_and_eval_records(run_dir: Path) -> list[dict]:
             r.pop("seconds", None)
             out.append(r)
     return out
-
-
-def tiny_run_fixture():
-    """A module-scoped fixture ``(run_dir, completed CLI process)`` of the shared tiny run."""
-
-    @pytest.fixture(scope="module")
-    def tiny_run(tmp_path_factory):
-        if "tiny" not in _RUN:
-            run_dir = tmp_path_factory.mktemp("tiny") / "run"
-            proc = train_cli(run_dir)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            _RUN["tiny"] = (run_dir, proc)
-        return _RUN["tiny"]
-
-    return tiny_run

@@ -14,6 +14,7 @@ from typing import Sequence
 from readme_jax.config.loader import filled_elsewhere
 from readme_jax.errors import ConfigError
 from readme_jax.model.config import REMAT_POLICIES, LlamaConfig
+from readme_jax.model.dispatch import DISPATCHERS
 
 
 def _positive(section: str, **values) -> None:
@@ -123,6 +124,7 @@ class TrainConfig:
     remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
     mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)
+    dispatcher: str | None = None   # the expert phase's local MoE dispatcher (model.dispatch.DISPATCHERS); null: default
 
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
@@ -150,6 +152,9 @@ class TrainConfig:
             raise ConfigError(f"train.remat: expected one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         if self.mixture not in MIXTURES:
             raise ConfigError(f"train.mixture: expected one of {list(MIXTURES)}, got {self.mixture!r}")
+        if self.dispatcher is not None and self.dispatcher not in DISPATCHERS:
+            raise ConfigError(f"train.dispatcher: expected null or one of {list(DISPATCHERS.names())}, "
+                              f"got {self.dispatcher!r}")
         if not (isinstance(self.profile_steps, int) and self.profile_steps >= 0):
             raise ConfigError(f"train.profile_steps: expected an integer >= 0, got {self.profile_steps!r}")
 

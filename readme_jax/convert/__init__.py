@@ -7,6 +7,8 @@ CLI: ``python -m readme_jax.convert SRC OUT [--to-hf] [--dtype bfloat16]``. Subm
 errors are :class:`readme_jax.errors.CheckpointError`.
 """
 
+from readme_jax.lazy import lazy_getattr
+
 _LAZY = {
     "load_pretrained": "readme_jax.convert.load",
     "register_loader": "readme_jax.convert.load",
@@ -15,10 +17,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

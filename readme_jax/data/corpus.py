@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from readme_jax import assets
 from readme_jax.atomic import atomic_dir
-from readme_jax.data.sources import (DEFAULT_DOMAINS, CorpusError, Document, SourceText,
-                                     default_extractors, folder_documents, user_domains)
+from readme_jax.data.sources import (DEFAULT_DOMAINS, Document, SourceText, default_extractors, folder_documents,
+                                     user_domains)
+from readme_jax.errors import CorpusError
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
@@ -61,7 +62,8 @@ def resolve_tokenizer(tokenizer: Any):
     if tokenizer is None:
         return default_tokenizer()
     if isinstance(tokenizer, (str, Path)):
-        from readme_jax.data.tokenizers import TokenizerError, load_tokenizer
+        from readme_jax.data.tokenizers import load_tokenizer
+        from readme_jax.errors import TokenizerError
         try:
             tok = load_tokenizer(tokenizer)
         except TokenizerError as e:

@@ -30,12 +30,9 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from readme_jax import assets
+from readme_jax.errors import CorpusError
 
 DEFAULT_DOMAINS = ("code", "science", "reference", "drama", "poetry")
-
-
-class CorpusError(ValueError):
-    """Bad corpus input; the message names the file (and line) at fault."""
 
 
 @dataclasses.dataclass(frozen=True)

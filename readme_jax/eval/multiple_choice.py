@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -43,8 +41,7 @@ from readme_jax.atomic import atomic_write_json
 from readme_jax.data.corpus import load_corpus
 from readme_jax.eval.mc_tasks import MCItem, builtin_items, mmlu_items
 from readme_jax.eval.paired import compare_models, format_comparison
-from readme_jax.model.head_loss import nll_from_logits
-from readme_jax.model.protocol import CausalLM
+from readme_jax.eval.perplexity import weighted_nll_fn
 
 __all__ = ["MCItem", "ItemResult", "make_loglik_fn", "encode_item", "score_rows", "evaluate_items",
            "correct_flags", "summarize", "format_summary", "mmlu_items", "builtin_items", "main"]
@@ -86,34 +83,13 @@ class ItemResult:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _module_loglik(graphdef, state, ids, targets, weights):
-    """[B]: summed ``weights * log p(targets)`` per row; one compile per (graph, shapes), shared by models of
-    one architecture (their weights are traced arguments)."""
-    m = nnx.merge(graphdef, state)
-    nll = m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
-    return -jnp.sum(nll * weights, axis=-1)
-
-
 def make_loglik_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> LoglikFn:
     """A jitted ``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> float32[B]``:
-    per row, ``sum_t weights * log p(targets[t] | input_ids[:t+1])``.
-
-    ``model``: an NNX module (split once, merged inside jit, as :func:`readme_jax.eval.perplexity.make_nll_fn`)
-    with ``token_nll(input_ids, targets) -> [B, T]`` (ours) or ``model(ids) -> logits[B, T, V]``; or a plain
-    ``forward_fn(ids) -> logits[B, T, V]`` callable.
+    per row, ``sum_t weights * log p(targets[t] | input_ids[:t+1])``; ``model`` as
+    :func:`readme_jax.eval.perplexity.weighted_nll_fn` takes it (ours by ``token_nll``, others by logits).
     """
-    if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
-        return lambda ids, targets, weights: np.asarray(_module_loglik(graphdef, state, ids, targets, weights))
-
-    forward_fn = model
-
-    @jax.jit
-    def loglik_fn(ids, targets, weights):
-        return -jnp.sum(nll_from_logits(forward_fn(ids), targets) * weights, axis=-1)
-
-    return lambda ids, targets, weights: np.asarray(loglik_fn(ids, targets, weights))
+    fn = weighted_nll_fn(model, axis=-1)
+    return lambda ids, targets, weights: -np.asarray(fn(ids, targets, weights))
 
 
 def encode_item(item: MCItem, tokenizer, max_len: int = 512) -> list[tuple[list[int], int]]:

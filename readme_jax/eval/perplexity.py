@@ -35,6 +35,7 @@ from readme_jax.atomic import atomic_write_json
 from readme_jax.data.corpus import Corpus, load_corpus
 from readme_jax.model.head_loss import nll_from_logits
 from readme_jax.model.protocol import CausalLM
+from readme_jax.nnx_jit import jit_method
 
 NllFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -67,33 +68,28 @@ def heldout_windows(corpus: Corpus | str | Path, domain: str, tokenizer, *, seq_
 
 
 # ------------------------------------------------------------------------------------------- loss
-def make_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> NllFn:
-    """A jitted ``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> float`` summed NLL.
+def weighted_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array], axis: int | None = None):
+    """A jitted ``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> sum(weights * nll)``
+    over ``axis`` (None: one summed NLL []; -1: per row [B]).
 
-    ``model`` is a Flax NNX module (split once, merged inside the jitted function, so its weights are traced
-    arguments, not constants): ours score with ``token_nll(input_ids, targets) -> [B, T]`` (the LM head's
-    NLL without materialising logits), others as ``model(input_ids) -> logits[B, T, V]``; or any plain
-    ``forward_fn(input_ids) -> logits`` callable.
+    ``model`` is a Flax NNX module (its weights traced arguments, :func:`readme_jax.nnx_jit.jit_method`): ours
+    score with ``token_nll(input_ids, targets) -> [B, T]`` (the LM head's NLL without materialising logits),
+    others as ``model(input_ids) -> logits[B, T, V]``; or any plain ``forward_fn(input_ids) -> logits``.
     """
+    def weighted(m, ids, targets, weights):
+        nll = m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
+        return jnp.sum(nll * weights, axis=axis)
+
     if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
+        return jit_method(model, weighted)
+    return jax.jit(lambda ids, targets, weights: weighted(model, ids, targets, weights))
 
-        def token_nll(m, ids, targets):
-            return m.token_nll(ids, targets) if isinstance(m, CausalLM) else nll_from_logits(m(ids), targets)
 
-        @jax.jit
-        def nll_state(state, ids, targets, weights):
-            return jnp.sum(token_nll(nnx.merge(graphdef, state), ids, targets) * weights)
-
-        return lambda ids, targets, weights: float(nll_state(state, ids, targets, weights))
-
-    forward_fn = model
-
-    @jax.jit
-    def nll_fn(ids, targets, weights):
-        return jnp.sum(nll_from_logits(forward_fn(ids), targets) * weights)
-
-    return lambda ids, targets, weights: float(nll_fn(ids, targets, weights))
+def make_nll_fn(model: nnx.Module | Callable[[jax.Array], jax.Array]) -> NllFn:
+    """``(input_ids int32[B, T], targets int32[B, T], weights float32[B, T]) -> float`` summed NLL of ``model``
+    (as :func:`weighted_nll_fn` takes it), jitted."""
+    fn = weighted_nll_fn(model)
+    return lambda ids, targets, weights: float(fn(ids, targets, weights))
 
 
 def _score(nll_fn: NllFn, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, batch_size: int,

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from readme_jax.model.router import top1_expert
+from readme_jax.nnx_jit import jit_method
 
 SUMMARY_COLUMNS = {"dense": "dense parent", "router_0": "MoE router_0", "final": "MoE final"}
 
@@ -43,13 +44,8 @@ def routing_locality(expert_ids, token_mask=None) -> tuple[int, int]:
 def route_windows(router: nnx.Module, windows: np.ndarray, *, batch: int) -> np.ndarray:
     """The router's expert choice for every token of ``windows`` int32[W, T] -> int32[W, T], in batches of
     ``batch`` rows (the router's weights are a traced argument of one jitted call)."""
-    graphdef, state = nnx.split(router)
-
-    @jax.jit
-    def route(state, ids):
-        return top1_expert(nnx.merge(graphdef, state)(ids))
-
-    return np.concatenate([np.asarray(route(state, jnp.asarray(windows[i:i + batch])))
+    route = jit_method(router, lambda r, ids: top1_expert(r(ids)))
+    return np.concatenate([np.asarray(route(jnp.asarray(windows[i:i + batch])))
                            for i in range(0, len(windows), batch)])
 
 

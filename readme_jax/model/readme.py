@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from readme_jax.errors import ConfigError
 from readme_jax.model import dispatch, moe
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, positions_from_mask, run_layers, unstack_layers
@@ -60,15 +61,15 @@ class ReadMeConfig:
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
         if self.router.num_experts != self.num_experts:
-            raise ValueError(f"ReadMeConfig: router.num_experts={self.router.num_experts} != "
+            raise ConfigError(f"ReadMeConfig: router.num_experts={self.router.num_experts} != "
                              f"num_experts={self.num_experts}")
         if self.router.vocab_size != self.base.vocab_size:
-            raise ValueError(f"ReadMeConfig: router.vocab_size={self.router.vocab_size} != "
+            raise ConfigError(f"ReadMeConfig: router.vocab_size={self.router.vocab_size} != "
                              f"base.vocab_size={self.base.vocab_size}")
         if self.domains and len(self.domains) != self.num_experts:
-            raise ValueError(f"ReadMeConfig: {len(self.domains)} domains for num_experts={self.num_experts}")
+            raise ConfigError(f"ReadMeConfig: {len(self.domains)} domains for num_experts={self.num_experts}")
         if not 0 < self.expert_dim:
-            raise ValueError(f"ReadMeConfig: expert_dim must be positive, got {self.expert_dim}")
+            raise ConfigError(f"ReadMeConfig: expert_dim must be positive, got {self.expert_dim}")
 
     def replace(self, **changes) -> "ReadMeConfig":
         return dataclasses.replace(self, **changes)
@@ -81,7 +82,7 @@ class ReadMeConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ReadMeConfig":
         missing = {"base", "num_experts", "expert_dim", "router"} - set(d)
         if missing:
-            raise ValueError(f"ReadMeConfig.from_dict: missing fields {sorted(missing)}")
+            raise ConfigError(f"ReadMeConfig.from_dict: missing fields {sorted(missing)}")
         return cls(base=LlamaConfig.from_dict(d["base"]), num_experts=int(d["num_experts"]),
                    expert_dim=int(d["expert_dim"]), router=RouterConfig.from_dict(d["router"]),
                    domains=tuple(d.get("domains", ())))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from readme_jax.errors import ConfigError
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers
 from readme_jax.model.layers import rms_norm
@@ -64,11 +65,11 @@ class RouterConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads:
-            raise ValueError(f"RouterConfig: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+            raise ConfigError(f"RouterConfig: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
         if self.embed_rank is not None and not 0 < self.embed_rank:
-            raise ValueError(f"RouterConfig: embed_rank must be a positive int or None, got {self.embed_rank}")
+            raise ConfigError(f"RouterConfig: embed_rank must be a positive int or None, got {self.embed_rank}")
         if self.num_experts < 1:
-            raise ValueError(f"RouterConfig: num_experts must be >= 1, got {self.num_experts}")
+            raise ConfigError(f"RouterConfig: num_experts must be >= 1, got {self.num_experts}")
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
 

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from readme_jax.model.dispatch import Blocked, Dispatcher
-from readme_jax.model.dispatch.base import gather_rows, group_ranks
+from readme_jax.model.dispatch.base import Plan, gather_rows, group_ranks
 from readme_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS
 
 STRATEGIES = ("all_to_all", "all_gather")
@@ -84,7 +84,7 @@ def pick_capacity(max_count: int, buckets: tuple[int, ...]) -> int:
 
 
 @flax.struct.dataclass
-class ExpertParallelPlan:
+class ExpertParallelPlan(Plan):
     """Where each token goes, made once per batch (outside the layer scan).
 
     send_pos      <int32>[N]          each token's row in its device's send buffer (all_to_all: dest * C + rank;
@@ -101,10 +101,7 @@ class ExpertParallelPlan:
     token_of_row: jnp.ndarray
     inner: object
     counts: jnp.ndarray
-    group_sizes: jnp.ndarray
     dropped: jnp.ndarray
-    dispatcher: "ExpertParallel" = flax.struct.field(pytree_node=False)
-    num_experts: int = flax.struct.field(pytree_node=False)
 
     @property
     def num_tokens(self) -> int:

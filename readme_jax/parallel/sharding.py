@@ -103,11 +103,6 @@ def spec_for(letters: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P
     return P(*[None if not a else (a[0] if len(a) == 1 else tuple(a)) for a in out])
 
 
-def activation_spec(name: str, mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> P:
-    """The PartitionSpec of activation ``name`` (ACTIVATION_AXES) of ``shape``."""
-    return spec_for(ACTIVATION_AXES[name], shape, mesh)
-
-
 def param_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """A NamedSharding for every array leaf of ``tree`` (an nnx.State or pytree of params, or their
     ShapeDtypeStructs), by its path's letters."""

@@ -4,6 +4,8 @@ Every experiment reuses the parent run folder (its dense parent, corpus splits, 
 token budgets) and writes ``<run>/science/<experiment>/`` (:mod:`readme_jax.science.folder`): a settings
 record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`readme_jax.science.settings`.
 
+Experiments (each registered in ``EXPERIMENTS`` by one decorator, with its settings dataclass):
+
     dense_baseline  the equal-size dense model (FFN pruned to one expert's width, tuned the same)   (Table 5)
     layerwise       a layer-wise-router MoE on the same experts + its routing redundancy            (sec. 2.2)
     bounds          oracle / target / random routing vs the router; routing locality
@@ -12,17 +14,19 @@ record, resumable parts, ``result.json``, ``table.md`` and PNGs. Budgets: :mod:`
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability
     ablate_pool     router pool size
-    evaluate        the evaluation suite: perplexity, agreement, multiple choice, cloze, all with CIs
+    evaluate        the evaluation suite (readme_jax.eval.suite): perplexity with paired CIs, MC, cloze
 """
 
-from readme_jax.science.ablations import ablate_lr, ablate_split
-from readme_jax.science.bounds import bounds
-from readme_jax.science.calib import ablate_calib
-from readme_jax.science.dense_baseline import dense_baseline
-from readme_jax.science.evaluate import evaluate
+# Importing a module registers its experiments (science/settings.py EXPERIMENTS); this order is the order of
+# ``python -m readme_jax.science all`` (mc scores the baselines the first two leave).
+from readme_jax.science.dense_baseline import dense_baseline  # noqa: I001
 from readme_jax.science.layerwise import layerwise
+from readme_jax.science.bounds import bounds
 from readme_jax.science.mc import mc
+from readme_jax.science.ablations import ablate_lr, ablate_split
+from readme_jax.science.calib import ablate_calib
 from readme_jax.science.pool import ablate_pool
+from readme_jax.science.evaluate import evaluate
+from readme_jax.science.settings import EXPERIMENTS
 
-__all__ = ["ablate_calib", "ablate_lr", "ablate_pool", "ablate_split", "bounds", "dense_baseline", "evaluate", "layerwise",
-           "mc"]
+__all__ = ["EXPERIMENTS", *EXPERIMENTS.names()]

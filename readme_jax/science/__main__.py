@@ -1,9 +1,9 @@
 """``python -m readme_jax.science EXPERIMENT [--run-dir runs/default] [--settings configs/science/default.yaml] [k=v ...]``
 
-Runs one experiment (or ``all``, in the order of :data:`EXPERIMENTS`) on a finished run folder of
-``python -m readme_jax.train``; each writes ``<run>/science/<experiment>/`` and prints its table. Rerunning
-resumes (finished parts are reused); other settings on an existing folder are refused. Bad input exits 2 with
-one ``error:`` line.
+Runs one experiment (or ``all``, in the registration order of ``readme_jax.science.EXPERIMENTS``) on a
+finished run folder of ``python -m readme_jax.train``; each writes ``<run>/science/<experiment>/`` and prints
+its table. Rerunning resumes (finished parts are reused); other settings on an existing folder are refused.
+Bad input exits 2 with one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -12,19 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("dense_baseline", "layerwise", "bounds", "mc", "ablate_lr", "ablate_split", "ablate_calib",
-               "ablate_pool", "evaluate")
-
-
-def _run(name: str, parent, s, progress: bool):
-    from readme_jax import science
-    fn = getattr(science, name)
-    return fn(parent, getattr(s, name), progress=progress)
+from readme_jax.science import EXPERIMENTS
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m readme_jax.science", description=__doc__.split("\n\n")[1])
-    parser.add_argument("experiment", choices=(*EXPERIMENTS, "all"))
+    parser.add_argument("experiment", choices=(*EXPERIMENTS.names(), "all"), help=EXPERIMENTS.help())
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="a finished run folder of python -m readme_jax.train (default runs/default)")
     parser.add_argument("--settings", type=Path, help="YAML of experiment budgets (default: configs/science/default.yaml "
@@ -33,17 +26,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
 
-    from readme_jax.errors import ConfigError
+    from readme_jax.errors import ConfigError, PipelineError, RunLockError, StaleRunError
     from readme_jax.science.folder import parent_run
     from readme_jax.science.settings import load_settings
-    from readme_jax.train.lock import RunLockError
-    from readme_jax.train.records import StaleRunError
-    from readme_jax.train.run import PipelineError
     try:
         s = load_settings(args.settings, args.overrides)
         parent = parent_run(args.run_dir, progress=not args.no_progress)
-        for name in EXPERIMENTS if args.experiment == "all" else (args.experiment,):
-            _run(name, parent, s, not args.no_progress)
+        for name in EXPERIMENTS.names() if args.experiment == "all" else (args.experiment,):
+            EXPERIMENTS.entry(name).cls(parent, getattr(s, name), progress=not args.no_progress)
     except (ConfigError, PipelineError, StaleRunError, RunLockError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,11 @@ Each writes ``<run>/science/<name>/``: a variant run folder per setting, ``resul
 
 from __future__ import annotations
 
+import dataclasses
+
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.science.variants import phase_seconds, run_variant, steady_step_seconds
 from readme_jax.train.run import Run, say
 
@@ -46,6 +49,17 @@ def variant_name(overrides) -> str:
     return ",".join(o.split(".", 1)[-1] for o in overrides) or "parent"
 
 
+@dataclasses.dataclass(frozen=True)
+class AblateLrSettings:
+    """Expert learning rate (and the domain mixture at the best one), on a probe schedule every variant shares:
+    ``base`` overrides (default: one round, router_0 + one expert phase of train.expert_steps; with the
+    parent's settings that phase is the parent's own expert_0, reused), then each variant's overrides."""
+    base: tuple[str, ...] = ("train.rounds=1",)
+    variants: tuple[tuple[str, ...], ...] = (
+        ("train.expert_lr=1e-4",), ("train.expert_lr=1e-3",), ("train.expert_lr=1e-3", "train.mixture=balanced"))
+
+
+@EXPERIMENTS.register("ablate_lr", AblateLrSettings)
 def ablate_lr(parent: Run, settings, *, progress: bool = True) -> dict:
     """Final held-out perplexity of each variant of the probe schedule (settings: AblateLrSettings)."""
     domains = list(parent.corpus.domains)
@@ -75,6 +89,16 @@ def split_overrides(parent: Run, rounds: int) -> tuple[list[str], dict]:
     return [f"train.rounds={rounds}", f"train.expert_steps={steps}"], why
 
 
+@dataclasses.dataclass(frozen=True)
+class AblateSplitSettings:
+    """Router steps vs expert steps at equal wall time: ``rounds`` round(s) whose expert phases get every
+    expert step of the parent plus the steps that the parent's later router rounds' measured wall time buys
+    (at the parent's median expert-step time)."""
+    rounds: int = 1
+    overrides: tuple[str, ...] = ()      # further overrides of the variant (e.g. the best ablate_lr setting)
+
+
+@EXPERIMENTS.register("ablate_split", AblateSplitSettings)
 def ablate_split(parent: Run, settings, *, progress: bool = True) -> dict:
     domains = list(parent.corpus.domains)
     overrides, why = split_overrides(parent, settings.rounds)

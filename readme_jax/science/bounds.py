@@ -13,14 +13,17 @@ routing's agreement with the targets and its locality (same expert as the previo
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from readme_jax.nnx_jit import jit_method
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
 from readme_jax.science.redundancy import locality
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.train import targets as targets_lib
 from readme_jax.train.run import say
 
@@ -29,15 +32,16 @@ ROUTINGS = ("router", "targets", "oracle domain", "random")
 
 def routed_nll_fn(model):
     """``(ids, targets, expert_ids) -> summed NLL`` of a ReadMe (all int32[B, T]), jitted once."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def nll(state, ids, tg, eids):
-        return jnp.sum(nnx.merge(graphdef, state).token_nll(ids, tg, expert_ids=eids))
-
-    return lambda ids, tg, eids: float(nll(state, jnp.asarray(ids), jnp.asarray(tg), jnp.asarray(eids)))
+    nll = jit_method(model, lambda m, ids, tg, eids: jnp.sum(m.token_nll(ids, tg, expert_ids=eids)))
+    return lambda ids, tg, eids: float(nll(jnp.asarray(ids), jnp.asarray(tg), jnp.asarray(eids)))
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundsSettings:
+    seed: int = 0                        # random routing's seed
+
+
+@EXPERIMENTS.register("bounds", BoundsSettings)
 def bounds(parent, settings, *, progress: bool = True) -> dict:
     from readme_jax.eval.perplexity import heldout_windows
     from readme_jax.eval.routing import route_windows

@@ -15,12 +15,16 @@ second n / 2) are computed separately; their token-weighted mean is the size-n s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from flax import nnx
 
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
-from readme_jax.train.run import PipelineError, say
+from readme_jax.science.settings import EXPERIMENTS
+from readme_jax.train.run import say
+from readme_jax.errors import PipelineError
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,6 +51,12 @@ def _half_scores(run, n: int, half: int, progress: bool) -> np.ndarray:
     return domain_scores(run.dense, batches, progress=progress)[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class AblateCalibSettings:
+    calib_seqs: tuple[int, ...] = (16, 64)     # calibration sequences per domain; each is split in two halves
+
+
+@EXPERIMENTS.register("ablate_calib", AblateCalibSettings)
 def ablate_calib(parent, settings, *, progress: bool = True) -> dict:
     from readme_jax.eval.perplexity import heldout_windows
     from readme_jax.extract.experts import readme_from_dense

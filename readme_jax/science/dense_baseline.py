@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 from readme_jax.model.llama import Llama
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.losses import lm_loss
 from readme_jax.train.optim import make_optimizer
 from readme_jax.train.preflight import train_mesh
-from readme_jax.train.run import PipelineError, Run, say
+from readme_jax.train.run import Run, say
+from readme_jax.errors import PipelineError
 from readme_jax.train.trainer import phases
 
 
@@ -98,6 +100,15 @@ def tune_lm(model: nnx.Module, run: Run, schedule: list, *, log, progress: bool 
     nnx.update(model, trainable)
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseBaselineSettings:
+    """The equal-size dense model: the parent's FFN pruned to one expert's width by the statistics of all
+    domains together, tuned with Read-ME's expert-tuning schedule (rounds x expert_steps x expert_batch
+    sequences, lr x decay per round, same data order) unless these override it."""
+    expert_lr: float | None = None       # null: the parent run's train.expert_lr
+
+
+@EXPERIMENTS.register("dense_baseline", DenseBaselineSettings)
 def dense_baseline(parent: Run, settings, *, progress: bool = True) -> dict:
     """Prune, tune, evaluate; the table compares held-out perplexity per domain with the dense parent and
     Read-ME (router_0 and final) of the parent run."""

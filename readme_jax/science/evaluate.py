@@ -10,13 +10,15 @@ has left a model. Each model's raw scores are a part (resumable); the statistics
 from __future__ import annotations
 
 from readme_jax.config.loader import plain
-from readme_jax.eval.suite import run_suite
+from readme_jax.eval.suite import SuiteSettings, run_suite
 from readme_jax.eval.suite_report import summary
 from readme_jax.science.folder import Experiment
+from readme_jax.science.settings import EXPERIMENTS
 
 REFERENCE = "dense parent"
 
 
+@EXPERIMENTS.register("evaluate", SuiteSettings)
 def evaluate(parent, settings, *, progress: bool = True) -> dict:
     run = parent
     with Experiment(run, "evaluate", plain(settings)) as ex:

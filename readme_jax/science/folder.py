@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from readme_jax.atomic import atomic_write_json, atomic_write_text
 from readme_jax.config import load_config
+from readme_jax.errors import PipelineError, StaleRunError
 from readme_jax.train.lock import RunLock
-from readme_jax.train.records import RECORDS_FILE, StaleRunError, changed_keys
-from readme_jax.train.run import PipelineError, Run, say
+from readme_jax.train.records import RECORDS_FILE, changed_keys
+from readme_jax.train.run import Run, say
 
 
 def parent_run(run_dir: str | Path, *, progress: bool = True) -> Run:

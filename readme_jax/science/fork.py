@@ -27,9 +27,10 @@ from pathlib import Path
 
 from readme_jax.atomic import atomic_write_json, atomic_write_text
 from readme_jax.config import Config, load_config
+from readme_jax.errors import PipelineError
 from readme_jax.train.checkpointing import phase_done
 from readme_jax.train.records import RECORDS_FILE, key_value
-from readme_jax.train.run import PipelineError, Run
+from readme_jax.train.run import Run
 from readme_jax.train.stages import STAGES
 from readme_jax.train.trainer import phases
 

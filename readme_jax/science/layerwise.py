@@ -12,6 +12,8 @@ targets are the parent's too); evaluation runs the MoE on its own hidden states.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 
@@ -26,6 +28,8 @@ from readme_jax.atomic import atomic_file
 from readme_jax.model import moe
 from readme_jax.model.decoder import dense_ffn, positions_from_mask, run_layers
 from readme_jax.model.router import top1_expert
+from readme_jax.nnx_jit import jit_method
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.train.losses import distill_loss, router_targets
 
 
@@ -65,14 +69,9 @@ class LayerwiseMoE(nnx.Module):
 
 def ffn_inputs(dense, input_ids: np.ndarray, *, batch: int, progress: bool = True, desc: str = "hidden") -> np.ndarray:
     """The dense parent's FFN inputs (normed hidden states) float32[L, N, T, D] of ``input_ids`` int[N, T]."""
-    graphdef, state = nnx.split(dense)
-
-    @jax.jit
-    def fwd(state, ids):
-        ffn = lambda p, h: (dense_ffn(p, h)[0], h)
-        return nnx.merge(graphdef, state).hidden_states(ids, ffn_fn=ffn)[2]              # [L, b, T, D]
-
-    out = [np.asarray(fwd(state, jnp.asarray(input_ids[i:i + batch])))
+    ffn = lambda p, h: (dense_ffn(p, h)[0], h)
+    fwd = jit_method(dense, lambda m, ids: m.hidden_states(ids, ffn_fn=ffn)[2])                # [L, b, T, D]
+    out = [np.asarray(fwd(jnp.asarray(input_ids[i:i + batch])))
            for i in tqdm(range(0, len(input_ids), batch), desc=desc, unit="batch", disable=not progress)]
     return np.concatenate(out, axis=1)
 
@@ -111,14 +110,9 @@ def train_layer_routers(hidden: np.ndarray, dist: np.ndarray, mask: np.ndarray, 
 
 def per_layer_targets(dense, specific: np.ndarray, windows: np.ndarray, *, batch: int, use_abs: bool) -> np.ndarray:
     """The parent's per-layer target expert int32[L, W, T] of ``windows`` int[W, T] (top-1 of each layer's dist)."""
-    graphdef, state = nnx.split(dense)
     spec = jnp.asarray(specific)
-
-    @jax.jit
-    def tgt(state, ids):
-        return top1_expert(router_targets(nnx.merge(graphdef, state), ids, None, spec, use_abs=use_abs))
-
-    return np.concatenate([np.asarray(tgt(state, jnp.asarray(windows[i:i + batch])))
+    tgt = jit_method(dense, lambda m, ids: top1_expert(router_targets(m, ids, None, spec, use_abs=use_abs)))
+    return np.concatenate([np.asarray(tgt(jnp.asarray(windows[i:i + batch])))
                            for i in range(0, len(windows), batch)], axis=1)
 
 
@@ -164,12 +158,23 @@ def _flops_per_token(run, lw: LayerwiseMoE) -> dict[str, float]:
     return {"model": float(model), "readme_router": float(readme_router), "layerwise_routers": 2.0 * lw.router_params()}
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerwiseSettings:
+    """One linear top-1 router [D, E] per layer reading that layer's FFN input, trained on the parent's
+    per-layer distillation targets of the router pool, on the dense parent's hidden states (computed once)."""
+    steps: int = 300                     # full-batch AdamW updates of all L routers together
+    lr: float = 3.0e-3
+    redundancy_tokens: int = 1024        # held-out tokens per domain whose per-layer routes are counted
+
+
+@EXPERIMENTS.register("layerwise", LayerwiseSettings)
 def layerwise(parent, settings, *, progress: bool = True) -> dict:
     """Train the layer-wise routers, evaluate the layer-wise MoE on the extracted and the tuned experts against
     Read-ME on the same experts, and measure its routing redundancy (transitions, mutual information, paths)."""
     from readme_jax.eval.perplexity import evaluate_perplexity
     from readme_jax.science.folder import Experiment, markdown_table
-    from readme_jax.science import plots, redundancy
+    from readme_jax.science.plots import heatmaps, lines
+    from readme_jax.science.redundancy import depth_profile, locality, routing_paths, transition_counts
     from readme_jax.train.run import say
     from readme_jax.train.stages import heldout_routing
     from readme_jax.train.trainer import phases
@@ -237,10 +242,10 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
                 return to_json({
                     "ppl": ppl,
                     "accuracy_vs_layer_targets": {d: float((lw_ids[d] == tgt[d]).mean()) for d in domains},
-                    "locality_layerwise": float(np.mean([redundancy.locality(v) for v in lw_ids.values()])),
-                    "locality_readme": float(np.mean([redundancy.locality(v) for v in rm_ids.values()])),
-                    "depth": redundancy.depth_profile(ids, E), "paths": redundancy.routing_paths(ids),
-                    "transitions": [redundancy.transition_counts(ids[l], ids[l + 1], E).tolist()
+                    "locality_layerwise": float(np.mean([locality(v) for v in lw_ids.values()])),
+                    "locality_readme": float(np.mean([locality(v) for v in rm_ids.values()])),
+                    "depth": depth_profile(ids, E), "paths": routing_paths(ids),
+                    "transitions": [transition_counts(ids[l], ids[l + 1], E).tolist()
                                     for l in range(ids.shape[0] - 1)],
                     "seconds": {"layerwise": t_lw, "readme_fixed_ids": t_fixed, "readme_routed": t_routed}})
             r = ex.part(case.replace(" ", "_"), measure)
@@ -286,9 +291,9 @@ def layerwise(parent, settings, *, progress: bool = True) -> dict:
                   f"accuracy vs per-layer targets {np.mean(list(tf_acc.values())):.3f}); evaluated on the MoE's own "
                   f"hidden states. "
                   f"Redundancy counted over {n_tok:,} held-out tokens (plug-in estimates, bits).")
-        plots.lines(list(range(1, L)), {k: v for k, v in mi_curves.items()}, ex.path("mutual_information.png"),
+        lines(list(range(1, L)), {k: v for k, v in mi_curves.items()}, ex.path("mutual_information.png"),
                     title="I(S_l; S_l+1) of the layer-wise MoE", xlabel="layer l", ylabel="bits / normalised")
-        plots.heatmaps(heat, ex.path("transitions.png"), title="P(expert at l+1 | expert at l), layer-wise MoE, tuned",
+        heatmaps(heat, ex.path("transitions.png"), title="P(expert at l+1 | expert at l), layer-wise MoE, tuned",
                        labels=domains)
         result["flops_per_token"] = flops
         result["router_params"] = {"readme": rc.num_params(), "layerwise": lw_model.router_params()}

@@ -11,11 +11,14 @@ judged by McNemar's exact test on the paired per-item outcomes.
 
 from __future__ import annotations
 
+import dataclasses
+
 from readme_jax.eval.mc_tasks import builtin_items, mmlu_items
 from readme_jax.eval.multiple_choice import ItemResult, correct_flags, evaluate_items, summarize
 from readme_jax.eval.paired import compare_models
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.train.run import say
 
 REFERENCE = "Read-ME"
@@ -35,6 +38,19 @@ def _models(run, ex_root):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MCSettings:
+    """The built-in multiple-choice task (and an optional MMLU-format folder)."""
+    items_per_domain: int = 24
+    context_tokens: int = 64
+    continuation_tokens: int = 24
+    seed: int = 0
+    batch: int = 8
+    mmlu_dir: str | None = None          # a folder of MMLU-format <subject>_test.csv / _dev.csv files
+    k_shot: int = 5
+
+
+@EXPERIMENTS.register("mc", MCSettings)
 def mc(parent, settings, *, progress: bool = True) -> dict:
     run = parent
     s = settings

@@ -11,10 +11,13 @@ perplexity with the parent's router_0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.fork import fork_run
+from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.science.variants import variant_config
 from readme_jax.train.run import Run, say
 
@@ -37,6 +40,12 @@ def _router_0(parent: Run, child_dir, n: int, progress: bool) -> dict:
     return moe_metrics(run, model)
 
 
+@dataclasses.dataclass(frozen=True)
+class AblatePoolSettings:
+    router_pool_seqs: tuple[int, ...] = (48,)  # besides the parent's own; router_0 only (router accuracy)
+
+
+@EXPERIMENTS.register("ablate_pool", AblatePoolSettings)
 def ablate_pool(parent, settings, *, progress: bool = True) -> dict:
     domains = list(parent.corpus.domains)
     sizes = [int(n) for n in settings.router_pool_seqs]

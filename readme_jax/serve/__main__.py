@@ -17,6 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+from readme_jax.model.dispatch import DISPATCHERS
+from readme_jax.serve.expert_cache import POLICIES
+from readme_jax.serve.schedulers import SCHEDULERS
+
 DEFAULT_MAX_MODEL_LEN = 2048
 API_KEY_ENV = "READMEJAX_API_KEY"
 
@@ -84,9 +88,7 @@ def parse_args(argv):
                     help=f"context per request (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
     ap.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     ap.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
-    ap.add_argument("--scheduler", default="decode-first",
-                    help="batching policy (decode-first, prefill-first, expert-aware)")
-    ap.add_argument("--max-wait", type=int, default=8, help="expert-aware: steps a decode token may wait at most")
+    SCHEDULERS.add_cli(ap, "scheduler", "decode-first")
     ap.add_argument("--kv-cache-memory", default=None,
                     help="KV pages' memory: bytes (536870912, 512MiB, 2GB) or pages (4096pages); default: every "
                          "sequence at --max-model-len (no preemption)")
@@ -95,7 +97,8 @@ def parse_args(argv):
                     help="turn off automatic prefix caching (on by default: prompts sharing full pages skip them)")
     ap.add_argument("--expert-slots", type=int, default=None,
                     help="Read-ME: resident experts per layer for decode (default: all); the rest in host memory")
-    ap.add_argument("--expert-policy", default="belady", help="expert cache policy (belady, lru, lfu, fifo, random)")
+    POLICIES.add_cli(ap, "expert-policy", "belady", prefix="policy-")
+    DISPATCHERS.add_cli(ap, "dispatcher", None, prefix="dispatcher-")
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     ap.add_argument("--api-key", default=None,
                     help=f"require 'Authorization: Bearer <key>' (visible to local users in the process list: "
@@ -118,6 +121,17 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from readme_jax.errors import ConfigError
+    try:                                              # a registry name with options of another entry: one line
+        scheduler, scheduler_options = SCHEDULERS.from_cli(args, "scheduler")
+        policy, policy_options = POLICIES.from_cli(args, "expert-policy")
+        dispatcher = None
+        if args.dispatcher is not None:
+            name, opts = DISPATCHERS.from_cli(args, "dispatcher")
+            dispatcher = DISPATCHERS.make(name, **opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "default_max_tokens", "page_size",
                  "max_connections", "header_timeout", "body_timeout") + (
                      ("max_body_bytes",) if args.max_body_bytes is not None else ()):
@@ -134,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from readme_jax import assets
     from readme_jax.convert.load import load_pretrained
-    from readme_jax.errors import ConfigError
     from readme_jax.parallel.mesh import make_mesh
     from readme_jax.serve.engine import Engine, EngineConfig
     from readme_jax.serve.engine_config import parse_kv_memory
@@ -167,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"got {max_model_len}")
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=max_model_len, max_queue=args.max_queue,
-                           default_max_tokens=args.default_max_tokens, scheduler=args.scheduler,
-                           scheduler_options=(("max_wait", args.max_wait),) if args.scheduler == "expert-aware" else (),
-                           expert_slots=args.expert_slots, expert_policy=args.expert_policy, mesh=mesh,
-                           page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
+                           default_max_tokens=args.default_max_tokens, scheduler=scheduler,
+                           scheduler_options=tuple(scheduler_options.items()), expert_slots=args.expert_slots,
+                           expert_policy=policy, expert_policy_options=tuple(policy_options.items()), mesh=mesh,
+                           dispatcher=dispatcher, page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
                            prefix_caching=not args.no_prefix_caching)
         metrics = EngineMetrics(model_name=name)
         engine = Engine(model, tokenizer, cfg, metrics=metrics)

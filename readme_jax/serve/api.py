@@ -1,5 +1,5 @@
 """What the engine, its schedulers and the HTTP server agree on: request outputs, the per-request stream,
-the scheduler's view of the queue, and the engine's errors.
+the scheduler's view of the queue (the engine's errors are in readme_jax/errors.py).
 
     stream = engine.submit(prompt_ids, SamplingParams(max_tokens=32))    # may raise QueueFullError, ...
     for out in stream: ...                                               # on a thread, blocking
@@ -19,19 +19,6 @@ import threading
 from typing import Protocol, Sequence
 
 import numpy as np
-
-
-class EngineError(RuntimeError):
-    """The engine failed (its thread died) or was shut down: the server answers 500 / 503."""
-
-
-class QueueFullError(RuntimeError):
-    """The bounded request queue is full: the server answers 429 with Retry-After."""
-
-
-class NotReadyError(RuntimeError):
-    """The engine is not accepting requests (starting, draining, or failed): the server answers 503."""
-
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 

@@ -37,11 +37,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import EngineError, NotReadyError, QueueFullError, SamplingError
 from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve.api import (EngineError, NotReadyError, QueueFullError, RequestOutput, RequestStream,
-                                  WaitingPrefill)
+from readme_jax.serve.api import RequestOutput, RequestStream, WaitingPrefill
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
 from readme_jax.serve.engine_config import EngineConfig, page_bytes_of
 from readme_jax.serve.engine_pages import PagedScheduling
@@ -90,14 +89,16 @@ class Engine(PagedScheduling):
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=config.max_model_len, expert_slots=config.expert_slots,
-                                  mesh=config.mesh, min_token_bucket=config.min_prefill_bucket)
+                                  mesh=config.mesh, min_token_bucket=config.min_prefill_bucket,
+                                  dispatcher=config.dispatcher)
         self.pages = KVPages(num_pages, config.page_size, prefix_caching=config.prefix_caching)
         self.lookahead = 1 if is_routed(model) else 0   # Read-ME: the router's entry of the sampled token
         self.sliding_window = arch_config(model).sliding_window
         self.cache = None
         if self.runner.pool is not None:
             pool = self.runner.pool
-            self.cache = ExpertCache(pool.capacity, make_policy(config.expert_policy), num_layers=pool.num_layers,
+            policy = make_policy(config.expert_policy, **dict(config.expert_policy_options))
+            self.cache = ExpertCache(pool.capacity, policy, num_layers=pool.num_layers,
                                      expert_bytes=pool.expert_bytes / pool.num_layers)
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = arch_config(model).vocab_size
@@ -276,7 +277,6 @@ class Engine(PagedScheduling):
             rows.append(Row(rid, req.tokens, req.experts, req.computed, 1, True, req.seed, req.params.temperature,
                             req.params.top_p))
         out = run_rows(self.runner, rows, self.pages.table, bool(self.lookahead), self.cache,
-                       self.config.expert_policy == "belady",
                        lambda: before.future(self.scheduler, pick, self.config.max_num_batched_tokens,
                                              self.config.belady_window)) if rows else []
         for row, (tok, nxt) in zip(rows, out):

@@ -12,6 +12,7 @@ import re
 import jax
 
 from readme_jax.errors import ConfigError
+from readme_jax.model.dispatch import Dispatcher
 from readme_jax.model.protocol import arch_config, is_routed
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -54,9 +55,11 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None
     prefix_caching: bool = True
     expert_slots: int | None = None      # Read-ME: k resident experts per layer (None: all E)
-    expert_policy: str = "belady"        # serve.expert_cache.make_policy name
+    expert_policy: str = "belady"        # serve.expert_cache.POLICIES name, with its options
+    expert_policy_options: tuple[tuple[str, object], ...] = ()
     belady_window: int = 8               # steps of predicted future the windowed Belady policy sees
     mesh: jax.sharding.Mesh | None = None  # parallel.mesh.make_mesh: params sharded (paged_runner.py); None: 1 device
+    dispatcher: Dispatcher | None = None   # Read-ME steps' dispatcher (model.dispatch.DISPATCHERS); None: by size
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",

@@ -3,7 +3,7 @@
     rows = [Row(rid, tokens, experts, start, n, sample, seed, temperature, top_p), ...]
     batch = build_batch(rows, page_table_of, width, routed)           # serve/paged_runner.py's StepBatch
     for group, part in passes(rows, resident, k): ...                  # Read-ME with k resident experts
-    out = run_rows(runner, rows, page_table_of, routed, cache, belady, predict)     # [(token, expert)] per row
+    out = run_rows(runner, rows, page_table_of, routed, cache, predict)     # [(token, expert)] per row
 
 A row is one sequence's tokens [start, start + n) this step: a decode token (n = 1) or a prompt chunk; its
 ``tokens`` / ``experts`` are the request's lists (prompt + generated; each token's expert id, -1 for dense).
@@ -83,10 +83,10 @@ def passes(rows: Sequence[Row], resident: set[int], k: int) -> list[tuple[set[in
 
 
 def run_rows(runner, rows: Sequence[Row], table: Callable[[str], list[int]], routed: bool, cache=None,
-             belady: bool = False, predict: Callable[[], list] | None = None) -> list[tuple[int, int]]:
+             predict: Callable[[], list] | None = None) -> list[tuple[int, int]]:
     """Run a step's rows: one packed ``runner.step``, or with an expert ``cache`` (the resident pool's
     ``serve/expert_cache.ExpertCache``) one step per pass of at most k experts: before each pass the cache
-    references its experts (a ``belady`` policy sees the later passes, then ``predict()``'s next steps) and
+    references its experts (a policy that ``uses_future`` sees the later passes, then ``predict()``'s next steps) and
     the resident pool loads what the cache now holds. Returns (token, its expert) per row (meaningless where
     the row does not sample)."""
     width = runner.max_pages_per_seq
@@ -98,7 +98,7 @@ def run_rows(runner, rows: Sequence[Row], table: Callable[[str], list[int]], rou
     for i, (group, part) in enumerate(plan):
         rest = set().union(*(g for g, _ in plan[i + 1:]))
         cache.reference(group, LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
-                        if belady else WindowFuture(()))
+                        if cache.policy.uses_future else WindowFuture(()))
         runner.pool.sync(cache.resident)
         res = runner.step(build_batch([r for _, r in part], table, width, routed)).result()
         for (j, r), tok, nxt in zip(part, res.tokens.tolist(), res.next_experts.tolist()):

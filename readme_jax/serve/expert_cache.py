@@ -11,7 +11,9 @@ policy picks among C \\ S (experts this step does not need). When |S| > k the la
 passes and C \\ S can be empty: the victim is then an expert of S already computed this step. Either way the
 rest of this step never needs a candidate, so a policy's ``future`` is the sets of the following steps.
 
-Policies share one interface, ``victim(candidates, future) -> expert``, plus bookkeeping hooks:
+Policies share one interface, ``victim(candidates, future) -> expert``, plus bookkeeping hooks; each registers
+in :data:`POLICIES` with one decorator (``@POLICIES.register(name, OptionsDataclass)``) and declares
+``uses_future`` (True: callers build the predicted future for it; False: they pass an empty one):
 - ``belady``: farthest next use in ``future`` (a :class:`WindowFuture` of the next W steps as the scheduler
   would pick them with no new arrivals, or the whole trace for the offline optimum, :class:`TraceFuture`);
   ties (e.g. several experts never used within the window): least recently used, then lower id.
@@ -32,8 +34,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from readme_jax.errors import ConfigError
+from readme_jax.registry import Registry
 
 NEVER = math.inf
+
+#: Every cache policy by name; the serve CLI, benchmarks and tests read it.
+POLICIES = Registry("cache policy")
 
 
 class WindowFuture:
@@ -60,10 +66,6 @@ class LazyFuture(WindowFuture):
         if self._sets is None:
             self._sets = [frozenset(int(x) for x in s) for s in self.predict()]
         return self._sets
-
-    @sets.setter
-    def sets(self, value):
-        self._sets = value
 
 
 class TraceFuture:
@@ -97,9 +99,11 @@ class TraceFuture:
 
 
 class Policy:
-    """Bookkeeping shared by every policy: access clock, last use, load time and uses since load."""
+    """Bookkeeping shared by every policy: access clock, last use, load time and uses since load.
+    ``uses_future``: whether ``victim`` reads ``future`` (only then do callers predict one)."""
 
     name = "policy"
+    uses_future = False
 
     def __init__(self):
         self.reset()
@@ -127,32 +131,45 @@ class Policy:
         raise NotImplementedError
 
 
+@POLICIES.register("lru")
 class LRU(Policy):
-    name = "lru"
+    """Least recently used."""
 
     def victim(self, candidates, future):
         return min(candidates, key=lambda e: (self.last_use.get(e, 0), e))
 
 
+@POLICIES.register("lfu")
 class LFU(Policy):
-    name = "lfu"
+    """Fewest uses since it was loaded; ties least recently used."""
 
     def victim(self, candidates, future):
         return min(candidates, key=lambda e: (self.uses.get(e, 0), self.last_use.get(e, 0), e))
 
 
+@POLICIES.register("fifo")
 class FIFO(Policy):
-    name = "fifo"
+    """Loaded earliest."""
 
     def victim(self, candidates, future):
         return min(candidates, key=lambda e: (self.loaded_at.get(e, 0), e))
 
 
-class Random(Policy):
-    name = "random"
+@dataclasses.dataclass(frozen=True)
+class RandomOptions:
+    seed: int = 0                # the victim stream's seed
 
-    def __init__(self, seed: int = 0):
-        self.seed = int(seed)
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"random cache policy: seed must be an integer, got {self.seed!r}")
+
+
+@POLICIES.register("random", RandomOptions)
+class Random(Policy):
+    """Uniform over the candidates (seeded)."""
+
+    def __init__(self, options: RandomOptions = RandomOptions()):
+        self.seed = options.seed
         super().__init__()
 
     def reset(self) -> None:
@@ -163,23 +180,20 @@ class Random(Policy):
         return sorted(candidates)[int(self.rng.integers(len(candidates)))]
 
 
+@POLICIES.register("belady")
 class Belady(Policy):
     """Farthest next use in ``future`` (windowed or whole-trace); ties: least recently used, then lower id."""
 
-    name = "belady"
+    uses_future = True
 
     def victim(self, candidates, future):
         return max(candidates, key=lambda e: (future.next_use(e), -self.last_use.get(e, 0), -e))
 
 
-POLICIES = {"belady": Belady, "lru": LRU, "lfu": LFU, "fifo": FIFO, "random": Random}
-
-
 def make_policy(name: str, **opts) -> Policy:
-    """A cache policy by name: belady, lru, lfu, fifo, random (``seed``)."""
-    if name not in POLICIES:
-        raise ConfigError(f"cache policy {name!r} is unknown; known: {sorted(POLICIES)}")
-    return POLICIES[name](**opts)
+    """``POLICIES.make(name, **opts)``: a cache policy by registered name with its options (ConfigError for an
+    unknown name or option)."""
+    return POLICIES.make(name, **opts)
 
 
 @dataclasses.dataclass
@@ -260,12 +274,12 @@ def replay(trace: Sequence[Iterable[int]], policy: Policy, capacity: int, *, win
 
     Belady's future: ``futures[t]`` (the sets the scheduler predicted after step t) when given; else the
     next ``window`` steps of the trace itself; else (window None) the whole rest of the trace (offline
-    optimum). Other policies ignore it."""
+    optimum). A policy that does not use the future (``uses_future`` False) gets none."""
     trace = [frozenset(int(e) for e in s) for s in trace]
     if futures is not None and len(futures) != len(trace):
         raise ValueError(f"replay: futures has {len(futures)} entries, the trace {len(trace)} steps")
     cache = ExpertCache(capacity, policy, num_layers=num_layers, expert_bytes=expert_bytes)
-    uses_future = isinstance(policy, Belady)
+    uses_future = policy.uses_future
     table = cols = None
     if uses_future and futures is None and window is None:
         table, cols = TraceFuture.tables(trace)

@@ -18,7 +18,7 @@ import dataclasses
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from readme_jax.serve.protocol import APIError
+from readme_jax.errors import APIError
 
 #: Room for the JSON around the prompts (fields, stop strings, messages' framing).
 BODY_SLACK_BYTES = 64 * 1024

@@ -163,7 +163,8 @@ class PagedRunner:
 
     def __init__(self, model, *, num_pages: int, page_size: int = 16, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, expert_slots: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None, min_token_bucket: int = 8):
+                 mesh: jax.sharding.Mesh | None = None, min_token_bucket: int = 8,
+                 dispatcher: dispatch.Dispatcher | None = None):
         if mesh is not None and expert_slots is not None:
             raise ValueError("PagedRunner: expert_slots (the resident expert pool) lives on one device and "
                              "cannot be combined with a mesh; pass one of them")
@@ -171,6 +172,7 @@ class PagedRunner:
             raise ValueError(f"PagedRunner: max_num_batched_tokens={max_num_batched_tokens} must be >= "
                              f"max_num_seqs={max_num_seqs} (a decode step runs one token per sequence)")
         self.is_moe = is_routed(model)
+        self.fixed_dispatcher = dispatcher
         self.cfg = arch_config(model)
         self.page_size, self.num_pages, self.max_model_len = page_size, num_pages, max_model_len
         self.max_pages_per_seq = -(-(max_model_len + 1) // page_size)        # + 1: the router's lookahead entry
@@ -211,8 +213,11 @@ class PagedRunner:
 
     # --- per-bucket pieces -------------------------------------------------------------------------------
     def dispatcher(self, num_tokens: int) -> dispatch.Dispatcher | None:
-        """The dispatcher of a step of ``num_tokens`` (bucket) tokens; None for a dense model."""
-        return dispatch.default_dispatcher(num_tokens) if self.is_moe else None
+        """The dispatcher of a step of ``num_tokens`` (bucket) tokens: the one given to the runner (the serve
+        CLI's ``--dispatcher``), else ``dispatch.default_dispatcher(num_tokens)``; None for a dense model."""
+        if not self.is_moe:
+            return None
+        return self.fixed_dispatcher or dispatch.default_dispatcher(num_tokens)
 
     def layers(self, d: dispatch.Dispatcher | None) -> tuple[dict, ...]:
         """The per-layer weights in ``d``'s layout, made once per dispatcher (the resident pool: attention only)."""

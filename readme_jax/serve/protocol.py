@@ -23,7 +23,7 @@ import json
 import numbers
 from typing import Any
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import APIError, SamplingError
 from readme_jax.sampling import NEUTRAL_PROCESSORS, SamplingParams
 
 #: OpenAI's default temperature (the API samples unless asked for temperature 0).
@@ -37,20 +37,6 @@ MAX_CHOICES = 64
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 16 * 1024
 #: Processors validated here that the engine does not apply yet: a non-neutral value is a 400.
 ENGINE_PENDING = frozenset(NEUTRAL_PROCESSORS)
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape. ``param``: the request field at fault (None if none)."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
-        self.code = code if code is not None else status
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(param: str | None, message: str) -> APIError:

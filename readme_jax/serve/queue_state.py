@@ -23,7 +23,8 @@ import dataclasses
 
 import numpy as np
 
-from readme_jax.serve.api import EngineError, Pick, RunningDecode, WaitingPrefill
+from readme_jax.errors import EngineError
+from readme_jax.serve.api import Pick, RunningDecode, WaitingPrefill
 
 
 @dataclasses.dataclass(frozen=True)

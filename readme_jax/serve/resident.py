@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from readme_jax.errors import ConfigError
+
 EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 
 
@@ -48,7 +50,7 @@ class ResidentPool:
     def __init__(self, experts: dict, capacity: int):
         L, E = experts["w_gate"].shape[:2]
         if not 1 <= capacity <= E:
-            raise ValueError(f"ResidentPool: capacity must be in [1, {E}] experts per layer, got {capacity}")
+            raise ConfigError(f"ResidentPool: capacity must be in [1, {E}] experts per layer, got {capacity}")
         self.num_layers, self.num_experts, self.capacity = L, E, capacity
         host = slow_memory()
         self.slow = [{k: jax.device_put(experts[k][:, e], host) for k in EXPERT_KEYS} for e in range(E)]

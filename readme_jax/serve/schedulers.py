@@ -1,7 +1,7 @@
 """Batching policies behind :class:`readme_jax.serve.api.Scheduler`: decode-first FCFS, prefill-first FCFS
 and expert-aware batching (Read-ME Algorithm 1 with a wait bound). All share one token budget per step.
 
-    sched = make_scheduler("expert-aware", max_wait=8)
+    sched = SCHEDULERS.make("expert-aware", max_wait=8)      # or make_scheduler(...), the same
     pick = sched.pick(waiting, running, budget=32, free_slots=4)
 
 Orders used by every policy:
@@ -28,12 +28,18 @@ Expert-aware batching, over the running decode tokens:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Sequence
 
 import numpy as np
 
 from readme_jax.errors import ConfigError
+from readme_jax.registry import Registry
 from readme_jax.serve.api import Pick, RunningDecode, WaitingPrefill
+
+#: Every batching policy: ``@SCHEDULERS.register(name, OptionsDataclass)`` on a class with
+#: ``pick(waiting, running, budget, free_slots) -> Pick``; the serve CLI, benchmarks and tests read it.
+SCHEDULERS = Registry("scheduler")
 
 
 def _check_budget(budget: int, free_slots: int) -> None:
@@ -71,10 +77,9 @@ def fill_prefills(waiting: Sequence[WaitingPrefill], budget: int, free_slots: in
     return out
 
 
+@SCHEDULERS.register("decode-first")
 class DecodeFirst:
     """Every running decode token first (FCFS), then prefill chunks with the budget left."""
-
-    name = "decode-first"
 
     def pick(self, waiting: Sequence[WaitingPrefill], running: Sequence[RunningDecode], budget: int,
              free_slots: int) -> Pick:
@@ -84,10 +89,9 @@ class DecodeFirst:
                     decodes=tuple(decodes))
 
 
+@SCHEDULERS.register("prefill-first")
 class PrefillFirst:
     """Waiting prompts first (FCFS, chunked), then running decode tokens (FCFS) with the budget left."""
-
-    name = "prefill-first"
 
     def pick(self, waiting: Sequence[WaitingPrefill], running: Sequence[RunningDecode], budget: int,
              free_slots: int) -> Pick:
@@ -124,20 +128,27 @@ def algorithm1(tokens: Sequence[RunningDecode], budget: int) -> list[RunningDeco
     return taken
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertAwareOptions:
+    max_wait: int = 8            # steps a decode token may wait at most (the wait bound)
+
+    def __post_init__(self):
+        if isinstance(self.max_wait, bool) or not isinstance(self.max_wait, int) or self.max_wait < 0:
+            raise ConfigError(f"expert-aware scheduler: max_wait must be an integer >= 0 steps, got {self.max_wait!r}")
+
+
+@SCHEDULERS.register("expert-aware", ExpertAwareOptions)
 class ExpertAware:
     """Urgent decodes (wait bound), then prefill chunks, then Algorithm 1 over the other decodes."""
 
-    name = "expert-aware"
-
-    def __init__(self, max_wait: int = 8):
-        if int(max_wait) < 0:
-            raise ConfigError(f"expert-aware scheduler: max_wait must be >= 0 steps, got {max_wait}")
-        self.max_wait = int(max_wait)
+    def __init__(self, options: ExpertAwareOptions = ExpertAwareOptions()):
+        self.max_wait = options.max_wait
 
     def urgent(self, running: Sequence[RunningDecode], budget: int) -> tuple[list, list]:
-        """(the decode tokens the wait bound forces this step, the others), most urgent first."""
+        """(the decode tokens the wait bound forces this step, the others), most urgent first; at most
+        ``budget`` forced (past the bound more can be due than a step holds: the most urgent go first)."""
         urgent_first = sorted(running, key=lambda r: (self.max_wait - r.waited, r.arrival, r.slot))
-        m = must_take(np.array([self.max_wait - r.waited for r in urgent_first], np.int64), budget)
+        m = min(must_take(np.array([self.max_wait - r.waited for r in urgent_first], np.int64), budget), budget)
         return urgent_first[:m], urgent_first[m:]
 
     def pick(self, waiting: Sequence[WaitingPrefill], running: Sequence[RunningDecode], budget: int,
@@ -150,16 +161,7 @@ class ExpertAware:
         return Pick(prefills=tuple(prefills), decodes=tuple(decodes))
 
 
-SCHEDULERS: dict[str, Callable[..., object]] = {"decode-first": DecodeFirst, "prefill-first": PrefillFirst,
-                                                "expert-aware": ExpertAware}
-
-
 def make_scheduler(name: str, **opts):
-    """A scheduler by name ("decode-first", "prefill-first", "expert-aware"); ``opts`` go to its constructor
-    (expert-aware: ``max_wait``; the FCFS policies take none)."""
-    if name not in SCHEDULERS:
-        raise ConfigError(f"scheduler {name!r} is unknown; known: {sorted(SCHEDULERS)}")
-    try:
-        return SCHEDULERS[name](**opts)
-    except TypeError as e:
-        raise ConfigError(f"scheduler {name!r}: bad options {sorted(opts)} ({e})") from None
+    """``SCHEDULERS.make(name, **opts)``: a scheduler by registered name with its options (ConfigError for an
+    unknown name or option)."""
+    return SCHEDULERS.make(name, **opts)

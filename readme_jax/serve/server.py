@@ -29,12 +29,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from readme_jax.errors import SamplingError
+from readme_jax.errors import APIError, EngineError, NotReadyError, QueueFullError, SamplingError
 from readme_jax.serve import protocol, responses, tokenizer_api
-from readme_jax.serve.api import EngineError, NotReadyError, QueueFullError
 from readme_jax.serve.limits import Limits, header_timeout_protocol, max_prompt_chars, read_body
 from readme_jax.serve.metrics import EngineMetrics
-from readme_jax.serve.protocol import APIError
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info",
           "/health", "/metrics")

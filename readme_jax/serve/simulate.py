@@ -26,7 +26,7 @@ import numpy as np
 from readme_jax.errors import ConfigError
 from readme_jax.serve.api import WaitingPrefill
 from readme_jax.serve.costmodel import CostModel, StepWork
-from readme_jax.serve.expert_cache import CacheStats, ExpertCache, LazyFuture, make_policy
+from readme_jax.serve.expert_cache import POLICIES, CacheStats, ExpertCache, LazyFuture
 from readme_jax.serve.queue_state import QueueState
 
 
@@ -136,7 +136,7 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
     ttft, finish = np.full(n, np.nan), np.full(n, np.nan)
     cache = None
     if cfg.capacity is not None:
-        policy = make_policy(cfg.policy, **({"seed": cfg.seed} if cfg.policy == "random" else {}))
+        policy = POLICIES.make_from(cfg.policy, {"seed": cfg.seed})
         cache = ExpertCache(cfg.capacity, policy, num_layers=cost.model.num_layers if cost else 1,
                             expert_bytes=cost.model.expert_bytes if cost else 0.0)
     if cost is not None:

@@ -127,14 +127,6 @@ def truncate(trace: Trace, *, max_requests: int | None = None, max_prompt: int |
     return Trace(trace.arrival[:n].copy(), np.maximum(prompt, 1), np.maximum(output, 1))
 
 
-def synthetic_trace(n: int, rate: float, *, prompt_mean: int, output_mean: int, cv: float = 1.0,
-                    seed: int = 0) -> Trace:
-    """Gamma (Poisson for cv=1) arrivals with geometric prompt / output lengths of the given means."""
-    rng = np.random.default_rng(seed + 1)
-    return Trace(gamma_arrivals(n, rate, cv, seed), rng.geometric(1.0 / prompt_mean, n).astype(np.int64),
-                 rng.geometric(1.0 / output_mean, n).astype(np.int64))
-
-
 # ---------------------------------------------------------------------------------------- expert streams
 def synthetic_streams(num_experts: int, tokens: int, *, domains: int | None = None, locality: float = 0.71,
                       seed: int = 0) -> list[np.ndarray]:

@@ -47,14 +47,9 @@ def main(argv=None, *, hooks=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     from readme_jax.config import load_config
-    from readme_jax.data.sources import CorpusError
-    from readme_jax.errors import CheckpointError, ConfigError
-    from readme_jax.data.tokenizers import TokenizerError
-    from readme_jax.train.lock import RunLockError
+    from readme_jax.errors import (CheckpointError, ConfigError, CorpusError, PipelineError, RunLockError,
+                                   StaleRunError, TokenizerError, TrainingDivergedError)
     from readme_jax.train.pipeline import run_pipeline
-    from readme_jax.train.records import StaleRunError
-    from readme_jax.train.run import PipelineError
-    from readme_jax.train.steps import TrainingDivergedError
     try:
         cfg = load_config(args.config, args.overrides)
         run_pipeline(cfg, args.run_dir, stage=args.stage, hooks=hooks)

@@ -16,11 +16,9 @@ import fcntl
 import os
 from pathlib import Path
 
+from readme_jax.errors import RunLockError
+
 LOCK_FILE = ".lock"
-
-
-class RunLockError(RuntimeError):
-    """The run folder is held by another run, or cannot be locked; the message names the folder."""
 
 
 class RunLock:

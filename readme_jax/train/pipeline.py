@@ -37,12 +37,13 @@ import jax
 from readme_jax.atomic import atomic_write_text
 from readme_jax.config import Config
 from readme_jax.convert.checkpoint import remove_leftovers
+from readme_jax.errors import PipelineError
 from readme_jax.eval.routing import SUMMARY_COLUMNS, summary_table
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.lock import RunLock
 from readme_jax.train.preflight import preflight
 from readme_jax.train.records import StageRecords
-from readme_jax.train.run import PipelineError, Run, say
+from readme_jax.train.run import Run, say
 from readme_jax.train.stages import STAGE_NAMES, STAGES
 
 def remove_litter(run: Run) -> list[Path]:

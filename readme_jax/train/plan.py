@@ -131,7 +131,8 @@ def plan_step(kind: str, model: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh
     else:
         n_local = b * t.seq_len // batch_size_of(mesh)
         static["capacity"] = ep.capacity_buckets(n_local, mesh.shape[EXPERT_AXIS])[-1]
-        fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=rcfg.num_experts).update
+        fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=rcfg.num_experts,
+                                  dispatcher=t.dispatcher).update
     args = (_placed(trainable, sh.trainable), _placed(opt_state, sh.opt_state), _placed(frozen, sh.frozen),
             _placed(batch, batch_sh), jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh)))
     # The plan never runs: on CPU the LLVM backend's optimisation is skipped (the memory plan and the

@@ -58,14 +58,15 @@ def corpus_domains(cfg: Config) -> tuple[list[str], str]:
         from readme_jax.train.synthetic import DOMAINS
         return list(DOMAINS), "the synthetic corpus"
     if c.from_dir:
-        from readme_jax.data.sources import CorpusError, user_domains
+        from readme_jax.data.sources import user_domains
+        from readme_jax.errors import CorpusError
         try:
             return user_domains(c.from_dir), f"corpus.from_dir={c.from_dir}"
         except CorpusError as e:
             raise ConfigError(f"corpus.from_dir: {e}") from None
     if c.dir:
         from readme_jax.data.corpus import load_corpus
-        from readme_jax.data.sources import CorpusError
+        from readme_jax.errors import CorpusError
         try:
             return load_corpus(c.dir).domains, f"corpus.dir={c.dir}"
         except (CorpusError, ValueError) as e:

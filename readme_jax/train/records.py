@@ -21,12 +21,9 @@ from typing import Any
 import yaml
 
 from readme_jax.atomic import atomic_write_json
+from readme_jax.errors import StaleRunError
 
 RECORDS_FILE = "stages.json"
-
-
-class StaleRunError(RuntimeError):
-    """The config changes settings that finished or half-finished training stages were made with."""
 
 
 def key_value(cfg_dict: dict, key: str) -> Any:

@@ -22,16 +22,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from readme_jax.config import Config
-from readme_jax.errors import ConfigError
+from readme_jax.errors import ConfigError, PipelineError
 from readme_jax.train.checkpointing import phase_done
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.targets import RouterPool
 from readme_jax.train.trainer import Phase, Trainer, phase_dir, phases
-
-
-class PipelineError(RuntimeError):
-    """A stage cannot run (missing input, bad data); the message says what and where."""
 
 
 def say(msg: str) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 from flax import nnx
 
 from readme_jax.atomic import atomic_dir, atomic_file, atomic_write_json
-from readme_jax.errors import ConfigError
+from readme_jax.errors import PipelineError
 from readme_jax.eval.routing import route_windows, routing_metrics
 from readme_jax.train import targets as targets_lib
-from readme_jax.train.run import PipelineError, Run, say
+from readme_jax.train.run import Run, say
 from readme_jax.train.trainer import phases
 
 

@@ -16,7 +16,8 @@ it (FSDP over "fsdp", the experts' E over "expert"), each micro-batch's b rows s
 ``trainable`` and ``opt_state`` donated. The loss is the global weighted mean under jit, so its gradient is
 exact whatever the mesh. The MoE FFN runs as the expert-parallel dispatcher
 (:class:`readme_jax.parallel.expert_parallel.ExpertParallel`, a ``jax.shard_map`` with ``all_to_all``) on
-every mesh, one device included.
+every mesh, one device included; its local dispatcher is ``train.dispatcher`` (a registered name) or the
+backend's default.
 
 Routing precomputed on the host (expert phase): :class:`ExpertStep` first runs the frozen router on the
 step's batch (one jitted call: argmax expert ids ``[A, b, T]`` and the per-device send counts), reads the
@@ -47,6 +48,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from readme_jax.errors import TrainingDivergedError
 from readme_jax.model import dispatch
 from readme_jax.model.router import top1_expert
 from readme_jax.parallel import expert_parallel as ep
@@ -56,10 +58,6 @@ from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
 BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
-
-
-class TrainingDivergedError(RuntimeError):
-    """A train step produced a non-finite loss, gradient or update; nothing of that step was kept."""
 
 
 def trainable_filter(kind: str):
@@ -261,8 +259,10 @@ class ExpertStep:
     <float32>[E] (share of tokens per expert), capacity, padding_rows, dropped}).
     """
 
-    def __init__(self, graphdef, tx: optax.GradientTransformation, shardings: StepShardings, *, num_experts: int):
+    def __init__(self, graphdef, tx: optax.GradientTransformation, shardings: StepShardings, *, num_experts: int,
+                 dispatcher: str | None = None):
         self.graphdef, self.num_experts, self.mesh = graphdef, num_experts, shardings.mesh
+        self.local_dispatcher = dispatcher       # train.dispatcher: a registered name over the default
         self.update = TrainStep(self._loss, tx, shardings)
         rep = replicated(self.mesh)
         self.route = jax.jit(self._route, in_shardings=(shardings.trainable, shardings.frozen, None),
@@ -275,7 +275,7 @@ class ExpertStep:
 
     def dispatcher(self, capacity: int) -> ep.ExpertParallel:
         m = self.mesh.shape[EXPERT_AXIS]
-        return ep.ExpertParallel(mesh=self.mesh, capacity=capacity, local=dispatch.default_dispatcher(m * capacity))
+        return ep.ExpertParallel(mesh=self.mesh, capacity=capacity, local=dispatch.default_dispatcher(m * capacity, self.local_dispatcher))
 
     def _loss(self, trainable, frozen, mb, *, capacity: int):
         model = nnx.merge(self.graphdef, trainable, frozen)

@@ -18,11 +18,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from readme_jax.atomic import atomic_file
 from readme_jax.model.router import top1_expert
+from readme_jax.nnx_jit import jit_method
 from readme_jax.train import steps as steps_lib
 from readme_jax.train.losses import router_targets
 
@@ -106,17 +106,11 @@ def build_router_pool(dense, specific: np.ndarray, sequences: list[dict[str, np.
       the :class:`RouterPool`, ``dist`` float32[N, L, T, E].
     """
     ids = np.stack([s["input_ids"] for s in sequences])
-    graphdef, state = nnx.split(dense)
-    if dtype != "float32":
-        graphdef = steps_lib.compute_graphdef(dense, dtype)
     specific = jnp.asarray(specific)
-
-    @jax.jit
-    def targets(state, ids):
-        dist = router_targets(nnx.merge(graphdef, state), ids, None, specific, use_abs=use_abs)
-        return jnp.swapaxes(dist, 0, 1)                         # [B, L, T, E]
-
-    dist = [np.asarray(targets(state, jnp.asarray(ids[i:i + batch])), np.float32)
+    targets = jit_method(dense, lambda m, ids: jnp.swapaxes(router_targets(m, ids, None, specific, use_abs=use_abs),
+                                                            0, 1),                          # [B, L, T, E]
+                         graphdef=None if dtype == "float32" else steps_lib.compute_graphdef(dense, dtype))
+    dist = [np.asarray(targets(jnp.asarray(ids[i:i + batch])), np.float32)
             for i in tqdm(range(0, len(ids), batch), desc="targets", unit="batch", disable=not progress)]
     return RouterPool(input_ids=ids.astype(np.int32),
                       loss_mask=np.stack([s["loss_mask"] for s in sequences]).astype(np.float32),
@@ -138,13 +132,9 @@ def heldout_routing(path: str | Path, windows: dict[str, np.ndarray], dense, spe
             if names == list(windows) and all(
                     np.array_equal(z[f"inputs_{i}"], windows[d]) for i, d in enumerate(names)):
                 return {d: (windows[d], z[f"target_{i}"]) for i, d in enumerate(names)}
-    graphdef, state = nnx.split(dense)
     specific = jnp.asarray(specific)
-
-    @jax.jit
-    def target(state, ids):
-        dist = router_targets(nnx.merge(graphdef, state), ids, None, specific, use_abs=use_abs)
-        return top1_expert(jnp.sum(dist, 0))
+    target = jit_method(dense, lambda m, ids: top1_expert(jnp.sum(router_targets(m, ids, None, specific,
+                                                                                 use_abs=use_abs), 0)))
 
     out, arrays = {}, {"domains": np.asarray(list(windows), str)}
     for i, (d, inputs) in enumerate(windows.items()):

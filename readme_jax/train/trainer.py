@@ -103,7 +103,8 @@ class Trainer:
             if phase.kind == "router":
                 fn = steps_lib.make_router_step(graphdef, tx, sh)
             else:
-                fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=int(self.specific.shape[0]))
+                fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=int(self.specific.shape[0]),
+                                          dispatcher=t.dispatcher)
             self._steps[phase.kind] = (fn, tx, sh)
         return self._steps[phase.kind]
 

@@ -10,10 +10,10 @@ the loader that picks one for a path (:mod:`.factory`).
 Imports point one way: ``base`` <- ``bpe`` / ``sentencepiece`` <- ``factory`` <- this package.
 """
 
-from readme_jax.data.tokenizers.base import Tokenizer, TokenizerError
+from readme_jax.data.tokenizers.base import Tokenizer
 from readme_jax.data.tokenizers.bpe import BPETokenizer
 from readme_jax.data.tokenizers.factory import load_tokenizer, tokenizer_from_gguf
 from readme_jax.data.tokenizers.sentencepiece import SentencePieceTokenizer
 
-__all__ = ["Tokenizer", "TokenizerError", "BPETokenizer", "SentencePieceTokenizer", "load_tokenizer",
+__all__ = ["Tokenizer", "BPETokenizer", "SentencePieceTokenizer", "load_tokenizer",
            "tokenizer_from_gguf"]

@@ -27,10 +27,6 @@ CONFIG_FILE = "tokenizer_config.json"
 CONFIG_MARKER = "readme_jax_tokenizer"
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable or malformed (the message names the file)."""
-
-
 class Tokenizer(abc.ABC):
     """Text <-> token ids, plus the special ids and the chat template of the source.
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data.tokenizers.base import (CONFIG_FILE, Tokenizer, TokenizerError, one_line,
-                                             resolve_special_ids)
+from readme_jax.data.tokenizers.base import CONFIG_FILE, Tokenizer, one_line, resolve_special_ids
+from readme_jax.errors import TokenizerError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data.tokenizers.base import CONFIG_FILE, Tokenizer, TokenizerError, one_line
+from readme_jax.data.tokenizers.base import CONFIG_FILE, Tokenizer, one_line
+from readme_jax.errors import TokenizerError
 from readme_jax.data.tokenizers.bpe import BPETokenizer
 from readme_jax.data.tokenizers.sentencepiece import SentencePieceTokenizer
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data.tokenizers.base import (CONFIG_FILE, Tokenizer, TokenizerError, one_line,
-                                             resolve_special_ids)
+from readme_jax.data.tokenizers.base import CONFIG_FILE, Tokenizer, one_line, resolve_special_ids
+from readme_jax.errors import TokenizerError
 
 # SentencePiece piece types (the same numbers as GGUF's token types).
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6

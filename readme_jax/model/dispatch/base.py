@@ -13,8 +13,8 @@ gives one layer's weights in the layout the dispatcher reads fastest (once, befo
 
 Contract of every dispatcher:
   * A dispatcher is a frozen dataclass (hashable: jit treats it as static); its plan is a pytree
-    (``flax.struct.dataclass``) whose static fields are ``dispatcher`` and ``num_experts`` and which has
-    ``group_sizes <int32>[E]`` (tokens per expert; an expert is "in use" when its size is > 0).
+    subclassing :class:`Plan` (``group_sizes <int32>[E]``, tokens per expert, an expert "in use" when its size
+    is > 0; static ``dispatcher`` and ``num_experts``; ``num_tokens``).
   * Expert ids outside [0, E) - -1 for an inactive serving slot, or the id of another device's expert
     under expert parallelism - give their token no expert: its output row is 0 and it counts for no
     expert. Nothing is dropped otherwise.
@@ -23,7 +23,9 @@ Contract of every dispatcher:
     tokens' varying axes first (model/varying.py), so custom VJPs may return per-device weight gradients.
   * Differentiable in h and the weights (blocked: a hand-written VJP; ragged and decode: autodiff).
 
-The dispatchers behind this interface (ids ``name``):
+The dispatchers behind this interface, each registered in :data:`DISPATCHERS` by one decorator
+(``@DISPATCHERS.register(name, SELF)``: the frozen dataclass's fields are its options); a config key
+(``train.dispatcher``, the serve CLI's ``--dispatcher``) selects one by name over the default:
   "blocked"  blocked.py: sort-by-expert into a padded buffer, a loop over fixed-size blocks; CPU default.
   "ragged"   ragged.py: ``lax.ragged_dot`` over the sorted tokens; GPU/TPU default.
   "decode"   decode.py: a few tokens (decode steps): for each expert some token uses, its static weights
@@ -34,9 +36,10 @@ How the later ones fit:
   resident slots (expert cache): the cache remaps expert ids to the k slots of its [k, D, Fe] pool (-1 for
     a token whose expert is not resident) and passes the pool as the weights; any dispatcher above then
     runs with num_experts = k, the plan still made once per batch.
-  expert parallel: inside one ``jax.shard_map``, ``plan`` all-gathers the ids and plans the local experts
-    (ids minus the first local expert, the others out of range), ``permute`` all-gathers the token rows,
-    ``unpermute`` psum-scatters the partial outputs (today composed by hand in parallel/expert_parallel.py).
+  expert parallel: ``parallel.expert_parallel.ExpertParallel`` is one more dispatcher behind this interface
+    (not registered: it needs a mesh and a capacity): ``plan`` picks each token's device, ``permute`` sends
+    the rows there (``all_to_all`` inside one ``jax.shard_map``), ``expert_ffn`` runs the local experts with a
+    registered dispatcher (``local``), ``unpermute`` sends them back.
 
 Dimension names: N tokens, D model, Fe expert width, E experts, P rows of the kernel's buffer.
 """
@@ -45,14 +48,20 @@ from __future__ import annotations
 
 import abc
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+from readme_jax.registry import Registry
+
+#: Every dispatcher by name (see the module docstring).
+DISPATCHERS = Registry("dispatcher")
 
 
 class Dispatcher(abc.ABC):
     """One way to run the routed FFN (see the module docstring). Subclasses are frozen dataclasses."""
 
-    name: str = ""
+    name: str = ""            # set by DISPATCHERS.register
 
     @abc.abstractmethod
     def plan(self, expert_ids: jnp.ndarray, num_experts: int):
@@ -76,10 +85,25 @@ class Dispatcher(abc.ABC):
         (default: as they are)."""
         return layer
 
-    def check_plan(self, plan) -> None:
+    def check_plan(self, plan: "Plan") -> None:
         """Raise ValueError unless ``plan`` was made by this dispatcher."""
         if getattr(plan, "dispatcher", None) != self:
             raise ValueError(f"dispatcher {self!r}: got a plan made by {getattr(plan, 'dispatcher', None)!r}")
+
+
+@flax.struct.dataclass
+class Plan:
+    """The fields every dispatch plan has (a subclass adds its own, keyword-constructed):
+    group_sizes <int32>[E] tokens per expert; dispatcher (the one that made it) and num_experts, static."""
+
+    group_sizes: jnp.ndarray
+    dispatcher: Dispatcher = flax.struct.field(pytree_node=False)
+    num_experts: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the tokens the plan routes."""
+        raise NotImplementedError
 
 
 def group_ranks(expert_ids: jnp.ndarray, num_experts: int):

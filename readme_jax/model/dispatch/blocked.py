@@ -18,15 +18,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from readme_jax.model.dispatch.base import Dispatcher, gather_rows, group_ranks
+from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan, gather_rows, group_ranks
 from readme_jax.model.varying import vary_like, zeros_like_varying
+from readme_jax.registry import SELF
 
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_TAIL_SIZE = 128
 
 
 @flax.struct.dataclass
-class BlockedPlan:
+class BlockedPlan(Plan):
     """Where each token sits in the padded, expert-grouped buffer, and the blocks that cover it.
 
     group_sizes     <int32>[E]   tokens per expert
@@ -38,7 +39,6 @@ class BlockedPlan:
     dispatcher, num_experts, block_size, tail_size  static
     """
 
-    group_sizes: jnp.ndarray
     slot_of_token: jnp.ndarray
     token_of_slot: jnp.ndarray
     block_offset: jnp.ndarray
@@ -47,8 +47,6 @@ class BlockedPlan:
     tail_offset: jnp.ndarray
     tail_expert: jnp.ndarray
     num_used_tails: jnp.ndarray
-    dispatcher: "Blocked" = flax.struct.field(pytree_node=False)
-    num_experts: int = flax.struct.field(pytree_node=False)
     block_size: int = flax.struct.field(pytree_node=False)
     tail_size: int = flax.struct.field(pytree_node=False)
 
@@ -78,16 +76,18 @@ def _block_list(counts, first_row, rows, length):
     return offset.astype(jnp.int32), e, end[-1].astype(jnp.int32)
 
 
+@DISPATCHERS.register("blocked", SELF)
 @dataclasses.dataclass(frozen=True)
 class Blocked(Dispatcher):
-    """block_size / tail_size: None = DEFAULT_BLOCK_SIZE / DEFAULT_TAIL_SIZE (best measured on CPU at
+    """Sort by expert into a padded buffer, then a loop over fixed-size blocks (CPU default).
+
+    block_size / tail_size: None = DEFAULT_BLOCK_SIZE / DEFAULT_TAIL_SIZE (best measured on CPU at
     N=4096, E=4..8), shrunk for small batches: block <= a power of two >= N, tail <= one >= N / E.
     block_size must be a multiple of tail_size (equal: one level, up to block_size - 1 padding rows per
     expert)."""
 
     block_size: int | None = None
     tail_size: int | None = None
-    name = "blocked"
 
     def sizes(self, num_tokens: int, num_experts: int) -> tuple[int, int]:
         """(S, s) for a batch of N tokens and E experts."""

@@ -28,20 +28,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from readme_jax.model.dispatch.base import Dispatcher
+from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan
 from readme_jax.model.varying import vary_like
+from readme_jax.registry import SELF
 
 EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 
 
 @flax.struct.dataclass
-class DecodePlan:
+class DecodePlan(Plan):
     """expert_ids <int32>[N] (ids outside [0, E) as -1), group_sizes <int32>[E]; dispatcher, num_experts static."""
 
     expert_ids: jnp.ndarray
-    group_sizes: jnp.ndarray
-    dispatcher: "Decode" = flax.struct.field(pytree_node=False)
-    num_experts: int = flax.struct.field(pytree_node=False)
 
     @property
     def num_tokens(self) -> int:
@@ -53,9 +51,10 @@ def num_experts_of(w: jnp.ndarray | Sequence[jnp.ndarray]) -> int:
     return len(w) if isinstance(w, (tuple, list)) else w.shape[0]
 
 
+@DISPATCHERS.register("decode", SELF)
 @dataclasses.dataclass(frozen=True)
 class Decode(Dispatcher):
-    name = "decode"
+    """A few tokens (decode steps): each expert some token uses runs on those rows; no sort."""
 
     def plan(self, expert_ids: jnp.ndarray, num_experts: int) -> DecodePlan:
         """expert_ids <int32>[B, T] or [N] -> DecodePlan. Jit-compatible."""

@@ -22,24 +22,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from readme_jax.model.dispatch.base import Dispatcher, gather_rows
+from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan, gather_rows
 from readme_jax.model.dispatch.decode import EXPERT_KEYS
 from readme_jax.model.dispatch.ragged import Ragged
 from readme_jax.model.varying import vary_like
+from readme_jax.registry import SELF
 
 
 @flax.struct.dataclass
-class GroupedPlan:
+class GroupedPlan(Plan):
     """sort_idx / unsort_idx <int32>[N] (as the ragged plan; tokens with no expert sort last),
     group_sizes <int32>[E], group_start <int32>[E] (first sorted row of each group); dispatcher,
     num_experts static."""
 
     sort_idx: jnp.ndarray
     unsort_idx: jnp.ndarray
-    group_sizes: jnp.ndarray
     group_start: jnp.ndarray
-    dispatcher: "Grouped" = flax.struct.field(pytree_node=False)
-    num_experts: int = flax.struct.field(pytree_node=False)
 
     @property
     def num_tokens(self) -> int:
@@ -55,9 +53,10 @@ def window_sizes(num_tokens: int) -> tuple[int, ...]:
     return tuple(sizes) + (num_tokens,)
 
 
+@DISPATCHERS.register("grouped", SELF)
 @dataclasses.dataclass(frozen=True)
 class Grouped(Dispatcher):
-    name = "grouped"
+    """A few to a few dozen tokens on CPU: sorted by expert, each used expert on a window of its own rows."""
 
     def plan(self, expert_ids: jnp.ndarray, num_experts: int) -> GroupedPlan:
         """expert_ids <int32>[B, T] or [N] -> GroupedPlan (a stable sort by expert). Jit-compatible."""

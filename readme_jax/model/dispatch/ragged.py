@@ -14,30 +14,28 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from readme_jax.model.dispatch.base import Dispatcher, gather_rows, group_ranks
+from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan, gather_rows, group_ranks
 from readme_jax.model.varying import vary_like
+from readme_jax.registry import SELF
 
 
 @flax.struct.dataclass
-class RaggedPlan:
+class RaggedPlan(Plan):
     """sort_idx <int32>[N]: token at each position of the expert-sorted order; unsort_idx <int32>[N]: each
     token's position in it (the inverse); group_sizes <int32>[E]; dispatcher, num_experts static."""
 
     sort_idx: jnp.ndarray
     unsort_idx: jnp.ndarray
-    group_sizes: jnp.ndarray
-    dispatcher: "Ragged" = flax.struct.field(pytree_node=False)
-    num_experts: int = flax.struct.field(pytree_node=False)
 
     @property
     def num_tokens(self) -> int:
         return self.sort_idx.shape[0]
 
 
+@DISPATCHERS.register("ragged", SELF)
 @dataclasses.dataclass(frozen=True)
 class Ragged(Dispatcher):
-    name = "ragged"
-
+    """``lax.ragged_dot`` over the expert-sorted tokens (GPU/TPU default)."""
     def plan(self, expert_ids: jnp.ndarray, num_experts: int) -> RaggedPlan:
         """expert_ids <int32>[B, T] or [N] -> RaggedPlan (a stable sort by expert). Jit-compatible."""
         n = expert_ids.size
