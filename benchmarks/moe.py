@@ -9,8 +9,9 @@ Rows (ratio = baseline time / our time, > 1 = ours faster):
   train_step        forward+backward of a few decoder layers (attention + FFN via run_layers), MoE vs masked-dense
   matmul_ceiling    one [N, D] x [D, Fe] matmul, XLA vs torch: the cap on vs_torch_loop, since both sides are
                     the same matmuls plus data movement
-  moe_decode        decode steps (B = 1 and 8 tokens, 30 layers, residual FFN only): the decode dispatcher
-                    (per-expert lax.cond over static split weights) vs the dense FFN (note: the blocked one)
+  moe_decode        decode steps (B = 1, 8 and 32 tokens, 30 layers, residual FFN only): the decode dispatcher
+                    (per-expert lax.cond over static split weights) vs the dense FFN; the grouped dispatcher
+                    (sorted rows, per-expert windows) vs the decode and blocked ones
 
 Expert ids are skewed like pre-gated routing: a Zipf-ish expert distribution with runs of the same expert
 (each token keeps the previous token's expert with probability 0.71, the locality Read-ME reports).
@@ -139,9 +140,9 @@ def jax_case(num_experts: int, tokens: int, repeats: int, layers: int, ragged: b
 
 def jax_decode_case(num_experts: int, batches: list, layers: int, steps: int, repeats: int) -> dict:
     """Decode steps of the FFNs alone (x += ffn(x) / 100 through ``layers`` layers, ``steps`` steps in one
-    fori_loop): dense, the decode dispatcher (on split and on stacked [E, D, Fe] weights) and the blocked
-    one. Per-layer weights are split (in the variant's layout) once, outside the timed calls, as a decode
-    loop does before its first step; plans are made once per step.
+    fori_loop): dense, the decode dispatcher (on split and on stacked [E, D, Fe] weights), the blocked
+    one and the grouped one. Per-layer weights are split (in the variant's layout) once, outside the timed
+    calls, as a decode loop does before its first step; plans are made once per step.
     Returns {"times": {name: seconds per step}, "experts_used": {B: count}}."""
     import jax
     import jax.numpy as jnp
@@ -169,11 +170,13 @@ def jax_decode_case(num_experts: int, batches: list, layers: int, steps: int, re
             return jax.lax.fori_loop(0, steps, step, h)
         return run
 
-    dec, blk = dispatch.Decode(), dispatch.Blocked()
+    dec, blk, grp = dispatch.Decode(), dispatch.Blocked(), dispatch.Grouped()
+    per_expert, stacked = split(experts, dec.prepare_layer), split(experts, lambda p: p)   # grouped: as decode
     runs = {"dense": (loop(None), split(dense, lambda p: p)),
-            "decode": (loop(dec), split(experts, dec.prepare_layer)),
-            "decode_stacked": (loop(dec), split(experts, lambda p: p)),
-            "blocked": (loop(blk), split(experts, lambda p: p))}
+            "decode": (loop(dec), per_expert),
+            "decode_stacked": (loop(dec), stacked),
+            "blocked": (loop(blk), stacked),
+            "grouped": (loop(grp), per_expert)}
     del dense, experts
     times, used = {}, {}
     for B in batches:
@@ -274,8 +277,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def decode_rows(quick: bool, num_experts: int = 5, layers: int = 30) -> list[dict]:
-    """The moe_decode rows: decode dispatcher vs dense FFN at B = 1 and 8 tokens per step, one subprocess."""
-    batches = [1, 8]
+    """The moe_decode rows at B = 1, 8 and 32 tokens per step, one subprocess: the decode dispatcher vs the
+    dense FFN, and the grouped dispatcher vs the decode and the blocked ones (the measurement behind
+    ``dispatch.default_dispatcher``'s CPU choice per row count)."""
+    batches = [1, 8, 32]
     case = f"E={num_experts} {layers} layers D={D} Fe={FE} f32"
     try:
         j = run_variant("benchmarks.moe:jax_decode_case", {"num_experts": num_experts, "batches": batches,
@@ -284,9 +289,15 @@ def decode_rows(quick: bool, num_experts: int = 5, layers: int = 30) -> list[dic
     except Exception as e:  # noqa: BLE001
         return [error_row("moe_decode", case, e)]
     jt = {k: median(v["wall"]) * 1e3 for k, v in j["times"].items()}
-    return [make_row("moe_decode", f"{case} B={B} decode dispatcher vs dense FFN", jt[f"decode B={B}"],
-                     jt[f"dense B={B}"], "ms/step", higher_is_better=False, goal=None,
-                     note=f"blocked dispatcher {jt[f'blocked B={B}']:.1f} ms/step, decode on stacked (unsplit) "
-                          f"weights {jt[f'decode_stacked B={B}']:.1f}; {j['experts_used'][str(B)]} of "
-                          f"{num_experts} experts used")
-            for B in batches]
+    rows = []
+    for B in batches:
+        used = f"{j['experts_used'][str(B)]} of {num_experts} experts used"
+        rows.append(make_row("moe_decode", f"{case} B={B} decode dispatcher vs dense FFN", jt[f"decode B={B}"],
+                             jt[f"dense B={B}"], "ms/step", higher_is_better=False, goal=None,
+                             note=f"decode on stacked (unsplit) weights {jt[f'decode_stacked B={B}']:.1f} "
+                                  f"ms/step; {used}"))
+        for other in ("decode", "blocked"):
+            rows.append(make_row("moe_decode", f"{case} B={B} grouped vs {other} dispatcher", jt[f"grouped B={B}"],
+                                 jt[f"{other} B={B}"], "ms/step", higher_is_better=False, goal=None,
+                                 note=f"dense FFN {jt[f'dense B={B}']:.1f} ms/step; {used}"))
+    return rows

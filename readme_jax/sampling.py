@@ -165,9 +165,9 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
     being sampled in its sequence); temperature / top_p <f32>[B] -> <int32>[B].
 
     A row's token depends only on its logits, seed, position and settings, never on its neighbours. Greedy
-    rows (temperature 0) take the argmax; the others sample (a batch of greedy rows only skips the draw); the rows asking for top_p < 1 are gathered
-    into a bucket of 1, 2, 4, ... B rows (the smallest that holds them; none at all when no row asks) and
-    only those are sorted."""
+    rows (temperature 0) take the argmax; the others sample (a batch of greedy rows only skips the draw);
+    the rows asking for top_p < 1 are gathered into a bucket of 1, 2, 4, ... B rows (the smallest that
+    holds them; none at all when no row asks) and only those are sorted."""
     B = logits.shape[0]
     keys = row_keys(seeds, positions)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]

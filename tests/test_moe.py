@@ -159,14 +159,14 @@ def test_dispatcher_and_shape_errors():
 
 
 def test_default_dispatchers():
-    """CPU: decode up to DECODE_MAX_TOKENS tokens, else blocked, whose default sizes shrink for small N
+    """CPU: grouped up to GROUPED_MAX_TOKENS tokens, else blocked, whose default sizes shrink for small N
     (100 tokens get blocks of 128, tails of 32); exact either way."""
     E = 5
     kw, ki, kh = jax.random.split(jax.random.key(4), 3)
     wg, wu, wd = _weights(kw, E)
-    n = dispatch.DECODE_MAX_TOKENS
+    n = dispatch.GROUPED_MAX_TOKENS
     for (B, T), want in (((4, 25), dispatch.Blocked()), ((1, n + 1), dispatch.Blocked()),
-                         ((1, n), dispatch.Decode()), ((1, 1), dispatch.Decode())):
+                         ((1, n), dispatch.Grouped()), ((1, 1), dispatch.Grouped())):
         h = jax.random.normal(kh, (B, T, D))
         ids = jax.random.randint(ki, (B, T), 0, E)
         plan = moe.plan_dispatch(ids, E)

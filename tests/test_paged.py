@@ -51,22 +51,22 @@ def test_paged_attention_equals_contiguous(window):
     tables = tables_for(kv_lens, rng)
     meta = meta_for(q_lens, kv_lens, tables)
     N = meta.positions.shape[0]
-    kv = jnp.zeros((P, PS, 2 * K, hd), jnp.float32)
+    kv = np.zeros((P, PS, 2 * K, hd), np.float32)
     ks = [rng.standard_normal((n, K, hd)).astype(np.float32) for n in kv_lens]
     vs = [rng.standard_normal((n, K, hd)).astype(np.float32) for n in kv_lens]
     for s, n in enumerate(kv_lens):             # earlier steps' entries, then this step's through write_kv
         for t in range(n - q_lens[s]):
             p, o = tables[s, t // PS], t % PS
-            kv = kv.at[p, o, 0::2].set(ks[s][t]).at[p, o, 1::2].set(vs[s][t])
+            kv[p, o, 0::2], kv[p, o, 1::2] = ks[s][t], vs[s][t]
     k_new = np.zeros((N, K, hd), np.float32)
     v_new = np.zeros((N, K, hd), np.float32)
     rows = np.concatenate([np.arange(n - q, n) for q, n in zip(q_lens, kv_lens)])
     seq = np.repeat(np.arange(len(q_lens)), q_lens)
     k_new[:len(rows)] = [ks[s][t] for s, t in zip(seq, rows)]
     v_new[:len(rows)] = [vs[s][t] for s, t in zip(seq, rows)]
-    kv = write_kv(kv, jnp.asarray(k_new), jnp.asarray(v_new), meta)
     q = rng.standard_normal((N, H, hd)).astype(np.float32)
-    out = jax.jit(lambda q, kv, m: paged_attention(q, kv, m, chunk_pages=2, sliding_window=window))(q, kv, meta)
+    out = jax.jit(lambda q, kv, k, v, m: paged_attention(q, write_kv(kv, k, v, m), m, chunk_pages=2,
+                                                         sliding_window=window))(q, kv, k_new, v_new, meta)
     start = np.cumsum(q_lens) - q_lens
     for s, (ql, n) in enumerate(zip(q_lens, kv_lens)):
         qpos = np.arange(n - ql, n)
@@ -138,10 +138,28 @@ def run_steps(model, seqs, schedule, experts=None, dispatcher=None):
 
 
 def _fwd(model, layers, toks, ex, meta, kv, dispatcher):
-    x, kv = backbone_packed(model, layers, toks, meta, kv, experts=ex if hasattr(ex, "shape") else None,
-                            dispatcher=dispatcher) if model.__class__ is ReadMe else \
-        backbone_packed(model, layers, toks, meta, kv)
+    routed = dispatcher is not None
+    x, kv = backbone_packed(model, layers, toks, meta, kv, experts=ex if routed else None, dispatcher=dispatcher)
     return head_rows(model, x), kv
+
+
+def full_logits(model, seqs, lengths, experts=None):
+    """The model's own call on every sequence at once (left-padded: positions count real tokens), jitted:
+    {seq: logits [n, V]} of its first lengths[seq] tokens."""
+    T = max(lengths.values())
+    ids = np.zeros((len(seqs), T), np.int32)
+    ex = np.zeros((len(seqs), T), np.int32)
+    mask = np.zeros((len(seqs), T), bool)
+    for r, s in enumerate(seqs):
+        n = lengths[s]
+        ids[r, T - n:], mask[r, T - n:] = seqs[s][:n], True
+        if experts is not None:
+            ex[r, T - n:] = experts[s][:n]
+    if experts is None:
+        out = jax.jit(lambda i, m: model(i, attention_mask=m))(ids, mask)
+    else:
+        out = jax.jit(lambda i, m, e: model(i, attention_mask=m, expert_ids=e))(ids, mask, ex)
+    return {s: np.asarray(out[r, T - lengths[s]:]) for r, s in enumerate(seqs)}
 
 
 SEQS = {"a": 20, "b": 6, "c": 11}
@@ -153,24 +171,19 @@ def test_packed_steps_equal_each_sequence_alone_dense():
     rng = np.random.default_rng(3)
     seqs = {s: rng.integers(0, 48, n).astype(np.int32) for s, n in SEQS.items()}
     got = run_steps(model, seqs, SCHEDULE)
-    for s, ids in seqs.items():
-        want = np.asarray(model(jnp.asarray(ids[None, :len(got[s])])))[0]
-        chex.assert_trees_all_close(got[s], want, atol=1e-5, rtol=1e-5)
+    want = full_logits(model, seqs, {s: len(g) for s, g in got.items()})
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dispatcher", ["decode", "blocked"])
-def test_packed_steps_equal_each_sequence_alone_readme(dispatcher):
-    """Read-ME with oracle experts per token (the packed call never routes), both CPU dispatchers; and the
-    packed router equals the router's own call on each sequence."""
+def test_packed_steps_equal_each_sequence_alone_readme():
+    """Read-ME with oracle experts per token (the packed call never routes)."""
     model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=4, std=0.3)
     rng = np.random.default_rng(4)
     seqs = {s: rng.integers(0, 48, n).astype(np.int32) for s, n in SEQS.items()}
     experts = {s: rng.integers(0, 3, n).astype(np.int32) for s, n in SEQS.items()}
-    got = run_steps(model, seqs, SCHEDULE, experts, dispatch.get(dispatcher))
-    for s, ids in seqs.items():
-        n = len(got[s])
-        want = np.asarray(model(jnp.asarray(ids[None, :n]), expert_ids=jnp.asarray(experts[s][None, :n])))[0]
-        chex.assert_trees_all_close(got[s], want, atol=1e-5, rtol=1e-5)
+    got = run_steps(model, seqs, SCHEDULE, experts, dispatch.get("blocked"))
+    want = full_logits(model, seqs, {s: len(g) for s, g in got.items()}, experts)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_route_packed_equals_router():
@@ -185,6 +198,12 @@ def test_route_packed_equals_router():
     rkv = init_pages(RCFG.router.trunk_config(), P, PS)
     ids, rkv = jax.jit(lambda t, m, kv: route_packed(model.router, router_layers(model.router), t, m, kv))(
         toks, meta, rkv)
-    want = np.concatenate([np.asarray(model.route(jnp.asarray(s[None])))[0] for s in seqs])
+    T = max(q_lens)
+    padded = np.zeros((3, T), np.int32)
+    mask = np.zeros((3, T), bool)
+    for r, s in enumerate(seqs):
+        padded[r, T - len(s):], mask[r, T - len(s):] = s, True
+    full = np.asarray(jax.jit(lambda i, m: model.route(i, attention_mask=m))(padded, mask))
+    want = np.concatenate([full[r, T - len(s):] for r, s in enumerate(seqs)])
     np.testing.assert_array_equal(np.asarray(ids[:13]), want)
     assert len(set(want.tolist())) > 1

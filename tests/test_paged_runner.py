@@ -81,7 +81,9 @@ def compiles() -> int:
 @pytest.mark.parametrize("kind", ["dense", "readme"])
 def test_packed_steps_equal_generate_alone(kind):
     """Staggered arrivals, prompts chunked past the budget, several prompts in one step, decode mixed with
-    prefill: each request's greedy tokens equal generate's for it alone; warm-up compiles every bucket."""
+    prefill: each request's greedy tokens equal generate's for it alone; warm-up compiles every bucket.
+    Read-ME runs on the resident expert pool (every step's experts from the [L, k, ...] slots; k = E here,
+    the pool's accounting is tests/test_resident.py's), routing prompts and sampled tokens itself."""
     if kind == "dense":
         model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
         vocab = CFG.vocab_size
@@ -89,15 +91,16 @@ def test_packed_steps_equal_generate_alone(kind):
         model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3, overrides={"router.head": 1.0})
         vocab = RCFG.base.vocab_size
     runner = PagedRunner(model, num_pages=64, page_size=PS, max_num_seqs=4, max_num_batched_tokens=16,
-                         max_model_len=48)
+                         max_model_len=32, min_token_bucket=16, expert_slots=3 if kind == "readme" else None)
+    if kind == "readme":
+        runner.pool.sync([2, 0, 1])
     runner.warmup()
     before = compiles()
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 19, 1, 9)]
     got = drive(runner, prompts, new_tokens=6, budget=16, arrivals=[0, 0, 2, 3])
     assert compiles() == before
-    for p, g in zip(prompts, got):
-        assert g == generate_ids(model, [p], 6)[0]
+    assert got == generate_ids(model, prompts, 6)       # left-padded rows equal each prompt alone
     if kind == "readme":
         assert runner.page_bytes > runner.cfg.num_layers * PS * 2 * 8 * 4
 
@@ -119,3 +122,12 @@ def test_bad_batches_are_refused():
                                  "page_tables": np.array([[1, 2, 3]])}))
     with pytest.raises(ValueError, match="copy_page"):
         runner.copy_page(0, 1)
+    runner.kv = tuple(a.at[2].set(1.0) for a in runner.kv)
+    runner.copy_page(2, 5)
+    assert all(np.asarray(a[5]).min() == 1.0 for a in runner.kv)
+    moe = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=1)
+    pooled = PagedRunner(moe, num_pages=8, page_size=PS, max_num_seqs=2, max_num_batched_tokens=8,
+                         max_model_len=16, expert_slots=2)
+    pooled.pool.sync([0, 2])
+    with pytest.raises(ValueError, match=r"experts \[1\] are not resident"):
+        pooled.step(StepBatch(**{**ok, "experts": np.array([0, 1, 2])}))

@@ -95,8 +95,8 @@ def pack_meta(q_lens, kv_lens, page_tables, *, page_size: int, num_tokens: int, 
     q_lens / kv_lens <int>[S] (tokens this step; length in cache after it), page_tables <int>[S, Mp] (0 = none).
     Sequence s's tokens are packed contiguously in order and sit at positions kv_len - q_len .. kv_len - 1.
     Static sizes (the caller's buckets): num_tokens N >= sum(q_lens), num_decode Sd (rows of the decode
-    group), num_blocks NB (block capacity), block_q Bq, num_seqs >= S (default S; the ragged form's rows). Sequences with q_len == 1 go to the decode group,
-    the others to blocks. Raises ValueError when a bucket is too small or a page table does not cover a
+    group), num_blocks NB (block capacity), block_q Bq, num_seqs >= S (default S; the ragged form's rows).
+    Sequences with q_len == 1 go to the decode group, the others to blocks. Raises ValueError when a bucket is too small or a page table does not cover a
     sequence's kv_len.
     """
     q_lens, kv_lens = np.asarray(q_lens, np.int64), np.asarray(kv_lens, np.int64)

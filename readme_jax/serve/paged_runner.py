@@ -226,7 +226,7 @@ class PagedRunner:
             self.pool = ResidentPool(model.experts.arrays(), expert_slots)
             # the step's params hold no expert weights (zero-size stand-ins), its layers only attention's
             self.graphdef, experts, rest = nnx.split(model, nnx.PathContains("experts"), ...)
-            self.params = (jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), experts), rest)
+            self.params = (jax.device_put(jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), experts)), rest)
             self._layers = {None: unstack_layers(model.attn.arrays())}
         self.rlayers = router_layers(model.router) if self.is_moe else None
 
@@ -234,10 +234,10 @@ class PagedRunner:
             kv = init_pages(self.cfg, num_pages, page_size)
             rkv = init_pages(model.router.config.trunk_config(), num_pages, page_size) if self.is_moe else None
             return kv, rkv
-        if replicated is None:
-            self.kv, self.rkv = pools()
-        else:
-            self.kv, self.rkv = jax.jit(pools, out_shardings=replicated)()
+        # placed (committed) from the start, as every step's donated outputs are: the first step's arguments
+        # then match the later steps' and warm-up's compile serves them
+        where = replicated or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.kv, self.rkv = jax.jit(pools, out_shardings=where)()
         rbytes = page_bytes(model.router.config.trunk_config(), page_size) if self.is_moe else 0
         self.page_bytes = page_bytes(self.cfg, page_size) + rbytes
 

@@ -1,7 +1,7 @@
 """Dispatchers of the routed MoE FFN: one interface (base.py), one kernel per file.
 
     from readme_jax.model import dispatch
-    d = dispatch.default_dispatcher(num_tokens)        # CPU: Decode for a few tokens, else Blocked; GPU/TPU: Ragged
+    d = dispatch.default_dispatcher(num_tokens)        # CPU: Grouped for a few tokens, else Blocked; GPU/TPU: Ragged
     plan = d.plan(expert_ids, num_experts)             # once per batch, outside the layer scan
     y = moe.moe_ffn(plan, h, w_gate, w_up, w_down)     # permute -> expert FFN -> unpermute
 
@@ -16,33 +16,36 @@ import jax
 from readme_jax.model.dispatch.base import Dispatcher
 from readme_jax.model.dispatch.blocked import Blocked, BlockedPlan
 from readme_jax.model.dispatch.decode import Decode, DecodePlan
+from readme_jax.model.dispatch.grouped import Grouped, GroupedPlan
 from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
 
-#: The decode dispatcher is the default up to this many tokens per call (a decode step over a few slots).
-#: Each expert in use runs on every row, so past a few rows it is compute-bound; measured (benchmarks/moe.py,
-#: moe_decode, 30 layers, E=5): B=1 about 0.5x the dense FFN's time, B=8 about the dense FFN's.
-DECODE_MAX_TOKENS = 8
-DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode())}
+#: On CPU the grouped dispatcher is the default up to this many tokens per call (decode steps, small packed
+#: steps). Measured (benchmarks/moe.py, moe_decode: 30 layers, D=576, Fe=768, E=5, skewed ids, --quick): grouped
+#: vs decode 1.12x / 1.04x / 2.24x and vs blocked 1.93x / 1.24x / 1.45x faster at 1 / 8 / 32 rows. Larger calls
+#: (prefill, training) keep blocked (its hand-written VJP; grouped is unmeasured there).
+GROUPED_MAX_TOKENS = 32
+DISPATCHERS = {d.name: d for d in (Blocked(), Ragged(), Decode(), Grouped())}
 
-__all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan",
-           "DECODE_MAX_TOKENS", "DISPATCHERS", "default_dispatcher", "get"]
+__all__ = ["Dispatcher", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan", "Grouped",
+           "GroupedPlan",
+           "GROUPED_MAX_TOKENS", "DISPATCHERS", "default_dispatcher", "get"]
 
 
 def default_dispatcher(num_tokens: int | None = None) -> Dispatcher:
-    """GPU/TPU: Ragged. CPU: Decode for at most DECODE_MAX_TOKENS tokens, else Blocked (XLA lowers
+    """GPU/TPU: Ragged. CPU: Grouped for at most GROUPED_MAX_TOKENS tokens, else Blocked (XLA lowers
     ragged_dot to a dense masked loop there). ``num_tokens`` None: the many-token default.
 
-    Decode is not the GPU/TPU default (unmeasured there: a conditional may cost a predicate read-back per
-    expert and layer); pass it explicitly to try."""
+    Grouped and Decode are not the GPU/TPU default (unmeasured there: their conditionals may cost a predicate
+    read-back per expert and layer); pass them explicitly to try."""
     if jax.default_backend() in ("gpu", "tpu"):
         return DISPATCHERS["ragged"]
-    if num_tokens is not None and num_tokens <= DECODE_MAX_TOKENS:
-        return DISPATCHERS["decode"]
+    if num_tokens is not None and num_tokens <= GROUPED_MAX_TOKENS:
+        return DISPATCHERS["grouped"]
     return DISPATCHERS["blocked"]
 
 
 def get(name: str) -> Dispatcher:
-    """The dispatcher called ``name`` ("blocked", "ragged", "decode") with its default settings."""
+    """The dispatcher called ``name`` ("blocked", "ragged", "decode", "grouped") with its default settings."""
     if name not in DISPATCHERS:
         raise ValueError(f"dispatch.get: unknown dispatcher {name!r}, expected one of {sorted(DISPATCHERS)}")
     return DISPATCHERS[name]

@@ -28,6 +28,8 @@ The dispatchers behind this interface (ids ``name``):
   "ragged"   ragged.py: ``lax.ragged_dot`` over the sorted tokens; GPU/TPU default.
   "decode"   decode.py: a few tokens (decode steps): for each expert some token uses, its static weights
              on those rows; no sort, no dynamic weight slice.
+  "grouped"  grouped.py: sorted by expert, each used expert's static weights on a power-of-two window of its
+             own rows (FLOPs follow tokens, weight bytes distinct experts).
 How the later ones fit:
   resident slots (expert cache): the cache remaps expert ids to the k slots of its [k, D, Fe] pool (-1 for
     a token whose expert is not resident) and passes the pool as the weights; any dispatcher above then
