@@ -155,7 +155,7 @@ def non_ffn_params(config: LlamaConfig) -> int:
     D, L = config.hidden_size, config.num_layers
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     embed = config.vocab_size * D * (1 if config.tie_word_embeddings else 2)
-    per_layer = D * q + 2 * D * kv + q * D + 2 * D
+    per_layer = D * q + 2 * D * kv + q * D + 2 * D + ((q + 2 * kv) if config.qkv_bias else 0)
     return embed + D + L * per_layer
 
 

@@ -1,7 +1,8 @@
-"""Model configuration: one frozen dataclass for the dense Llama family, parsed from HF config.json.
+"""Model configuration: one frozen dataclass for every Llama-shaped decoder family, parsed from HF config.json.
 
 Both config.json styles are read: the hub's ``rope_theta`` / ``rope_scaling`` keys and transformers 5.x's
-``rope_parameters``. Architectures accepted: ``LlamaForCausalLM`` and ``MistralForCausalLM``.
+``rope_parameters``. The architectures accepted, and what each one fixes or adds (Qwen2's q/k/v biases,
+Mistral's sliding window), are the entries of the family registry, ``readme_jax.model.families``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from readme_jax.errors import ConfigError
+from readme_jax.model.families import family, family_of_hf
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -30,7 +31,8 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Dense Llama / Mistral decoder. Dimension letters: V vocab, D model, F ffn, L layers, H heads, K kv heads."""
+    """A Llama-shaped dense decoder of one registered family (``architecture``: Llama, Mistral, Qwen2, ...).
+    Dimension letters: V vocab, D model, F ffn, L layers, H heads, K kv heads."""
 
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -46,7 +48,8 @@ class LlamaConfig:
     max_position_embeddings: int = 8192
     sliding_window: int | None = None
     tie_word_embeddings: bool = True
-    architecture: str = "LlamaForCausalLM"
+    architecture: str = "LlamaForCausalLM"   # a key of model.families.FAMILIES
+    qkv_bias: bool | None = None  # q/k/v projection biases [H*hd] / [K*hd]; None: the family's (Qwen2: True)
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
@@ -56,6 +59,14 @@ class LlamaConfig:
     remat: str = "none"           # per-layer rematerialisation in the backward pass: REMAT_POLICIES
 
     def __post_init__(self):
+        for name, value in family(self.architecture).flags:   # the attention variant the family fixes
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+            elif getattr(self, name) != value:
+                raise ConfigError(f"{name}={getattr(self, name)!r} contradicts architecture {self.architecture!r}, "
+                                  f"which has {name}={value!r} (leave it None for the family's)")
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", False)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_kv_heads}")
@@ -90,13 +101,8 @@ class LlamaConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "LlamaConfig":
-        """Parse an HF ``config.json`` dict (Llama or Mistral), old or new rope keys."""
-        archs = hf.get("architectures") or [
-            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(hf.get("model_type"), None)]
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"{source}: architecture {arch or hf.get('model_type')!r} is not supported "
-                              f"(expected one of {SUPPORTED_ARCHITECTURES})")
+        """Parse an HF ``config.json`` dict of a registered family (``model.families``), old or new rope keys."""
+        fam = family_of_hf(hf, source)
 
         def need(key):
             if key not in hf:
@@ -132,15 +138,13 @@ class LlamaConfig:
             rope_theta=float(rope_theta),
             rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            architecture=arch,
+            architecture=fam.architecture,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
         )
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConfigError(f"{source}: attention_bias/mlp_bias=True is not supported")
+        fields.update(fam.read_hf(hf, source))
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (expected 'silu')")
         fields.update(overrides)
@@ -150,7 +154,7 @@ class LlamaConfig:
         """An HF ``config.json`` dict (hub style: ``rope_theta`` / ``rope_scaling``)."""
         out = {
             "architectures": [self.architecture],
-            "model_type": "mistral" if self.architecture == "MistralForCausalLM" else "llama",
+            "model_type": family(self.architecture).model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -164,15 +168,12 @@ class LlamaConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": self.param_dtype,
         }
-        if self.architecture == "MistralForCausalLM":
-            out["sliding_window"] = self.sliding_window
+        out.update(family(self.architecture).write_hf(self))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -103,13 +103,19 @@ def project_qkv(p: dict, x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray, cfg
     x [..., D] (any leading dims, e.g. [B, T] or a packed [N]); sin/cos [..., hd/2] ->
     (q [..., H, hd], k [..., K, hd], v [..., K, hd]) in x's dtype. Every attention path (contiguous and
     paged caches, training and serving) projects with this one function; an architecture's variants
-    (projection biases, qk-norm) belong here."""
+    (projection biases, qk-norm) belong here: ``cfg.qkv_bias`` adds bq [H*hd], bk/bv [K*hd] (Qwen2)."""
     dt = x.dtype
     lead = x.shape[:-1]
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = (h @ p["wq"].astype(dt)).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = (h @ p["wk"].astype(dt)).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = (h @ p["wv"].astype(dt)).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+
+    def project(w: str, bias: str, heads: int) -> jnp.ndarray:
+        y = h @ p[w].astype(dt)
+        if cfg.qkv_bias:
+            y = y + p[bias].astype(dt)
+        return y.reshape(*lead, heads, cfg.head_dim)
+
+    q, k = project("wq", "bq", cfg.num_heads), project("wk", "bk", cfg.num_kv_heads)
+    v = project("wv", "bv", cfg.num_kv_heads)
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
 

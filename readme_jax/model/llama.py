@@ -1,4 +1,4 @@
-"""Dense Llama / Mistral decoder as a Flax NNX module.
+"""Dense decoder of every registered family (Llama, Mistral, Qwen2; model/families.py) as a Flax NNX module.
 
     model = Llama(LlamaConfig(...), rngs=nnx.Rngs(0))
     logits = model(input_ids)                               # [B, T] -> <float32>[B, T, V]
@@ -28,7 +28,8 @@ def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
 
 
 class AttentionLayers(nnx.Module):
-    """The attention half of every layer plus both norms, stacked along L."""
+    """The attention half of every layer plus both norms, stacked along L; with ``cfg.qkv_bias`` (Qwen2) also
+    the q/k/v projection biases bq [L, H*hd], bk/bv [L, K*hd] (``decoder.project_qkv`` adds them)."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         L, D, dt = cfg.num_layers, cfg.hidden_size, cfg.weight_dtype
@@ -39,9 +40,15 @@ class AttentionLayers(nnx.Module):
         self.wv = normal_param(rngs, (L, D, kv_dim), dt)
         self.wo = normal_param(rngs, (L, q_dim, D), dt)
         self.mlp_norm = nnx.Param(jnp.ones((L, D), dt))
+        self.names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")
+        if cfg.qkv_bias:
+            self.bq = normal_param(rngs, (L, q_dim), dt)
+            self.bk = normal_param(rngs, (L, kv_dim), dt)
+            self.bv = normal_param(rngs, (L, kv_dim), dt)
+            self.names += ("bq", "bk", "bv")
 
     def arrays(self) -> dict:
-        return {k: getattr(self, k)[...] for k in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")}
+        return {k: getattr(self, k)[...] for k in self.names}
 
 
 class DenseFFN(nnx.Module):

@@ -1,5 +1,5 @@
-"""Rotary position embeddings (rotate-half layout, as HF Llama), with theta and the linear, dynamic-NTK and
-llama3 scalings."""
+"""Rotary position embeddings (rotate-half layout, as HF Llama), with theta and the linear, dynamic-NTK,
+llama3 and YaRN scalings (each as transformers' ``modeling_rope_utils`` computes it)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,45 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: np.ndarray, head_dim: int, theta: float, scaling: dict,
+                   max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """YaRN (arXiv 2309.00071): per-frequency blend of interpolated (inv / factor) and original frequencies,
+    with a linear ramp between the dimensions that rotate ``beta_fast`` and ``beta_slow`` times over the
+    original context; returns (inv_freq [hd/2], attention_factor that scales sin and cos)."""
+    orig = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    factor = scaling.get("factor") or max_position_embeddings / orig
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all
+                            else get_mscale(factor))
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001                                     # no zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp                              # 1: keep the original frequency, 0: interpolate
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
+
+
 def rope_sin_cos(positions: jnp.ndarray, cfg: LlamaConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Rotation angles for ``positions`` <int32>[B, T] -> (sin, cos), each <float32>[B, T, hd/2]."""
     hd = cfg.head_dim
     scaling = cfg.rope_scaling_dict or {}
     rtype = scaling.get("rope_type", "default")
     pos = positions.astype(jnp.float32)
+    scale = 1.0                                           # YaRN's attention factor on sin and cos
     if rtype == "dynamic":
         # NTK-aware: the base grows with the longest position seen in this call (as HF's dynamic update).
         factor = scaling["factor"]
@@ -47,8 +80,12 @@ def rope_sin_cos(positions: jnp.ndarray, cfg: LlamaConfig) -> tuple[jnp.ndarray,
             inv = inv / scaling["factor"]
         elif rtype == "llama3":
             inv = _llama3_inv_freq(inv, scaling)
+        elif rtype == "yarn":
+            inv, scale = _yarn_inv_freq(inv, hd, cfg.rope_theta, scaling, cfg.max_position_embeddings)
         inv_freq = jnp.asarray(inv, jnp.float32)
     angles = pos[..., None] * inv_freq
+    if scale != 1.0:
+        return jnp.sin(angles) * scale, jnp.cos(angles) * scale
     return jnp.sin(angles), jnp.cos(angles)
 
 

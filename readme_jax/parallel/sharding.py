@@ -32,6 +32,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from readme_jax.model.families import param_axes as family_param_axes
 from readme_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, FSDP_AXIS
 
 # name (the last two path keys joined by ".", or the last one) -> dimension letters
@@ -41,6 +42,7 @@ PARAM_AXES: dict[str, str] = {
     "attn.wq": "LDQ", "attn.wk": "LDK", "attn.wv": "LDK", "attn.wo": "LQD",
     "experts.w_gate": "LEDF", "experts.w_up": "LEDF", "experts.w_down": "LEFD",
     "ffn.w_gate": "LDF", "ffn.w_up": "LDF", "ffn.w_down": "LFD",
+    **family_param_axes(),         # each family's own params (Qwen2: attn.bq "LQ", attn.bk / attn.bv "LK")
 }
 ROUTER_KEY = "router"              # every param under it: letters "r..." (replicated)
 
