@@ -5,7 +5,7 @@
     runner.warmup()                                   # compiles every (token, sequence) bucket
     experts = runner.route(tokens, positions, q_lens, kv_lens, page_tables)   # Read-ME prompts: [n]
     handle = runner.step(StepBatch(...))              # dispatched, not waited for
-    out = handle.result()                             # StepResult(tokens [s], next_experts [s]), host NumPy
+    out = handle.result()                             # StepResult(tokens [s], next_experts [s], logprobs ...)
     runner.copy_page(src, dst)                        # copy-on-write of a shared, partly filled page
 
 Pages: one page id names the same page in the backbone's pool and (Read-ME) the router's: each is L arrays
@@ -50,7 +50,7 @@ from readme_jax.model.packed import backbone_packed, head_rows, packed_layers, r
 from readme_jax.model.paged import init_pages, pack_meta, page_bytes
 from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.parallel import sharding
-from readme_jax.sampling import sample_rows
+from readme_jax.sampling import MAX_LOGPROBS, sample_rows, token_logprobs
 from readme_jax.serve.resident import ResidentPool
 
 BLOCK_Q = 32          # query block of multi-token sequences (model/paged.py)
@@ -64,7 +64,8 @@ class StepBatch:
 
     tokens, positions, experts <int32>[n] (experts -1: dense / none); q_lens, kv_lens <int32>[s];
     page_tables <int32>[s, <= Mp] (0 = none); sample, route_next <bool>[s]; seeds <int>[s];
-    temperatures, top_ps <f32>[s]."""
+    temperatures, top_ps <f32>[s]; logprobs <bool>[s] or None: the sampling rows that want the sampled token's
+    log-probability and the row's top ``MAX_LOGPROBS`` (None / all False: no row pays for them)."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -77,21 +78,28 @@ class StepBatch:
     seeds: np.ndarray
     temperatures: np.ndarray
     top_ps: np.ndarray
+    logprobs: np.ndarray | None = None
 
 
 @dataclasses.dataclass
 class StepResult:
-    """tokens <int32>[s] (garbage where sample is False); next_experts <int32>[s] (-1 where not routed)."""
+    """tokens <int32>[s] (garbage where sample is False); next_experts <int32>[s] (-1 where not routed);
+    logprobs <f32>[s] (the sampled token's), top_ids <int32>[s, MAX_LOGPROBS]
+    and top_logprobs <f32>[s, MAX_LOGPROBS] (descending), all read from one log-softmax of the raw logits
+    (``sampling.token_logprobs``); zeros / -inf on the rows that did not ask."""
 
     tokens: np.ndarray
     next_experts: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 class StepHandle:
     """A dispatched step; ``result()`` blocks for its outputs (copied to the host asynchronously)."""
 
-    def __init__(self, tokens: jax.Array, next_experts: jax.Array, num_seqs: int):
-        self._out, self._s = (tokens, next_experts), num_seqs
+    def __init__(self, tokens: jax.Array, next_experts: jax.Array, num_seqs: int, logprobs: tuple):
+        self._out, self._s = (tokens, next_experts) + tuple(logprobs), num_seqs
         for a in self._out:
             a.copy_to_host_async()
 
@@ -99,8 +107,7 @@ class StepHandle:
         return all(a.is_ready() for a in self._out)
 
     def result(self) -> StepResult:
-        tok, nxt = (np.asarray(a)[:self._s] for a in self._out)
-        return StepResult(tokens=tok, next_experts=nxt)
+        return StepResult(*(np.asarray(a)[:self._s] for a in self._out))
 
 
 def _merge(graphdef, params):
@@ -110,11 +117,12 @@ def _merge(graphdef, params):
 @functools.partial(jax.jit, static_argnames=("graphdef", "dispatcher", "num_experts"),
                    donate_argnames=("kv", "rkv"))
 def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sample_idx, seeds, temps, top_ps,
-          rmeta, route_rows, pool=None, dispatcher=None, num_experts=None):
+          rmeta, route_rows, want_lp, pool=None, dispatcher=None, num_experts=None):
     """The packed step (see the module doc): tokens/experts <int32>[N], meta a PagedMeta of N tokens and S
     sequences, sample_idx <int32>[S] (each sequence's last token), seeds/temps/top_ps [S]; Read-ME: rmeta
     the router's PagedMeta of one token per routed sequence (route_rows <int32>[S]: the sequence of each
-    router row). Returns (kv, rkv, tokens <int32>[S], next experts <int32>[S])."""
+    router row); want_lp <bool>[S]: the rows whose log-probabilities are returned. Returns (kv, rkv,
+    tokens <int32>[S], next experts <int32>[S], (<f32>[S], <int32>[S, MAX_LOGPROBS], <f32>[S, MAX_LOGPROBS]))."""
     model = _merge(graphdef, params)
     if pool is not None:                          # the resident pool's k experts per layer as the FFN weights
         layers = tuple({**p, **{name: pool[name][l] for name in pool}} for l, p in enumerate(layers))
@@ -123,12 +131,36 @@ def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sam
     logits = head_rows(model, x[sample_idx])
     positions = meta.kv_lens                      # the sampled token's position in its sequence
     tok = sample_rows(logits, seeds, positions, temps, top_ps)
+    lp = _row_logprobs(logits, tok, want_lp)
     nxt = jnp.full_like(tok, -1)
     if rkv is not None:
         ids, rkv = route_packed(model.router, rlayers, tok[route_rows], rmeta, rkv, chunk_pages=CHUNK_PAGES)
         routed = rmeta.positions >= 0
         nxt = nxt.at[jnp.where(routed, route_rows, tok.shape[0])].set(ids, mode="drop")
-    return kv, rkv, tok, nxt
+    return kv, rkv, tok, nxt, lp
+
+
+def _row_logprobs(logits, tok, want):
+    """``token_logprobs`` of the rows in ``want`` only, gathered into the smallest power-of-two bucket that holds
+    them (as ``sample_rows`` does for top-p), so a step with one such row pays for one row's top-k.
+    logits <f32>[S, V], tok <int32>[S], want <bool>[S] -> (<f32>[S], <int32>[S, K], <f32>[S, K])."""
+    S, K = logits.shape[0], MAX_LOGPROBS
+    order = jnp.argsort(~want, stable=True).astype(jnp.int32)
+    count = jnp.sum(want, dtype=jnp.int32)
+    sizes = [0] + [1 << i for i in range(S.bit_length()) if (1 << i) < S] + [S]     # 0: no row asks, none pay
+    empty = (jnp.zeros(S, jnp.float32), jnp.zeros((S, K), jnp.int32), jnp.full((S, K), -jnp.inf, jnp.float32))
+
+    def bucket(size):
+        def run():
+            if size == 0:
+                return empty
+            rows = order[:size]
+            chosen, ids, top = token_logprobs(logits[rows], tok[rows], K)
+            return (empty[0].at[rows].set(chosen), empty[1].at[rows].set(ids), empty[2].at[rows].set(top))
+        return run
+
+    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count, side="left")
+    return jax.lax.switch(which, [bucket(size) for size in sizes])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("rkv",))
@@ -291,13 +323,14 @@ class PagedRunner:
                               num_decode=S, num_blocks=0, block_q=1, num_seqs=S)
             route_rows = rows(routed, 0, np.int32)
         d = self.dispatcher(N)
-        kv, rkv, tok, nxt = _step(
+        want = rows(np.zeros(s, bool) if batch.logprobs is None else batch.logprobs, False, bool)
+        kv, rkv, tok, nxt, lp = _step(
             self.graphdef, self.params, self.layers(d), self.rlayers, self.kv, self.rkv, tokens, experts, meta,
             sample_idx, rows(batch.seeds, 0, np.uint32).astype(np.int32), rows(batch.temperatures, 0, np.float32),
-            rows(batch.top_ps, 1, np.float32), rmeta, route_rows,
+            rows(batch.top_ps, 1, np.float32), rmeta, route_rows, want,
             pool=None if self.pool is None else self.pool.fast, dispatcher=d, num_experts=num_experts)
         self.kv, self.rkv = kv, rkv
-        return StepHandle(tok, nxt, s)
+        return StepHandle(tok, nxt, s, lp)
 
     def route(self, tokens, positions, q_lens, kv_lens, page_tables) -> np.ndarray:
         """The router over packed prompt tokens (several prompts allowed), writing its K/V into their pages ->
