@@ -5,6 +5,7 @@ are untouched; no compile after warm-up."""
 
 import jax
 import numpy as np
+import pytest
 
 from readme_jax.model.llama import Llama
 from readme_jax.sampling import MAX_LOGPROBS
@@ -12,6 +13,8 @@ from readme_jax.serve import paged_runner as pr
 from readme_jax.serve.paged_runner import PagedRunner, StepBatch
 from tests.test_paged_runner import CFG, PS
 from tests.tiny_models import random_model
+
+pytestmark = pytest.mark.slow(reason="compiles every bucket of the packed step (warm-up)")
 
 
 def _batch(seqs, want, temps):
