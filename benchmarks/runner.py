@@ -32,7 +32,7 @@ from benchmarks.common import ROW_KEYS, error_row
 REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe", "ep": "benchmarks.ep",
                             "serve": "benchmarks.serve", "serve_load": "benchmarks.serve_load",
                             "codesign": "benchmarks.codesign",
-                            "codesign_cpu": "benchmarks.codesign_engine"}
+                            "codesign_cpu": "benchmarks.codesign_engine", "train_step": "benchmarks.train_step"}
 DEFAULT_OUT = Path("out/benchmarks")  # git-ignored
 
 
