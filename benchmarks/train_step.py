@@ -6,9 +6,9 @@ the new default step (tied experts, distillation from the dense parent), same mo
 
 Each side runs in its own process (``benchmarks.common.run_variant``) with ``code_root`` first on sys.path:
 the base commit's worktree (``TRAIN_STEP_BASE``, default ``main``) or this checkout. Weights are random (speed
-does not depend on their values) in the SmolLM2-135M architecture; masks from seeded random scores at keep
-0.5; the routed expert ids are the model's own router's (so both sides route the same batch alike only in
-distribution). Rows: tokens/s and tokens per CPU-second (ratio = ours / base, goal 3), the compiled
+does not depend on their values) in the SmolLM2-135M architecture, the same seeded values on both sides;
+masks from seeded random scores at keep 0.5; the expert ids are the (identically initialised) router's, so
+both sides route the same batch the same way. Rows: tokens/s and tokens per CPU-second (ratio = ours / base, goal 3), the compiled
 step's FLOPs per token, TFLOP/s
 and MFU against an f32 [2048 x 2048] x [2048 x 2048] matmul peak measured in the same process, peak RSS.
 """
