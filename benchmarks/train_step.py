@@ -3,6 +3,8 @@ the new default step (tied experts, distillation from the dense parent), same mo
 
     python -m benchmarks train_step            # SmolLM2-135M shapes, 4 x 512 tokens, E = 5, f32, 2 threads
     python -m benchmarks train_step --quick    # a tiny model (smoke)
+    TRAIN_STEP_BATCH=2 TRAIN_STEP_LAYERS=10 python -m benchmarks train_step   # 2 x 512 tokens, 10 of the 30
+                                               # layers: today's 30-layer step needs ~9 GB at 4 x 512
 
 Each side runs in its own process (``benchmarks.common.run_variant``) with ``code_root`` first on sys.path:
 the base commit's worktree (``TRAIN_STEP_BASE``, default ``main``) or this checkout. Weights are random (speed
@@ -64,8 +66,8 @@ def measure(code_root: str, quick: bool, steps: int, new: bool) -> dict:
 
     import readme_jax
     assert str(Path(readme_jax.__file__).resolve()).startswith(str(Path(code_root).resolve())), readme_jax.__file__
-    cfg = LlamaConfig(**(TINY if quick else SMOLLM2))
-    E, b, T = 5, (2 if quick else 4), (64 if quick else 512)
+    cfg = LlamaConfig(**(TINY if quick else {**SMOLLM2, "num_layers": int(os.environ.get("TRAIN_STEP_LAYERS", "30"))}))
+    E, b, T = 5, (2 if quick else int(os.environ.get("TRAIN_STEP_BATCH", "4"))), (64 if quick else 512)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     pure = jax.tree_util.tree_map_with_path(
@@ -142,7 +144,8 @@ def run(quick: bool) -> list[dict]:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_root)], cwd=REPO_ROOT,
                            capture_output=True)
     tps = lambda r: r["tokens"] / r["step_s"]
-    case = "tiny" if quick else "smollm2_135m 4x512 E=5"
+    case = "tiny" if quick else (f"smollm2_135m L={os.environ.get('TRAIN_STEP_LAYERS', '30')} "
+                                 f"{os.environ.get('TRAIN_STEP_BATCH', '4')}x512 E=5")
     rows.append(make_row("train_step", f"tokens/s, tied+kd vs {ref} ({case})", tps(ours), tps(base), "tok/s",
                          higher_is_better=True, goal=3.0,
                          note=f"step {ours['step_s']:.2f} s vs {base['step_s']:.2f} s"))
