@@ -87,6 +87,8 @@ class ExtractConfig:
     calib_seq_len: int = 512        # tokens per calibration sequence (paper: 4096)
     calib_batch: int = 4            # sequences per statistics batch
     num_experts: int | None = None  # must equal the number of domains when set (one expert per domain)
+    refit: bool = False             # least-squares down-projections on the calibration activations (extract/refit.py)
+    refit_ridge: float = 0.01       # ridge towards the dense rows, relative to the mean Gram diagonal
 
     def __post_init__(self):
         if not (isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0):
@@ -95,9 +97,13 @@ class ExtractConfig:
                   calib_batch=self.calib_batch)
         if self.num_experts is not None and self.num_experts < 1:
             raise ConfigError(f"extract.num_experts: expected >= 1 or null, got {self.num_experts}")
+        if not (math.isfinite(self.refit_ridge) and self.refit_ridge > 0):
+            raise ConfigError(f"extract.refit_ridge: expected a finite value > 0, got {self.refit_ridge}")
 
 
 MIXTURES = ("natural", "balanced")   # train.mixture: domains by size, or in equal shares
+EXPERT_FORMS = ("tied", "fused")     # train.experts: one weight per channel | independent copies per expert
+EXPERT_LOSSES = ("lm", "kd", "mix")  # train.expert_loss: data labels | the dense parent's distribution | both
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,11 @@ class TrainConfig:
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
     mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)
     dispatcher: str | None = None   # the expert phase's local MoE dispatcher (model.dispatch.DISPATCHERS); null: default
+    experts: str = "tied"           # expert tuning on tied channel tables (authors' masked-dense form) | fused copies
+    expert_loss: str = "lm"         # lm: next-token CE | kd: forward KL to the dense parent | mix: both
+    kd_weight: float = 0.5          # mix: loss = (1 - kd_weight) CE + kd_weight T^2 KL
+    kd_temperature: float = 1.0     # T of the distillation softmaxes (teacher and student)
+    freeze_embedding: bool = False  # expert phases leave the (tied) embedding / LM head as extracted
 
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
@@ -157,6 +168,14 @@ class TrainConfig:
                               f"got {self.dispatcher!r}")
         if not (isinstance(self.profile_steps, int) and self.profile_steps >= 0):
             raise ConfigError(f"train.profile_steps: expected an integer >= 0, got {self.profile_steps!r}")
+        if self.experts not in EXPERT_FORMS:
+            raise ConfigError(f"train.experts: expected one of {list(EXPERT_FORMS)}, got {self.experts!r}")
+        if self.expert_loss not in EXPERT_LOSSES:
+            raise ConfigError(f"train.expert_loss: expected one of {list(EXPERT_LOSSES)}, got {self.expert_loss!r}")
+        if not (math.isfinite(self.kd_weight) and 0.0 <= self.kd_weight <= 1.0):
+            raise ConfigError(f"train.kd_weight: expected a value in [0, 1], got {self.kd_weight}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ConfigError(f"train.kd_temperature: expected a finite value > 0, got {self.kd_temperature}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,12 @@ logits at a time (``softmax - onehot`` -> dx, and dW accumulated over chunks). A
 gradient, plus a scatter for ``take_along_axis``: with SmolLM2's 49k vocabulary that was ~6 s of a 20 s
 expert-tuning step on 2 CPU cores and ~1.6 GB of live buffers at 2048 tokens.
 
+Distillation (``head_kd``): the same chunked pass also gives each token's forward KL from a teacher's
+next-token distribution, ``T^2 KL(softmax(z_t / T) || softmax(z / T))``, the teacher's logits z_t = x_t @ w_t
+recomputed per chunk from its final hidden states x_t [N, D] (never [N, V]); its backward adds
+``g_kl T (softmax(z / T) - softmax(z_t / T))`` to dNLL/dlogits. ``head_grad=False`` skips the head weight
+gradient (a frozen embedding): one of the backward's three [C, D] x [D, V] matmuls per chunk.
+
 Dimension names: N tokens, D model, V vocab, C chunk (tokens per chunk).
 """
 
@@ -29,22 +35,41 @@ def nll_from_logits(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
 
 
 def head_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, *, vocab_major: bool,
-             chunk: int = DEFAULT_CHUNK) -> jnp.ndarray:
+             chunk: int = DEFAULT_CHUNK, head_grad: bool = True) -> jnp.ndarray:
     """Per-token NLL of the LM head. <float32>[N].
 
     x [N, D] final-normed hidden states (compute dtype); targets <int>[N];
     w: the head, [V, D] when ``vocab_major`` (a tied embedding table) else [D, V] (an untied lm_head).
     Logits and the softmax are float32 whatever x's dtype. N need not divide by ``chunk`` (the tail chunk
-    is zero-padded; its rows get no gradient).
+    is zero-padded; its rows get no gradient). ``head_grad=False``: w gets a zero gradient (not computed).
     """
+    return _run(x, w, targets, None, None, vocab_major, chunk, 1.0, head_grad)[0]
+
+
+def head_kd(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, x_teacher: jnp.ndarray, w_teacher: jnp.ndarray,
+            *, vocab_major: bool, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+            head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(NLL <float32>[N], T^2 KL(teacher || student) at temperature T <float32>[N]) per token.
+
+    x, w, targets as in :func:`head_nll`; x_teacher [N, D] the teacher's final-normed hidden states and
+    w_teacher its head (same layout, ``vocab_major``); neither gets a gradient."""
+    return _run(x, w, targets, x_teacher, w_teacher, vocab_major, chunk, float(temperature), head_grad)
+
+
+def _run(x, w, targets, xt, wt, vocab_major, chunk, tau, head_grad):
     n = x.shape[0]
     c = max(1, min(chunk, n))
     pad = -n % c
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         targets = jnp.pad(targets, (0, pad))
-    nll = _head_nll(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32), vocab_major, c)
-    return nll[:n]
+        xt = None if xt is None else jnp.pad(xt, ((0, pad), (0, 0)))
+    kd = xt is not None
+    teacher = (jax.lax.stop_gradient(xt.astype(x.dtype)),
+               jax.lax.stop_gradient(vary_like(wt.astype(x.dtype), x))) if kd else (x[:0], w[:0])
+    nll, kl = _head(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32), teacher,
+                    (vocab_major, c, tau, kd, head_grad))
+    return nll[:n], kl[:n]
 
 
 def _dims(vocab_major: bool):
@@ -56,49 +81,79 @@ def _logits(xc, w, vocab_major):
     return jax.lax.dot_general(xc, w, _dims(vocab_major), preferred_element_type=jnp.float32)   # [C, V]
 
 
+def _lse(z):
+    m = jnp.max(z, axis=-1, keepdims=True)
+    return (m + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True)))[:, 0]
+
+
 def _chunks(a, c):
     return a.reshape((a.shape[0] // c, c) + a.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_nll(x, w, targets, vocab_major, c):
-    return _head_nll_fwd(x, w, targets, vocab_major, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head(x, w, targets, teacher, opts):
+    return _head_fwd(x, w, targets, teacher, opts)[0]
 
 
-def _head_nll_fwd(x, w, targets, vocab_major, c):
+def _head_fwd(x, w, targets, teacher, opts):
+    vocab_major, c, tau, kd, _ = opts
+    xt, wt = teacher
+
     def one(args):
-        xc, tc = args
-        logits = _logits(xc, w, vocab_major)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        lse = (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[:, 0]
-        return lse - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0], lse
+        xc, tc, xtc = args
+        z = _logits(xc, w, vocab_major)
+        lse = _lse(z)
+        nll = lse - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
+        if not kd:
+            return nll, jnp.zeros_like(nll), lse, lse, lse
+        lse_s = lse if tau == 1.0 else _lse(z / tau)
+        zt = _logits(xtc, wt, vocab_major) / tau
+        lse_t = _lse(zt)
+        logp_t = zt - lse_t[:, None]
+        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - (z / tau - lse_s[:, None])), axis=-1) * (tau * tau)
+        return nll, kl, lse, lse_s, lse_t
 
-    with jax.named_scope("head_nll"):
-        nll, lse = jax.lax.map(one, (_chunks(x, c), _chunks(targets, c)))
-    return nll.reshape(-1), (x, w, targets, lse.reshape(-1))
+    xts = _chunks(xt, c) if kd else jnp.zeros((x.shape[0] // c, 0), x.dtype)
+    with jax.named_scope("head_loss"):
+        nll, kl, lse, lse_s, lse_t = jax.lax.map(one, (_chunks(x, c), _chunks(targets, c), xts))
+    flat = lambda a: a.reshape(-1)
+    return (flat(nll), flat(kl)), (x, w, targets, teacher, flat(lse), flat(lse_s), flat(lse_t))
 
 
-def _head_nll_bwd(vocab_major, c, res, g):
-    x, w, targets, lse = res
+def _head_bwd(opts, res, g):
+    vocab_major, c, tau, kd, head_grad = opts
+    x, w, targets, teacher, lse, lse_s, lse_t = res
+    xt, wt = teacher
+    g_nll, g_kl = g
     V = w.shape[0] if vocab_major else w.shape[1]
 
     def body(dw, args):
-        xc, tc, lc, gc = args
-        logits = _logits(xc, w, vocab_major)
+        xc, tc, lc, gc, xtc, lsc, ltc, gkc = args
+        z = _logits(xc, w, vocab_major)
         hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tc[:, None]
-        d = ((jnp.exp(logits - lc[:, None]) - hit) * gc[:, None]).astype(x.dtype)       # dNLL/dlogits [C, V]
+        d = (jnp.exp(z - lc[:, None]) - hit) * gc[:, None]                               # dNLL/dlogits [C, V]
+        if kd:
+            q = jnp.exp(z / tau - lsc[:, None])
+            p = jnp.exp(_logits(xtc, wt, vocab_major) / tau - ltc[:, None])
+            d = d + (q - p) * (gkc * tau)[:, None]
+        d = d.astype(x.dtype)
         dx = jax.lax.dot_general(d, w, (((1,), (0 if vocab_major else 1,)), ((), ())),
                                  preferred_element_type=jnp.float32)                    # [C, D]
-        if vocab_major:   # dW [V, D] = dᵀ x
-            dwc = jax.lax.dot_general(d, xc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        else:             # dW [D, V] = xᵀ d
-            dwc = jax.lax.dot_general(xc, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return dw + dwc, dx.astype(x.dtype)
+        if head_grad:
+            if vocab_major:   # dW [V, D] = dᵀ x
+                dw = dw + jax.lax.dot_general(d, xc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            else:             # dW [D, V] = xᵀ d
+                dw = dw + jax.lax.dot_general(xc, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return dw, dx.astype(x.dtype)
 
-    with jax.named_scope("head_nll_bwd"):
-        dw, dx = jax.lax.scan(body, zeros_like_varying(w, jnp.float32),
-                              (_chunks(x, c), _chunks(targets, c), _chunks(lse, c), _chunks(g, c)))
-    return dx.reshape(x.shape), dw.astype(w.dtype), None
+    n = x.shape[0] // c
+    xts = _chunks(xt, c) if kd else jnp.zeros((n, 0), x.dtype)
+    dw0 = zeros_like_varying(w, jnp.float32) if head_grad else jnp.zeros((), jnp.float32)
+    with jax.named_scope("head_loss_bwd"):
+        dw, dx = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(lse, c), _chunks(g_nll, c),
+                                          xts, _chunks(lse_s, c), _chunks(lse_t, c), _chunks(g_kl, c)))
+    dw = dw.astype(w.dtype) if head_grad else zeros_like_varying(w)
+    return dx.reshape(x.shape), dw, None, jax.tree.map(jnp.zeros_like, teacher)
 
 
-_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
+_head.defvjp(_head_fwd, _head_bwd)

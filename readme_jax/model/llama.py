@@ -84,13 +84,23 @@ class Embedding(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return (x @ head.astype(x.dtype)).astype(jnp.float32)
 
-    def nll(self, x: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-        """[B, T, D] decoder output, <int32>[B, T] targets -> <float32>[B, T] next-token NLL, equal to
-        ``-log_softmax(decode(x))[targets]`` without materialising the logits (model/head_loss.py)."""
-        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+    def head_input(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[..., D] decoder output -> the final-normed [..., D] the LM head reads."""
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+
+    def head(self) -> tuple[jnp.ndarray, bool]:
+        """(head weight, vocab_major): the embedding [V, D] when tied, else lm_head [D, V]."""
         tied = self.lm_head is None
-        head = self.embed[...] if tied else self.lm_head[...]
-        nll = head_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), vocab_major=tied)
+        return (self.embed[...] if tied else self.lm_head[...]), tied
+
+    def nll(self, x: jnp.ndarray, targets: jnp.ndarray, *, head_grad: bool = True) -> jnp.ndarray:
+        """[B, T, D] decoder output, <int32>[B, T] targets -> <float32>[B, T] next-token NLL, equal to
+        ``-log_softmax(decode(x))[targets]`` without materialising the logits (model/head_loss.py).
+        ``head_grad=False``: no gradient for the head weight (a frozen embedding)."""
+        x = self.head_input(x)
+        head, vocab_major = self.head()
+        nll = head_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), vocab_major=vocab_major,
+                       head_grad=head_grad)
         return nll.reshape(targets.shape)
 
 

@@ -10,6 +10,12 @@ The data's way through one layer (each step under ``jax.named_scope``; the kerne
 same as a layer FFN for ``decoder.run_layers``; ``reference_moe_ffn`` (every expert on every token, then
 select) is the slow oracle for tests.
 
+Tied experts (training): a layer may hold channel tables instead of per-expert weights - w_gate/w_up
+[D, F], w_down [F, D] and ``channels`` <int32>[E, Fe], expert e being the table columns / rows
+``channels[e]`` (one weight per channel, shared by every expert that holds it). ``fused_layer`` gathers them
+into the per-expert layout inside the layer, so every dispatcher runs unchanged, and the gradient of the
+gather sums each channel's updates over all experts (all their tokens) that use it.
+
 Dimension names: B batch, T time, N = B*T tokens, D model, Fe expert width, E experts, P kernel rows.
 """
 
@@ -51,10 +57,30 @@ def moe_ffn(plan, h: jnp.ndarray, w_gate, w_up, w_down) -> jnp.ndarray:
     return d.unpermute(plan, y).reshape(shape)
 
 
+def gather_experts(w_gate, w_up, w_down, channels) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Per-expert weights from channel tables: w_gate/w_up [..., D, F], w_down [..., F, D], channels
+    <int32>[..., E, Fe] (leading dims, e.g. L, shared) -> w_gate/w_up [..., E, D, Fe], w_down [..., E, Fe, D]."""
+    def one(wg, wu, wd, ix):                    # [D, F], [D, F], [F, D], [E, Fe]
+        cols = lambda w: jnp.moveaxis(jnp.take(w, ix, axis=1), 1, 0)                     # [E, D, Fe]
+        return cols(wg), cols(wu), jnp.take(wd, ix, axis=0)                               # [E, Fe, D]
+    for _ in range(channels.ndim - 2):
+        one = jax.vmap(one)
+    return one(w_gate, w_up, w_down, channels)
+
+
+def fused_layer(p: dict) -> dict:
+    """A layer's params in the per-expert layout: tied tables (with ``channels``) gathered, else as they are."""
+    if "channels" not in p:
+        return p
+    g, u, d = gather_experts(p["w_gate"], p["w_up"], p["w_down"], p["channels"])
+    return {**{k: v for k, v in p.items() if k != "channels"}, "w_gate": g, "w_up": u, "w_down": d}
+
+
 def moe_ffn_fn(plan) -> Callable:
     """ffn_fn for ``run_layers``: (layer_params, h [B, T, D]) -> (y [B, T, D], None), reading the layer's
-    w_gate/w_up [E, D, Fe] and w_down [E, Fe, D]."""
+    w_gate/w_up [E, D, Fe] and w_down [E, Fe, D] (or tied tables + ``channels``, gathered here)."""
     def ffn(p: dict, h: jnp.ndarray):
+        p = fused_layer(p)
         return moe_ffn(plan, h, p["w_gate"], p["w_up"], p["w_down"]), None
     return ffn
 

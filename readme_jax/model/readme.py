@@ -24,6 +24,12 @@ outside [0, E) (-1: an inactive serving slot) give a token no expert (its FFN ou
 see docs/architecture.md): attention/norm weights stacked [L, ...] as in the dense model; experts
 w_gate/w_up [L, E, D, Fe], w_down [L, E, Fe, D], each expert holding its shared + own channels.
 
+Tied form (expert tuning): ``ReadMe(cfg, rngs=..., tied=True)`` holds :class:`TiedExperts` instead - one
+table per layer of all F channels (w_gate/w_up [L, D, F], w_down [L, F, D]) and each expert's channel list
+``channels`` <int32>[L, E, Fe]; every layer gathers its experts from the tables (``moe.fused_layer``), so a
+channel several experts hold is one weight trained by all their tokens (the authors' masked-dense form).
+``model.untied()`` materialises the fused layout for evaluation, serving and export.
+
 Save/load: ``readme_jax.convert.readme_checkpoint.save_readme(model, dir)`` writes kind "readme";
 ``readme_jax.load_pretrained(dir)`` returns the ReadMe model.
 """
@@ -110,15 +116,60 @@ class Experts(nnx.Module):
         return {"w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
 
 
+class ExpertChannels(nnx.Variable):
+    """The channel lists of tied experts (an index, never trained): <int32>[L, E, Fe]."""
+
+
+class TiedExperts(nnx.Module):
+    """Channel tables w_gate/w_up [L, D, F], w_down [L, F, D] and each expert's sorted channels
+    ``channels`` <int32>[L, E, Fe] into them (F: the dense FFN width). Expert e at layer l is the tables'
+    columns (w_down: rows) ``channels[l, e]``."""
+
+    def __init__(self, config: ReadMeConfig, rngs: nnx.Rngs):
+        b = config.base
+        L, E, D, F, dt = b.num_layers, config.num_experts, b.hidden_size, b.intermediate_size, b.weight_dtype
+        self.w_gate = normal_param(rngs, (L, D, F), dt)
+        self.w_up = normal_param(rngs, (L, D, F), dt)
+        self.w_down = normal_param(rngs, (L, F, D), dt)
+        self.channels = ExpertChannels(jnp.zeros((L, E, config.expert_dim), jnp.int32))
+
+    def arrays(self) -> dict:
+        """The tables and ``channels`` (``moe.fused_layer`` gathers one layer's experts from them)."""
+        return {"w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...],
+                "channels": self.channels[...]}
+
+    def fused(self) -> dict:
+        """The per-expert layout: w_gate/w_up [L, E, D, Fe], w_down [L, E, Fe, D]."""
+        g, u, d = moe.gather_experts(self.w_gate[...], self.w_up[...], self.w_down[...], self.channels[...])
+        return {"w_gate": g, "w_up": u, "w_down": d}
+
+
 class ReadMe(nnx.Module):
     """Router-decoupled MoE LM. See the module docstring for the call forms."""
 
-    def __init__(self, config: ReadMeConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ReadMeConfig, *, rngs: nnx.Rngs, tied: bool = False):
         self.config = config
         self.tok = Embedding(config.base, rngs)
         self.attn = AttentionLayers(config.base, rngs)
-        self.experts = Experts(config, rngs)
+        self.experts = TiedExperts(config, rngs) if tied else Experts(config, rngs)
         self.router = Router(config.router, rngs=rngs)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the experts are tied channel tables (:class:`TiedExperts`)."""
+        return isinstance(self.experts, TiedExperts)
+
+    def untied(self) -> "ReadMe":
+        """This model with its experts in the fused per-expert layout (itself when already fused); the other
+        weights are shared, not copied."""
+        if not self.tied:
+            return self
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: ReadMe(self.config, rngs=nnx.Rngs(0))))
+        params = {name: nnx.to_pure_dict(nnx.state(getattr(self, name), nnx.Param))
+                  for name in ("tok", "attn", "router")}
+        params["experts"] = self.experts.fused()
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
 
     @property
     def arch(self) -> LlamaConfig:
@@ -138,7 +189,7 @@ class ReadMe(nnx.Module):
         tokens plans with, ``dispatch.default_dispatcher``), split once before a decode loop (see
         ``decoder.unstack_layers``)."""
         d = dispatcher or dispatch.default_dispatcher(num_tokens)
-        return tuple(d.prepare_layer(p) for p in unstack_layers(self.layer_arrays()))
+        return tuple(d.prepare_layer(moe.fused_layer(p)) for p in unstack_layers(self.layer_arrays()))
 
     def init_backbone_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """The backbone's KVCache [L, B, S, K, hd] (``backbone(cache=...)``)."""
@@ -178,7 +229,7 @@ class ReadMe(nnx.Module):
         KVCache (``init_backbone_cache``), advanced by T. ``layers``: as in ``Llama.hidden_states`` (e.g.
         ``decode_layers(dispatcher=d)``, made once before a decode loop). ``ffn_fn(plan) -> layer_ffn`` builds the layer
         FFN from the plan (default ``moe.moe_ffn_fn``); ``layer_ffn(layer_params, h [B, T, D]) -> (y, aux)``
-        sees this layer's w_gate/w_up [E, D, Fe], w_down [E, Fe, D] (see readme_jax.model.decoder).
+        sees this layer's w_gate/w_up [E, D, Fe], w_down [E, Fe, D] (tied: the tables + ``channels``, ``moe.fused_layer``).
         """
         if (plan is None) == (expert_ids is None):
             raise ValueError("ReadMe.backbone: give exactly one of plan= or expert_ids= (it never routes; "
@@ -240,7 +291,8 @@ class ReadMe(nnx.Module):
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
     def active_params(self) -> int:
-        """Parameters one token uses: everything but the E - 1 experts it is not routed to."""
+        """Parameters one token uses: everything but the experts it is not routed to."""
         b = self.config.base
         one_expert = 3 * b.num_layers * b.hidden_size * self.config.expert_dim
-        return self.num_params() - (self.config.num_experts - 1) * one_expert
+        experts = sum(x.size for x in jax.tree.leaves(nnx.state(self.experts, nnx.Param)))
+        return self.num_params() - experts + one_expert

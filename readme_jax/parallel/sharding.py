@@ -44,6 +44,9 @@ PARAM_AXES: dict[str, str] = {
     "ffn.w_gate": "LDF", "ffn.w_up": "LDF", "ffn.w_down": "LFD",
     **family_param_axes(),         # each family's own params (Qwen2: attn.bq "LQ", attn.bk / attn.bv "LK")
 }
+# tied experts (model/readme.TiedExperts): channel tables [L, D, F] / [L, F, D] and the channel lists
+TIED_AXES: dict[str, str] = {"experts.w_gate": "LDF", "experts.w_up": "LDF", "experts.w_down": "LFD",
+                             "experts.channels": "LEF"}
 ROUTER_KEY = "router"              # every param under it: letters "r..." (replicated)
 
 # activations and caches, by the same letters
@@ -68,11 +71,12 @@ def axes_of(path_name: str, ndim: int) -> str:
     if ROUTER_KEY in parts:
         return "r" * ndim
     for key in (".".join(parts[-2:]), parts[-1]):
-        if key in PARAM_AXES:
-            letters = PARAM_AXES[key]
-            if len(letters) != ndim:
-                raise ValueError(f"sharding: {path_name} has {ndim} dimensions, the table says {letters!r}")
-            return letters
+        known = [t[key] for t in (PARAM_AXES, TIED_AXES) if key in t]
+        for letters in known:
+            if len(letters) == ndim:
+                return letters
+        if known:
+            raise ValueError(f"sharding: {path_name} has {ndim} dimensions, the table says {known[0]!r}")
     raise KeyError(f"sharding: no logical axes for parameter {path_name!r}; add it to "
                    "readme_jax.parallel.sharding.PARAM_AXES")
 

@@ -25,6 +25,10 @@ from readme_jax.errors import StaleRunError
 
 RECORDS_FILE = "stages.json"
 
+# Keys added after run folders existed whose default is not what those folders did: the value a stage ran
+# with before the key existed. A record without the key is compared with this value, not the new default.
+BEFORE_KEY: dict[str, Any] = {"train.experts": "fused"}
+
 
 def key_value(cfg_dict: dict, key: str) -> Any:
     """The value of ``"section"`` or ``"section.key"`` in a plain config dict (None when absent)."""
@@ -79,6 +83,9 @@ class StageRecords:
             return []
         now = self.settings(stage, cfg)
         defaults = type(cfg)().to_dict()
+        for key, value in BEFORE_KEY.items():
+            section, _, name = key.partition(".")
+            defaults[section][name] = value
         return [d for k in stage.keys for d in changed_keys(k, old.get(k), now[k], key_value(defaults, k))]
 
     def plan(self, stages, run) -> set[str]:
@@ -107,6 +114,9 @@ class StageRecords:
                 refused[st.name] = keys
         if refused:
             what = "; ".join(f"stage {name!r}: {', '.join(keys)}" for name, keys in refused.items())
+            before = [f"{k}={v!r}" for k, v in BEFORE_KEY.items() if any(k in ks for ks in refused.values())]
+            if before:
+                what += f" (made before those keys existed, i.e. with {', '.join(before)}: pass that to resume it)"
             raise StaleRunError(f"{self.dir}: this run folder was made with other settings ({what}); "
                                 "resuming would mix two runs. Use those settings, another --run-dir, or delete "
                                 "the folder (on an existing folder only evaluation and plot settings may change).")

@@ -75,6 +75,10 @@ class Run:
         return self.dir / "extract" / "scores.npz"
 
     @property
+    def grams_path(self) -> Path:
+        return self.dir / "extract" / "grams.npy"
+
+    @property
     def masks_path(self) -> Path:
         return self.dir / "extract" / "masks.npz"
 
@@ -175,13 +179,25 @@ class Run:
             raise ConfigError(f"router: {e}") from None
 
     def fresh_model(self):
-        """The extracted Read-ME model before any tuning (deterministic in train.seed)."""
+        """The extracted Read-ME model before any tuning (deterministic in train.seed): tied or fused experts
+        (train.experts), down-projections refit when extract.refit."""
         from readme_jax.extract.experts import readme_from_dense
-        return readme_from_dense(self.dense, self.masks, self.router_config(), rngs=nnx.Rngs(self.cfg.train.seed))
+        model = readme_from_dense(self.dense, self.masks, self.router_config(), rngs=nnx.Rngs(self.cfg.train.seed),
+                                  tied=self.cfg.train.experts == "tied")
+        e = self.cfg.extract
+        if e.refit:
+            import numpy as np
+            from readme_jax.extract.refit import apply_refit
+            if not self.grams_path.is_file():
+                raise PipelineError(f"{self.grams_path}: missing; extract.refit needs stage 'stats' rerun")
+            apply_refit(model, np.asarray(self.dense.ffn.w_down[...]), np.load(self.grams_path, mmap_mode="r"),
+                        self.masks, ridge=e.refit_ridge)
+        return model
 
     def trainer(self, model, pool: RouterPool | None = None) -> Trainer:
+        teacher = self.dense if self.cfg.train.expert_loss != "lm" else None
         return Trainer(self.cfg, self.dir, model, pool, self.masks.specific, self.corpus, self.tokenizer,
-                       self.log, progress=self.progress, hooks=self.hooks)
+                       self.log, progress=self.progress, hooks=self.hooks, teacher=teacher)
 
     def phases_done(self) -> bool:
         """Whether every phase of the schedule finished (nothing is loaded)."""
@@ -193,7 +209,8 @@ class Run:
 
     def model_after(self, phase: Phase):
         """The model right after ``phase``: the extracted model with the last router and the last backbone
-        params of the schedule up to ``phase`` (each from its phase's final checkpoint)."""
+        params of the schedule up to ``phase`` (each from its phase's final checkpoint), experts in the fused
+        per-expert layout (tied tables materialised)."""
         sched = phases(self.cfg)
         upto = sched[:sched.index(phase) + 1]
         model = self.fresh_model()
@@ -203,7 +220,7 @@ class Run:
             raise PipelineError(f"{self.dir}/checkpoints: phases {missing} are not finished; run stage 'rounds'")
         for p in {p.kind: p for p in upto}.values():
             trainer.load_done(p)
-        return model
+        return model.untied()
 
     def trained_model(self):
         """The model after the last round (every phase must be done)."""

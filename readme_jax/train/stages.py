@@ -160,7 +160,7 @@ def _train_sequences(run: Run, domain: str, seq_len: int, count: int, what: str,
 
 def stage_stats(run: Run) -> None:
     """Calibration statistics: mean |down_proj input| per domain, layer and channel of the dense parent."""
-    from readme_jax.extract.stats import domain_scores
+    from readme_jax.extract.stats import domain_statistics
     e = run.cfg.extract
     batches, counts = {}, {}
     for d in run.corpus.domains:
@@ -174,7 +174,10 @@ def stage_stats(run: Run) -> None:
                       for i in range(0, e.calib_seqs, e.calib_batch)]
         counts[d] = e.calib_seqs * e.calib_seq_len
     t0 = time.time()
-    domains, scores = domain_scores(run.dense, batches, progress=run.progress)
+    domains, scores, grams = domain_statistics(run.dense, batches, progress=run.progress, gram=e.refit)
+    if grams is not None:
+        with atomic_file(run.grams_path, suffix=".npy") as tmp:
+            np.save(tmp, grams)
     with atomic_file(run.scores_path, suffix=".npz") as tmp:
         np.savez(tmp, scores=scores, domains=np.asarray(domains, str), tokens=np.asarray([counts[d] for d in domains]))
     run.log.write({"event": "stats", "domains": domains, "tokens_per_domain": counts,
@@ -238,8 +241,7 @@ def stage_rounds(run: Run) -> None:
             t0 = time.time()
             trainer.run(phase)
             say(f"[{phase.name}] done in {time.time() - t0:.1f} s")
-    run.set_trained_model(model)
-    run.forget("_dense_and_tokenizer")   # the steps donate buffers the extracted model shared with the parent
+    run.set_trained_model(model.untied())
 
 
 def round_eval_phases(run: Run) -> list:
@@ -301,7 +303,8 @@ STAGES: tuple[Stage, ...] = (
           done=lambda r: not r.cfg.corpus.dir and (r.corpus_dir / "manifest.json").is_file()),
     Stage("dense_eval", stage_dense_eval, lambda r: [r.eval_path("dense")], keys=_EVAL_WINDOWS,
           needs=("dense", "corpus"), evaluation=True),
-    Stage("stats", stage_stats, lambda r: [r.scores_path],
+    # extract.refit adds the Gram matrices to the outputs (stage 'stats' then reruns; its scores are the same)
+    Stage("stats", stage_stats, lambda r: [r.scores_path] + ([r.grams_path] if r.cfg.extract.refit else []),
           keys=("extract.calib_seqs", "extract.calib_seq_len", "extract.calib_batch"), needs=("dense", "corpus")),
     Stage("extract", stage_extract, lambda r: [r.masks_path, r.report_path],
           keys=("extract.keep_ratio", "extract.num_experts", "router"), needs=("dense", "stats")),
@@ -310,7 +313,7 @@ STAGES: tuple[Stage, ...] = (
                 "extract.calib_batch"),
           needs=("dense", "corpus", "extract")),
     Stage("rounds", stage_rounds, lambda r: [r.phase_dir(p) for p in phases(r.cfg)],
-          keys=("router", "train"), needs=("dense", "corpus", "extract", "targets"),
+          keys=("router", "train", "extract.refit", "extract.refit_ridge"), needs=("dense", "corpus", "extract", "targets"),
           done=lambda r: r.phases_done()),
     Stage("round_evals", stage_round_evals, lambda r: [r.eval_path(p.name) for p in round_eval_phases(r)],
           keys=_MOE_EVAL + ("eval.each_round",), needs=("corpus", "extract", "rounds"), evaluation=True),

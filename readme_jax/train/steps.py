@@ -38,6 +38,7 @@ input state, so the run stops there and resumes from the last good checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -50,6 +51,7 @@ from jax.sharding import NamedSharding
 
 from readme_jax.errors import TrainingDivergedError
 from readme_jax.model import dispatch
+from readme_jax.model.head_loss import head_kd
 from readme_jax.model.router import top1_expert
 from readme_jax.parallel import expert_parallel as ep
 from readme_jax.parallel import sharding
@@ -58,19 +60,22 @@ from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
 BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
+BACKBONE_PARAMS_FROZEN_EMBEDDING = nnx.All(BACKBONE_PARAMS, nnx.Not(nnx.PathContains("embed")))
 
 
-def trainable_filter(kind: str):
+def trainable_filter(kind: str, *, freeze_embedding: bool = False):
+    """The params a ``kind`` phase trains (expert phases: every backbone param, the token embedding / tied
+    LM head too unless ``freeze_embedding``)."""
     if kind == "router":
         return ROUTER_PARAMS
     if kind == "expert":
-        return BACKBONE_PARAMS
+        return BACKBONE_PARAMS_FROZEN_EMBEDDING if freeze_embedding else BACKBONE_PARAMS
     raise ValueError(f"unknown phase kind {kind!r} (expected 'router' or 'expert')")
 
 
-def split_for(model: nnx.Module, kind: str):
+def split_for(model: nnx.Module, kind: str, *, freeze_embedding: bool = False):
     """(graphdef, trainable State, frozen State) of ``model`` for a ``kind`` ('router' | 'expert') phase."""
-    return nnx.split(model, trainable_filter(kind), ...)
+    return nnx.split(model, trainable_filter(kind, freeze_embedding=freeze_embedding), ...)
 
 
 # ------------------------------------------------------------------------------- compute config
@@ -247,6 +252,22 @@ def make_router_step(graphdef, tx: optax.GradientTransformation, shardings: Step
     return TrainStep(loss_fn, tx, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertLoss:
+    """What an expert step minimises: ``kind`` 'lm' (next-token CE on the data), 'kd' (T^2 forward KL to the
+    dense parent's next-token distribution at temperature T) or 'mix' ((1 - kd_weight) CE + kd_weight
+    T^2 KL); ``head_grad``: whether the LM head weight gets a gradient (False with a frozen embedding)."""
+
+    kind: str = "lm"
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    head_grad: bool = True
+
+    @property
+    def teacher(self) -> bool:
+        return self.kind != "lm"
+
+
 class ExpertStep:
     """The expert update with routing precomputed: ``step(trainable, opt_state, frozen, batch, peak_lr)``,
     batch = {input_ids, targets, loss_mask}, each [A, b, T] (``tx`` / ``peak_lr`` / A as in
@@ -255,21 +276,41 @@ class ExpertStep:
     ``route`` (one jitted call) gives the frozen router's expert ids [A, b, T] (argmax, no gradient) and the
     per-device send counts; the host picks the smallest capacity bucket that holds the largest count
     (:func:`readme_jax.parallel.expert_parallel.pick_capacity`) and runs the update compiled for it, the ids
-    an input of the step. Returns (trainable, opt_state, metrics {loss, grad_norm, update_norm, load
-    <float32>[E] (share of tokens per expert), capacity, padding_rows, dropped}).
+    an input of the step. Returns (trainable, opt_state, metrics {loss, nll, grad_norm, update_norm, load
+    <float32>[E] (share of tokens per expert), capacity, padding_rows, dropped}; with a teacher also kl).
+
+    Distillation (``loss.teacher``): ``teacher`` = (graphdef, state) of the frozen dense parent. Its final-normed
+    hidden states [A, b, T, D] come from one more jitted call before the update (``teach``, a forward only),
+    and its head weight is part of ``frozen``: ``frozen = (the model's frozen State, teacher head)``
+    (:meth:`frozen_with_teacher`); the update recomputes the teacher's logits chunk by chunk inside the head
+    loss (model/head_loss.head_kd), so no [N, V] array is ever an input or a residual.
     """
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, shardings: StepShardings, *, num_experts: int,
-                 dispatcher: str | None = None):
-        self.graphdef, self.num_experts, self.mesh = graphdef, num_experts, shardings.mesh
+                 dispatcher: str | None = None, loss: ExpertLoss = ExpertLoss(), teacher: tuple | None = None):
+        if loss.teacher and teacher is None:
+            raise ValueError(f"ExpertStep: expert loss {loss.kind!r} needs the teacher (graphdef, state)")
+        self.graphdef, self.num_experts, self.mesh, self.loss = graphdef, num_experts, shardings.mesh, loss
         self.local_dispatcher = dispatcher       # train.dispatcher: a registered name over the default
         self.update = TrainStep(self._loss, tx, shardings)
         rep = replicated(self.mesh)
         self.route = jax.jit(self._route, in_shardings=(shardings.trainable, shardings.frozen, None),
                              out_shardings=(None, rep))
+        self.teacher = teacher if loss.teacher else None
+        if self.teacher is not None:
+            self.teach = jax.jit(functools.partial(_teacher_hidden, self.teacher[0]))
+
+    @staticmethod
+    def frozen_with_teacher(frozen, teacher_model) -> tuple:
+        """The ``frozen`` argument of a distillation step: (model's frozen State, {"tok": {head name: W}})."""
+        head, vocab_major = teacher_model.tok.head()
+        return frozen, {"tok": {"embed" if vocab_major else "lm_head": head}}
+
+    def _model_frozen(self, frozen):
+        return frozen[0] if self.teacher is not None else frozen
 
     def _route(self, trainable, frozen, input_ids):
-        model = nnx.merge(self.graphdef, trainable, frozen)
+        model = nnx.merge(self.graphdef, trainable, self._model_frozen(frozen))
         ids = top1_expert(model.router(input_ids.reshape(-1, input_ids.shape[-1]))).reshape(input_ids.shape)
         return ids, ep.dispatch_counts(ids, self.num_experts, self.mesh)
 
@@ -278,24 +319,48 @@ class ExpertStep:
         return ep.ExpertParallel(mesh=self.mesh, capacity=capacity, local=dispatch.default_dispatcher(m * capacity, self.local_dispatcher))
 
     def _loss(self, trainable, frozen, mb, *, capacity: int):
-        model = nnx.merge(self.graphdef, trainable, frozen)
+        model = nnx.merge(self.graphdef, trainable, self._model_frozen(frozen))
         expert_ids = mb["expert_ids"]
         load = jnp.mean(jax.nn.one_hot(expert_ids, self.num_experts, dtype=jnp.float32), axis=(0, 1))
         plan = self.dispatcher(capacity).plan(expert_ids, self.num_experts)     # once, outside the layer scan
         x, _, _ = model.backbone(mb["input_ids"], plan=plan)
-        loss, _ = lm_loss(model.tok.nll(x, mb["targets"]), mb["loss_mask"])
-        return loss, {"load": load, "dropped": plan.dropped.astype(jnp.float32)}
+        aux = {"load": load, "dropped": plan.dropped.astype(jnp.float32)}
+        lf = self.loss
+        if not lf.teacher:
+            loss, _ = lm_loss(model.tok.nll(x, mb["targets"], head_grad=lf.head_grad), mb["loss_mask"])
+            return loss, {**aux, "nll": loss}
+        head, vocab_major = model.tok.head()
+        head_t = next(iter(frozen[1]["tok"].values()))
+        xs = model.tok.head_input(x)
+        D = xs.shape[-1]
+        nll, kl = head_kd(xs.reshape(-1, D), head, mb["targets"].reshape(-1), mb["teacher_x"].reshape(-1, D), head_t,
+                          vocab_major=vocab_major, temperature=lf.temperature, head_grad=lf.head_grad)
+        ce, _ = lm_loss(nll.reshape(mb["targets"].shape), mb["loss_mask"])
+        kd, _ = lm_loss(kl.reshape(mb["targets"].shape), mb["loss_mask"])
+        loss = kd if lf.kind == "kd" else (1.0 - lf.kd_weight) * ce + lf.kd_weight * kd
+        return loss, {**aux, "nll": ce, "kl": kd}
 
     def __call__(self, trainable, opt_state, frozen, batch, peak_lr):
         ids, counts = self.route(trainable, frozen, batch["input_ids"])
+        extra = {"expert_ids": ids}
+        if self.teacher is not None:
+            extra["teacher_x"] = self.teach(self.teacher[1], batch["input_ids"])
         A, b, T = batch["input_ids"].shape
         m, dev = self.mesh.shape[EXPERT_AXIS], batch_size_of(self.mesh)
         n_local = b * T // dev
         capacity = ep.pick_capacity(int(np.max(jax.device_get(counts))), ep.capacity_buckets(n_local, m))
-        new_tr, new_opt, metrics = self.update(trainable, opt_state, frozen, {**batch, "expert_ids": ids}, peak_lr,
+        new_tr, new_opt, metrics = self.update(trainable, opt_state, frozen, {**batch, **extra}, peak_lr,
                                                capacity=capacity)
         padding = dev * m * capacity - b * T
         return new_tr, new_opt, {**metrics, "capacity": capacity, "padding_rows": padding}
+
+
+def _teacher_hidden(graphdef, state, input_ids):
+    """The frozen teacher's final-normed hidden states: input_ids <int32>[A, b, T] -> [A, b, T, D]."""
+    model = nnx.merge(graphdef, state)
+    ids = input_ids.reshape(-1, input_ids.shape[-1])
+    x, _, _ = model.hidden_states(ids)
+    return jax.lax.stop_gradient(model.tok.head_input(x)).reshape(input_ids.shape + x.shape[-1:])
 
 
 # ------------------------------------------------------------------------------------- checks

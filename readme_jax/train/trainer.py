@@ -86,8 +86,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, model, pool: RouterPool | None, specific: np.ndarray,
-                 corpus, tokenizer, log: MetricsLog, *, progress: bool = True, hooks: TrainHooks | None = None):
-        self.cfg, self.run_dir, self.model, self.pool = cfg, Path(run_dir), model, pool
+                 corpus, tokenizer, log: MetricsLog, *, progress: bool = True, hooks: TrainHooks | None = None,
+                 teacher=None):
+        self.cfg, self.run_dir, self.model, self.pool, self.teacher = cfg, Path(run_dir), model, pool, teacher
         self.specific = jnp.asarray(specific, bool)
         self.corpus, self.tokenizer, self.log, self.progress = corpus, tokenizer, log, progress
         self.hooks = TrainHooks() if hooks is None else hooks
@@ -103,8 +104,11 @@ class Trainer:
             if phase.kind == "router":
                 fn = steps_lib.make_router_step(graphdef, tx, sh)
             else:
+                loss = steps_lib.ExpertLoss(t.expert_loss, t.kd_weight, t.kd_temperature,
+                                            head_grad=not t.freeze_embedding)
                 fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=int(self.specific.shape[0]),
-                                          dispatcher=t.dispatcher)
+                                          dispatcher=t.dispatcher, loss=loss,
+                                          teacher=nnx.split(self.teacher) if loss.teacher else None)
             self._steps[phase.kind] = (fn, tx, sh)
         return self._steps[phase.kind]
 
@@ -114,10 +118,30 @@ class Trainer:
     def is_done(self, phase: Phase) -> bool:
         return phase_done(phase_dir(self.run_dir, phase))
 
+    def _split(self, phase: Phase):
+        return steps_lib.split_for(self.model, phase.kind, freeze_embedding=self.cfg.train.freeze_embedding)
+
+    def _layout(self, phase: Phase) -> dict:
+        """What an expert phase's checkpoint records about the form of its params (router phases: nothing)."""
+        return {"experts": "tied" if self.model.tied else "fused"} if phase.kind == "expert" else {}
+
+    def _check_layout(self, phase: Phase, ck: PhaseCheckpoints) -> None:
+        """A clear refusal when the phase's checkpoint holds experts in another form than this model's."""
+        meta = ck.meta()
+        want = self._layout(phase).get("experts")
+        have = None if meta is None else meta.get("experts", "fused")   # written before tied experts: fused
+        if want is not None and have is not None and have != want:
+            raise CheckpointError(
+                f"{ck.directory}: its checkpoint holds {have} experts"
+                f"{' (written before train.experts existed)' if 'experts' not in meta else ''}, this run asks "
+                f"for train.experts={want}; rerun with train.experts={have} to resume it, or use another --run-dir")
+
     def load_done(self, phase: Phase) -> None:
         """Put a completed phase's final trainable params into the model."""
-        _, trainable, _ = steps_lib.split_for(self.model, phase.kind)
-        params, _, _ = self.checkpoints(phase).restore(trainable)
+        _, trainable, _ = self._split(phase)
+        ck = self.checkpoints(phase)
+        self._check_layout(phase, ck)
+        params, _, _ = ck.restore(trainable)
         nnx.update(self.model, params)
 
     def _dataset(self, phase: Phase):
@@ -136,10 +160,12 @@ class Trainer:
         ckdir = phase_dir(self.run_dir, phase)
         remove_tmp_dirs(ckdir)
         ck = self.checkpoints(phase)
-        graphdef, trainable, frozen = steps_lib.split_for(self.model, phase.kind)
+        graphdef, trainable, frozen = self._split(phase)
         if t.dtype != "float32" or t.remat != "none":
-            graphdef = steps_lib.compute_graphdef(self.model, t.dtype, (steps_lib.trainable_filter(phase.kind), ...),
-                                                  remat=t.remat)
+            filt = steps_lib.trainable_filter(phase.kind, freeze_embedding=t.freeze_embedding)
+            graphdef = steps_lib.compute_graphdef(self.model, t.dtype, (filt, ...), remat=t.remat)
+        if phase.kind == "expert" and t.expert_loss != "lm":
+            frozen = steps_lib.ExpertStep.frozen_with_teacher(frozen, self.teacher)
         step_fn, tx, sh = self._step_fn(phase, graphdef, trainable, frozen)
         # Placed up front by the rule table (sharded over the mesh), so the first and later calls share one
         # compiled step and no device ever holds the whole optimizer state.
@@ -149,6 +175,7 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.key(t.seed), 2 * phase.round + (phase.kind == "expert"))
         start = 0
         if ck.latest_step() is not None:      # restored straight into this mesh's shardings (any saving mesh)
+            self._check_layout(phase, ck)
             trainable, opt_state, meta = ck.restore(trainable, opt_state)
             if meta.get("done"):
                 nnx.update(self.model, trainable)
@@ -195,6 +222,7 @@ class Trainer:
                 try:
                     hooks.before_checkpoint(phase.name, step + 1)
                     ck.save(step + 1, trainable, opt_state, {
+                        **self._layout(phase),
                         "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
                         "done": done, "data_state": _jsonable(it.get_state()),
                         "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
