@@ -80,7 +80,7 @@ DEFAULT_OUT = REPO_ROOT / "runs" / "bench" / "serve"
 OURS, PEERS = "benchmarks.serve_ours:EngineWorker", "benchmarks.serve_peers:TransformersWorker"
 SYSTEMS = ("ours", "hf_cb", "hf_static")
 LABELS = {"ours": "ours (engine)", "hf_cb": "transformers continuous", "hf_static": "transformers static"}
-PIECES = ("attention", "ffn", "head", "router", "other", "host")
+PIECES = ("launch", "embed", "upload", "attention", "ffn", "head", "router", "other", "host")
 CALL_TIMEOUT_S = 1800.0
 
 
@@ -307,9 +307,12 @@ def readme_phase(cfg: dict, ours: Worker, requests: list, export: Path, out: dic
         if moe:
             target = statistics.median_low(st["distinct_experts"] for st in full)
             experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
-        bd = ours.call("breakdown", model=names[m], slots=int(s), width=width or None, context=context, experts=experts,
-                       step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"),
-                       repeats=cfg["breakdown_repeats"])
+        try:
+            bd = ours.call("breakdown", model=names[m], slots=int(s), width=width or None, context=context,
+                           experts=experts, repeats=cfg["breakdown_repeats"],
+                           step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"))
+        except VariantError as e:                       # e.g. parts that do not add up to the step
+            bd = {"error": str(e)}
         per_token = [x for x in (ms_per_output_token(r["steps"]) for r in rs) if x is not None]
         out["runs"][key] = {"ms_per_token": statistics.median(per_token) if per_token else None,
                             "full_step_width": width, "breakdown": bd,
@@ -388,6 +391,11 @@ def rows_of(result: dict) -> list[dict]:
     for slots in cfg["pair_slots"] if "runs" in rm else ():
         label = f"{slots} slot{'s' * (slots > 1)}"
         d, r = rm["runs"][f"dense@{slots}"], rm["runs"].get(f"readme@{slots}")
+        broken = [f"{m}: {x['breakdown']['error']}" for m, x in (("dense", d), ("Read-ME", r))
+                  if x is not None and "error" in x["breakdown"]]
+        if broken:
+            rows.append(error_row(NAME, f"step breakdown, {label}", "; ".join(broken)))
+            continue
         db = d["breakdown"]["ms"]
         rows.append(make_row(NAME, f"dense step breakdown, {label}", db["engine_step"], None, "ms/step",
                              higher_is_better=False, note=stand_in + ", ".join(f"{k} {db[k]:.1f}" for k in PIECES)
@@ -430,7 +438,8 @@ def plot(result: dict, path: Path) -> Path | None:
         a.legend(fontsize=8)
     a.set_title(f"{cfg['requests']} Azure-conv requests at t=0, SmolLM2-135M f32, 2 threads")
     if "runs" in rm:
-        keys = [f"{m}@{sl}" for sl in cfg["pair_slots"] for m in ("dense", "readme") if f"{m}@{sl}" in rm["runs"]]
+        keys = [f"{m}@{sl}" for sl in cfg["pair_slots"] for m in ("dense", "readme")
+                if f"{m}@{sl}" in rm["runs"] and "ms" in rm["runs"][f"{m}@{sl}"]["breakdown"]]
         bottom = [0.0] * len(keys)
         for piece in PIECES:
             vals = [max(rm["runs"][k]["breakdown"]["ms"][piece], 0.0) for k in keys]

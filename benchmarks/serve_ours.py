@@ -8,19 +8,33 @@ One engine per (model, slots), compiled and warmed up by ``prepare`` (both timed
 timed run; ``release`` shuts engines down); ``run`` gives all requests at t=0 and returns every request's tokens, the wall time and the
 engine's step log of that run.
 
-Step breakdown (``breakdown``): at the shapes of a full decode step (M = the decode bucket of ``slots``,
-cache rows of max_len slots filled to the run's median context), each jitted piece is timed round-robin
-in this process with the engine idle:
-  attention  the L attention blocks with their cache writes (``decoder.run_layers`` with a zero FFN)
-  ffn        the L FFNs: ``decoder.dense_ffn``, or the routed ``moe.moe_ffn_fn`` on the expert ids of a
-             real full step of the run (their plan built once, as the backbone does)
-  head       the tied LM head + per-row sampling (``sampling.sample_rows``, greedy)
-  router     one incremental router step over M tokens on the router's cache (Read-ME only)
-  step       the whole ``runner.decode`` call as the engine makes it
-and attributed as other = step - (attention + ffn + head + router) (embedding, slot-row gather/scatter of
-the caches, host<->device copies) and host = engine step wall - step (the engine's Python: scheduling,
-emitting, detokenising), the engine step wall being the median of the run's steps that decode every slot
-and prefill nothing.
+Step breakdown (``breakdown``), on ``serve/paged_runner.PagedRunner``: one full decode step of ``width``
+sequences, each holding ``context`` tokens on pages taken from the engine's allocator (``KVPages.open``, so
+cached prefixes they evict are evicted properly; closed afterwards), padded as the runner pads it (token
+bucket N, sequence bucket S, the runner's dispatcher of N). Each jitted piece takes the weights as jit
+arguments (closed over, they would be compiled-in constants) and the runner's own pools, donated and written
+at the same entries every call, so every timed call sees the same shapes and lengths; all are timed
+round-robin (``common.time_calls``) in this process with the engine idle:
+  launch     one jitted call that does nothing (the dispatch + sync every separate call below pays once)
+  embed      the token embedding of the N tokens
+  upload     the host side of the step: ``pack_meta`` of the backbone (and router) metadata and copying it
+             and the padded inputs to the device
+  attention  the L attention blocks over the pages: q/k/v (``decoder.project_qkv``), ``paged.write_kv``,
+             ``paged.paged_attention``, the o projection
+  ffn        the L FFNs with their norms: ``decoder.dense_ffn``, or the routed ``moe.moe_ffn_fn`` planned by
+             the runner's dispatcher of N on the expert ids of a real full step of the run
+  head       the final norm + tied LM head on the S sampling rows + per-row sampling (greedy)
+  router     one router step on the S sampled tokens (``packed.route_packed``, Read-ME only)
+  step       the whole ``runner.step(StepBatch).result()`` as the engine makes it (``engine_step.build_batch``)
+Every piece but launch is reported net of one launch (the step pays one), so the parts add up to the step:
+other = step - (launch + embed + upload + attention + ffn + head + router) is what fusing them into one
+program gains or costs plus the results' copy to the host. Rule: |other| must be within 5% of the step plus
+the timing noise (the sum of every timed piece's median absolute deviation over the repeats; on a shared
+2-core machine a ms-scale step of a tiny model moves by more than 5% between repeats), else ``breakdown``
+raises BreakdownError with the numbers (the benchmark reports the row as an error). host = engine step wall
+- step (the engine's Python: scheduling, emitting, detokenising), the engine step wall being the median of the
+run's steps that decode every slot and prefill nothing. An engine with ``expert_slots`` is refused (its steps
+run several passes).
 """
 
 from __future__ import annotations
@@ -73,12 +87,6 @@ def _load(spec: str, cache: dict):
 def _compiles() -> int:
     from readme_jax.serve import paged_runner as runner_mod
     return sum(f._cache_size() for f in (runner_mod._step, runner_mod._route))
-
-
-def _median_s(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each no-argument callable, timed round-robin after one warm-up round."""
-    from benchmarks.common import median, time_calls
-    return {k: median(v["wall"]) for k, v in time_calls(fns, warmup=1, repeats=repeats).items()}
 
 
 class EngineWorker:
@@ -187,97 +195,165 @@ class EngineWorker:
     # ---------------------------------------------------------------------------------------- breakdown
     def breakdown(self, model: str, slots: int, context: int, experts: list, step_wall_s: float,
                   repeats: int = 5, width: int | None = None) -> dict:
-        """Milliseconds per piece of one decode step of ``width`` tokens (default: every one of ``slots``) on the
-        engine with ``slots`` slots (see the module docstring). experts: the expert id of each token in a real
-        full step of the run (ignored for a dense model)."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from readme_jax.model import moe
-        from readme_jax.model.decoder import KVCache, dense_ffn, run_layers
-        from readme_jax.sampling import sample_rows
-
+        """Milliseconds per piece of one decode step of ``width`` sequences (default: every one of ``slots``)
+        on the idle engine with ``slots`` slots (see the module docstring). experts: the expert id of each
+        token in a real full step of the run (ignored for a dense model). Raises BreakdownError when the
+        pieces do not add up to the step (the rule in the module docstring)."""
         eng = self.engines[(model, slots)]
-        slots = width or slots                               # from here on: the tokens of the timed step
-        r = eng.runner
-        m = r.model
-        cfg = m.config.base if r.is_moe else m.config
-        M = next(b for b in r.decode_buckets if b >= slots)
-        S, D = r.max_len, cfg.hidden_size
-        ctx = int(min(context, S - 2))
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(0.1 * rng.standard_normal((M, 1, D)), cfg.compute_dtype)
-        mask = jnp.ones((M, 1), bool)
-        positions = jnp.full((M, 1), ctx, jnp.int32)
-        ids = jnp.asarray(rng.integers(100, 1000, (M,)), jnp.int32)
-        ex = np.full((M,), -1, np.int32)
-        if r.is_moe:
-            ex[:slots] = (list(experts) + [0] * slots)[:slots]
+        if eng.runner.pool is not None:
+            raise ValueError("breakdown: an engine with expert_slots (resident pool) runs several passes a step; "
+                             "time it without --expert-slots")
+        width = width or slots
+        ctx = int(min(context, eng.config.max_model_len - 2))
+        seqs = [f"breakdown-{i}" for i in range(width)]
+        for s in seqs:                          # pages from the allocator (evicting cached prefixes, as a step does)
+            eng.pages.open(s, [], total=ctx + 2)    # + 2: the decode token and the router's lookahead entry
+        try:
+            return _breakdown(eng, seqs, ctx, experts, step_wall_s, repeats)
+        finally:
+            for s in seqs:
+                eng.pages.close(s)
 
-        def filled(c: KVCache) -> KVCache:
-            """Every row holds ``ctx`` tokens."""
-            return c.replace(key_mask=jnp.broadcast_to(jnp.arange(c.max_len) < ctx, c.key_mask.shape),
-                             index=jnp.full(c.index.shape, ctx, jnp.int32),
-                             next_pos=jnp.full(c.next_pos.shape, ctx, jnp.int32))
 
-        def rewind(c: KVCache) -> KVCache:
-            """Back to ``ctx`` tokens after a timed step wrote one more (every call sees the same shapes)."""
-            return c.replace(index=c.index - 1, next_pos=c.next_pos - 1)
+SUM_TOLERANCE = 0.05       # |other| <= 5% of step, else the breakdown is refused (see the module docstring)
 
-        zero_ffn = lambda p, h: (jnp.zeros_like(h), None)  # noqa: E731
 
-        @functools.partial(jax.jit, donate_argnums=(2,))
-        def attention(layers, x, cache):
-            y, cache, _ = run_layers(layers, x, positions=positions, attention_mask_=mask, cfg=cfg, ffn_fn=zero_ffn,
-                                     cache=cache)
-            return y, rewind(cache)
+def _breakdown(eng, seqs: list[str], ctx: int, experts: list, step_wall_s: float, repeats: int) -> dict:
+    """``EngineWorker.breakdown`` on the pages of ``seqs`` (each holding ``ctx`` tokens' worth of pages)."""
+    import jax
+    import jax.numpy as jnp
 
-        @jax.jit
-        def ffn(layers, h, ex):
-            if r.is_moe:
-                kw = {} if r.dispatcher is None else {"dispatcher": r.dispatcher}
-                f = moe.moe_ffn_fn(moe.plan_dispatch(ex[:, None], m.config.num_experts, **kw))
-            else:
-                f = dense_ffn
-            for p in layers:
-                h = h + f(p, h)[0]
-            return h
+    from readme_jax.model import moe
+    from readme_jax.model.decoder import dense_ffn, project_qkv
+    from readme_jax.model.layers import rms_norm
+    from readme_jax.model.packed import head_rows, route_packed
+    from readme_jax.model.paged import pack_meta, paged_attention, write_kv
+    from readme_jax.model.rope import rope_sin_cos
+    from readme_jax.sampling import sample_rows
+    from readme_jax.serve.engine_step import Row, build_batch
+    from readme_jax.serve.paged_runner import BLOCK_Q, CHUNK_PAGES, _bucket
 
-        @jax.jit
-        def head(params, h):
-            logits = nnx.merge(r.graphdef, params).tok.decode(h)[:, 0]
-            zeros_i, zeros_f = jnp.zeros((M,), jnp.int32), jnp.zeros((M,), jnp.float32)
-            return sample_rows(logits, zeros_i, zeros_i + ctx, zeros_f, zeros_f + 1.0)
+    r = eng.runner
+    cfg, graphdef, n = r.cfg, r.graphdef, len(seqs)
+    S = _bucket(n, r.seq_buckets, "sequences")
+    N = max(_bucket(n, r.token_buckets, "tokens"), _bucket(S, r.token_buckets, "tokens"))
+    d = r.dispatcher(N)
+    layers = r.layers(d)
+    rng = np.random.default_rng(0)
+    ex = np.full(n, -1, np.int32)
+    if r.is_moe:
+        ex[:] = (list(experts) + [0] * n)[:n]
+    prompt = rng.integers(100, 1000, ctx + 1).tolist()
+    rows = [Row(s, prompt, [int(e)] * (ctx + 1), ctx, 1, True, 0, 0.0, 1.0) for s, e in zip(seqs, ex)]
+    batch = build_batch(rows, eng.pages.table, r.max_pages_per_seq, r.is_moe)    # the engine's full decode step
 
-        @functools.partial(jax.jit, donate_argnums=(2,))
-        def route(params, ids, rcache):
-            nxt, rcache = nnx.merge(r.graphdef, params).route(ids[:, None], attention_mask=mask, router_cache=rcache)
-            return nxt, rewind(rcache)
+    def host_meta():
+        """The step's host side before the device: its packed metadata and padded inputs (host NumPy)."""
+        meta = pack_meta(batch.q_lens, batch.kv_lens, r._tables(batch.page_tables), page_size=r.page_size,
+                         num_tokens=N, num_decode=S, num_blocks=-(-N // BLOCK_Q) + min(S, N // 2), block_q=BLOCK_Q,
+                         num_seqs=S)
+        rmeta = pack_meta(np.ones(n), batch.kv_lens + 1, r._tables(batch.page_tables), page_size=r.page_size,
+                          num_tokens=S, num_decode=S, num_blocks=0, block_q=1, num_seqs=S) if r.is_moe else None
+        tokens, exs = np.zeros(N, np.int32), np.full(N, -1, np.int32)
+        tokens[:n], exs[:n] = batch.tokens, batch.experts
+        return meta, rmeta, tokens, exs, np.zeros(S, np.int32), np.zeros(S, np.float32), np.ones(S, np.float32)
 
-        caches = {"attention": filled(KVCache.init(cfg, M, S))}
-        if r.is_moe:
-            caches["router"] = filled(m.router.init_cache(M, S))
+    @jax.jit
+    def take(args):
+        """Receives the step's host inputs on the device (a call's argument copy), computes nothing."""
+        return jax.tree.leaves(args)[0][0]
 
-        def run_attention():
-            y, caches["attention"] = attention(r.layers, x, caches["attention"])
-            return y
+    @jax.jit
+    def launch(x):
+        return x + 1
 
-        def run_router():
-            nxt, caches["router"] = route(r.params, ids, caches["router"])
-            return nxt
+    meta, rmeta, tokens, exs, zeros_i, zeros_f, ones_f = jax.block_until_ready(jax.device_put(host_meta()))
+    one = jnp.int32(0)
 
-        slot_ids = list(range(slots))
-        fns = {"attention": run_attention, "ffn": lambda: ffn(r.layers, x, ex), "head": lambda: head(r.params, x),
-               "step": lambda: r.decode(slot_ids, [101] * slots, ex[:slots].tolist(), [0] * slots, [0.0] * slots,
-                                        [1.0] * slots)}
-        if r.is_moe:
-            fns["router"] = run_router
-        ms = {k: 1e3 * v for k, v in _median_s(fns, repeats).items()}
-        for s in slot_ids:                                  # the timed decode calls wrote into idle slots
-            r.free(s)
-        ms.setdefault("router", 0.0)
-        ms["other"] = ms["step"] - ms["attention"] - ms["ffn"] - ms["head"] - ms["router"]
-        ms["host"] = 1e3 * step_wall_s - ms["step"]
-        ms["engine_step"] = 1e3 * step_wall_s
-        return {"ms": ms, "bucket": M, "context": ctx, "experts": ex[:slots].tolist()}
+    @jax.jit
+    def embed(params, tokens):
+        return nnx_merge(graphdef, params).tok.encode(tokens)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def attention(layers, kv, x, meta):
+        """L blocks of attention (q/k/v, cache write, paged attention, o projection), no FFN."""
+        sin, cos = rope_sin_cos(jnp.maximum(meta.positions, 0), cfg)
+        kv = list(kv)
+        for i, p in enumerate(layers):
+            q, k, v = project_qkv(p, x, sin, cos, cfg)
+            kv[i] = write_kv(kv[i], k, v, meta)
+            att = paged_attention(q, kv[i], meta, chunk_pages=CHUNK_PAGES, sliding_window=cfg.sliding_window)
+            x = x + att.reshape(N, -1) @ p["wo"].astype(x.dtype)
+        return x, tuple(kv)
+
+    @jax.jit
+    def ffn(layers, x, exs):
+        """L FFNs with their norms: dense, or routed by ``d`` (the runner's dispatcher of this bucket)."""
+        f = moe.moe_ffn_fn(moe.plan_dispatch(exs, r.model.num_experts, dispatcher=d)) if r.is_moe else dense_ffn
+        for p in layers:
+            x = x + f(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))[0]
+        return x
+
+    @jax.jit
+    def head(params, x, meta, zeros_i, zeros_f, ones_f):
+        """The final norm + LM head on the S sampling rows, and greedy per-row sampling."""
+        logits = head_rows(nnx_merge(graphdef, params), x[meta.cu_q_lens[1:] - 1])
+        return sample_rows(logits, zeros_i, meta.kv_lens, zeros_f, ones_f)
+
+    @functools.partial(jax.jit, donate_argnums=(2,))
+    def route(params, rlayers, rkv, tok, rmeta):
+        """One router step on the S sampled tokens (writing their router K/V)."""
+        ids, rkv = route_packed(nnx_merge(graphdef, params).router, rlayers, tok, rmeta, rkv,
+                                chunk_pages=CHUNK_PAGES)
+        return ids, rkv
+
+    x = jax.block_until_ready(embed(r.params, tokens))
+    tok = tokens[:S]
+
+    def run_attention():
+        y, r.kv = attention(layers, r.kv, x, meta)      # the runner's pool, written at the same entries each call
+        return y
+
+    def run_route():
+        ids, r.rkv = route(r.params, r.rlayers, r.rkv, tok, rmeta)
+        return ids
+
+    fns = {"launch": lambda: launch(one), "embed": lambda: embed(r.params, tokens),
+           "upload": lambda: take(host_meta()), "attention": run_attention,
+           "ffn": lambda: ffn(layers, x, exs), "head": lambda: head(r.params, x, meta, zeros_i, zeros_f, ones_f),
+           "step": lambda: r.step(batch).result()}
+    if r.is_moe:
+        fns["router"] = run_route
+    from benchmarks.common import median, time_calls
+    walls = {k: 1e3 * np.asarray(v["wall"]) for k, v in time_calls(fns, warmup=1, repeats=repeats).items()}
+    ms = {k: median(list(w)) for k, w in walls.items()}
+    noise = sum(float(np.median(np.abs(w - np.median(w)))) for w in walls.values())   # MADs of every median
+    for k in PARTS[1:]:                         # each timed piece paid one launch; the step pays one
+        if k in ms:
+            ms[k] -= ms["launch"]
+    ms.setdefault("router", 0.0)
+    ms["other"] = ms["step"] - sum(ms[k] for k in PARTS)
+    ms["host"] = 1e3 * step_wall_s - ms["step"]
+    ms["engine_step"] = 1e3 * step_wall_s
+    tol = SUM_TOLERANCE * ms["step"] + noise
+    out = {"ms": ms, "tolerance_ms": tol, "bucket": N, "seq_bucket": S, "context": ctx, "experts": ex.tolist(),
+           "dispatcher": None if d is None else type(d).__name__}
+    if abs(ms["other"]) > tol:
+        raise BreakdownError(f"breakdown: the parts ({', '.join(f'{k} {ms[k]:.3f}' for k in PARTS)} ms) sum to "
+                             f"{ms['step'] - ms['other']:.3f} ms, the step takes {ms['step']:.3f} ms: other = "
+                             f"{ms['other']:+.3f} ms is over {SUM_TOLERANCE:.0%} of the step + the timing noise "
+                             f"({noise:.3f} ms, the sum of the pieces' median absolute deviations) "
+                             f"(N={N}, S={S}, context {ctx})")
+    return out
+
+
+PARTS = ("launch", "embed", "upload", "attention", "ffn", "head", "router")
+
+
+class BreakdownError(RuntimeError):
+    """A step breakdown whose timed parts do not add up to the timed step (see the module docstring)."""
+
+
+def nnx_merge(graphdef, params):
+    from flax import nnx
+    return nnx.merge(graphdef, *params)

@@ -65,3 +65,23 @@ def test_worker_replies_in_order_and_reports_errors():
             w.call("fail")
         assert w.call("add", a=[1], b=[2]) == {"sum": [1, 2]}          # still serving after an error
     assert w.proc.returncode == 0
+
+
+@pytest.mark.slow(reason="builds and warms up a tiny Read-ME engine (compiles every bucket), then times its step")
+def test_breakdown_parts_add_up_to_the_step():
+    from benchmarks.serve_ours import PARTS, EngineWorker
+    w = EngineWorker()
+    w.load({"m": "tiny-readme"})
+    w.prepare("m", 2, 16, 64)
+    w.run("m", 2, [[list(range(100, 120)), 4], [list(range(200, 210)), 4]])
+    free = w.engines[("m", 2)].pages.num_free
+    bd = w.breakdown("m", 2, context=24, experts=[1, 3], step_wall_s=0.01, repeats=5)
+    ms = bd["ms"]
+    runner = w.engines[("m", 2)].runner                         # 2 tokens: the first buckets, as the runner pads
+    assert (bd["bucket"], bd["seq_bucket"]) == (runner.token_buckets[0], 2)
+    assert (bd["context"], bd["experts"]) == (24, [1, 3])
+    assert ms["router"] > 0 and ms["attention"] > 0 and ms["step"] > 0
+    assert ms["other"] == pytest.approx(ms["step"] - sum(ms[k] for k in PARTS))
+    assert abs(ms["other"]) <= bd["tolerance_ms"] < ms["step"]     # within the rule, and the rule is not vacuous
+    assert w.engines[("m", 2)].pages.num_free == free          # its pages went back to the allocator
+    w.release([])
