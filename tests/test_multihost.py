@@ -6,7 +6,6 @@ checkpoint saved on (2, 2, 2) restores onto (1, 1, 8) and onto one device with e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -49,7 +49,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from readme_jax.atomic import atomic_write_json

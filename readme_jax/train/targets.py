@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -138,7 +137,7 @@ def heldout_routing(path: str | Path, windows: dict[str, np.ndarray], dense, spe
 
     out, arrays = {}, {"domains": np.asarray(list(windows), str)}
     for i, (d, inputs) in enumerate(windows.items()):
-        tgt = np.concatenate([np.asarray(target(state, jnp.asarray(inputs[j:j + batch])))
+        tgt = np.concatenate([np.asarray(target(jnp.asarray(inputs[j:j + batch])))
                               for j in range(0, len(inputs), batch)])
         out[d] = (inputs, tgt)
         arrays[f"inputs_{i}"], arrays[f"target_{i}"] = inputs, tgt
