@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from readme_jax.errors import APIError
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -57,3 +59,11 @@ def models_list(model: str, created: int, max_model_len: int) -> dict:
     return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "readme_jax",
                                         "max_model_len": max_model_len}]}
 
+
+def final_error(out) -> APIError | None:
+    """The error a finished output stands for: the engine failed (500) or shutdown aborted it (503)."""
+    if out.finish_reason == "error":
+        return APIError(500, f"the engine failed: {out.error or 'unknown error'}", type="server_error")
+    if out.finish_reason == "abort":
+        return APIError(503, "the request was aborted (the server is shutting down)", type="service_unavailable")
+    return None

@@ -279,15 +279,6 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
     return app
 
 
-def _final_error(out) -> APIError | None:
-    """The error a finished output stands for: the engine failed (500) or shutdown aborted it (503)."""
-    if out.finish_reason == "error":
-        return APIError(500, f"the engine failed: {out.error or 'unknown error'}", type="server_error")
-    if out.finish_reason == "abort":
-        return APIError(503, "the request was aborted (the server is shutting down)", type="service_unavailable")
-    return None
-
-
 def _usage(req, streams, finals) -> dict[str, int]:
     prompt = sum(finals[i].prompt_tokens or streams[i].prompt_tokens for i in range(0, len(streams), req.n))
     return responses.usage(prompt, sum(f.completion_tokens for f in finals.values()))
@@ -317,7 +308,7 @@ async def _complete(request: Request, req, streams, request_id: str, done):
             task.cancel()
         _cancel(streams)
     for i in range(len(streams)):
-        error = _final_error(finals[i])
+        error = responses.final_error(finals[i])
         if error is not None:
             return _error_response(error)
     choices = [(i, texts[i], finals[i].finish_reason) for i in range(len(streams))]
@@ -346,14 +337,14 @@ async def _events(req, streams, request_id: str, created: int, done):
             continue
         finals[i] = out
         done()
-        error = _final_error(out)
+        error = responses.final_error(out)
         if error is not None:
             if out.text:
                 yield chunk(index=i, text=out.text)
             yield responses.sse(error.body())
             break
         yield chunk(index=i, text=out.text, finish_reason=out.finish_reason)
-    if req.include_usage and len(finals) == len(streams) and all(_final_error(f) is None for f in finals.values()):
+    if req.include_usage and len(finals) == len(streams) and all(responses.final_error(f) is None for f in finals.values()):
         use = _usage(req, streams, finals)
         yield responses.sse(responses.chunk(req.kind, request_id, created, req.model, use=use))
     yield responses.sse("[DONE]")
