@@ -17,6 +17,9 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# jax's persistent compilation cache stays off for the whole session and every CLI it starts: the train CLI turns it
+# on for the process when called in-process, and a later compile under it segfaulted a CI run (jax 0.10.2, CPU).
+os.environ["READMEJAX_JIT_CACHE"] = "0"
 
 import pytest  # noqa: E402
 

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 def _start(run_dir, out, overrides, *, devices, coordinator=None, n=1, pid=0):
-    env = cli_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", READMEJAX_JIT_CACHE="0")
+    env = cli_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if coordinator:
         env.update(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(pid))
     return subprocess.Popen([sys.executable, WORKER, str(run_dir), str(out), *overrides], cwd=REPO, env=env,

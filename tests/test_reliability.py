@@ -17,13 +17,6 @@ from readme_jax.train.lock import LOCK_FILE
 from tests.tiny_run import REPO, cli_env, step_and_eval_records, train_cli
 
 
-@pytest.fixture(autouse=True)
-def _no_persistent_jit_cache_in_process(monkeypatch):
-    """Tests here call the train CLI's ``main`` in this process: without this it would turn on jax's persistent
-    compilation cache for the rest of the pytest process (a cache write once crashed a later compile there)."""
-    monkeypatch.setenv("READMEJAX_JIT_CACHE", "0")
-
-
 def _canonical(records: list[dict]) -> list[dict]:
     """Step / eval records in a fixed order (a partial rerun appends what it redoes at the end)."""
     return sorted(records, key=lambda r: (r["event"], r.get("phase", ""), r.get("step", 0), r.get("tag", "")))
