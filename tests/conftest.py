@@ -88,3 +88,16 @@ def tiny_readme():
     from tests.tiny_models import TINY_READ_ME, random_model
     return random_model(lambda rngs: ReadMe(TINY_READ_ME, rngs=rngs), seed=2, std=0.3,
                         overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each module. XLA CPU maps ~3+ memory regions per live executable and
+    a whole-suite process compiles thousands: without this the process reached the kernel's map limit
+    (vm.max_map_count, 65530) and segfaulted inside a later compile (two CI runs, both at the same test)."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
