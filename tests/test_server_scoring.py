@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import pytest
 
+from readme_jax.model.llama import Llama
 from tests.test_sampling_fields import np_penalties
 from tests.test_server import CFG, MODEL, Served, byte_tokenizer, make_engine
+from tests.tiny_models import random_model
 
 pytestmark = pytest.mark.slow(reason="starts a server whose engine warms up (compiles every bucket)")
 
@@ -179,3 +181,39 @@ def test_lm_eval_local_completions_scores_like_ours(served, tok, tmp_path, monke
         theirs = [float(ll) for ll, _ in s["filtered_resps"]]
         np.testing.assert_allclose(theirs, r.logliks, atol=1e-4)
         assert int(np.argmax(theirs)) == r.pred
+
+
+
+def test_n_samples_share_the_prompt_pages(served):
+    """n = 3 seeded through the server: distinct, reproducible, each equal to a lone request with seed + j."""
+    prompt = np.random.default_rng(4).integers(3, CFG.vocab_size, 37).tolist()
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    texts = [c["text"] for c in post(served, body | {"n": 3})["choices"]]
+    assert len(set(texts)) == 3
+    assert [c["text"] for c in post(served, body | {"n": 3})["choices"]] == texts
+    assert [post(served, body | {"seed": 5 + j})["choices"][0]["text"] for j in range(3)] == texts
+
+
+def test_followers_take_the_prompt_pages_from_the_cache(tok):
+    """With a budget that would prefill three samples of one prompt side by side, samples 1 and 2 (``follows``)
+    wait for sample 0's prefill and take its two full pages from the prefix cache: 4 pages' tokens fewer
+    prefilled, the same tokens."""
+    from readme_jax.sampling import SamplingParams
+    from readme_jax.serve.engine import Engine, EngineConfig
+
+    model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
+    prompt = np.random.default_rng(4).integers(3, CFG.vocab_size, 37).tolist()
+
+    def run(share):
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=64,
+                                              page_size=16))
+        eng.start(warmup=False)
+        streams = [eng.submit(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=9 + j, ignore_eos=True),
+                              request_id=f"r-{j}", follows="r-0" if share and j else None) for j in range(3)]
+        out = [[t for o in s for t in o.token_ids] for s in streams]
+        eng.shutdown(5)
+        return out, sum(e["prefill_tokens"] for e in eng.step_log), eng.pages.stats.hits
+
+    (alone, prefilled, hits), (shared, prefilled_shared, hits_shared) = run(False), run(True)
+    assert shared == alone and hits == 0 and hits_shared == 2 * 2 * 16
+    assert prefilled - prefilled_shared == 2 * 2 * 16

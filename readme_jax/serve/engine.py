@@ -74,6 +74,7 @@ class _Request:
     stops: StopStrings | None = None
     closed: bool = False                   # the final output was sent
     prompt_lps: list = dataclasses.field(default_factory=list)     # prompt logprobs so far (echo)
+    follows: str | None = None             # a sibling (n > 1) whose prompt pages it waits to share
 
     @property
     def reads_cache(self) -> bool:
@@ -119,6 +120,7 @@ class Engine(PagedScheduling):
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
         self._queue = QueueState(config.max_num_seqs)  # the scheduler's state (serve/queue_state.py)
         self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
+        self._held: list[_Request] = []                # in _reqs, not yet waiting: their sibling is prefilling
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -152,9 +154,11 @@ class Engine(PagedScheduling):
         self.runner.warmup()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, loop=None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, follows: str | None = None) -> RequestStream:
         """Queue one request. Raises SamplingError (bad prompt / lengths, naming the field), QueueFullError,
-        NotReadyError (not started, draining) or EngineError (the engine failed)."""
+        NotReadyError (not started, draining) or EngineError (the engine failed). ``follows``: the id of a request
+        with the same prompt (the first sample of an n > 1 request): this one waits until that one's prompt is
+        prefilled, then takes its full pages from the prefix cache instead of prefilling them again."""
         if self.error is not None:
             raise EngineError(f"engine failed: {self.error}")
         if not self.ready or self._draining:
@@ -174,7 +178,8 @@ class Engine(PagedScheduling):
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
-        req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter())
+        req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
+                       follows=follows)
         with self._lock:                     # bounded: requests not yet holding a slot, inbox + waiting
             if self._queued >= self.config.max_queue:
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")
@@ -236,7 +241,17 @@ class Engine(PagedScheduling):
             for req in self._all_requests():
                 self._finish(req, "error")
 
+    def _leader_prefilling(self, req: _Request) -> bool:
+        """``req`` follows a sibling whose prompt is not yet in its pages (and may share them: prefix caching)."""
+        lead = self._reqs.get(req.follows) if req.follows is not None else None
+        return (lead is not None and self.config.prefix_caching and req.reads_cache and lead.prompt == req.prompt
+                and not lead.generated)
+
     def _admit(self, arrivals: list[list]) -> None:
+        for req in [r for r in self._held if not self._leader_prefilling(r)]:    # its sibling's pages are cached
+            self._held.remove(req)
+            if not req.closed:
+                self._wait(req)
         while True:
             try:
                 req = self._inbox.get_nowait()
@@ -247,7 +262,10 @@ class Engine(PagedScheduling):
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt) if self.tokenizer is not None else None
             req.stops = StopStrings(req.params.stop)
             self._reqs[req.id] = req
-            self._wait(req)
+            if self._leader_prefilling(req):
+                self._held.append(req)
+            else:
+                self._wait(req)
             arrivals.append([req.id, len(req.prompt)])
 
     def _wait(self, req: _Request) -> None:

@@ -207,9 +207,11 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
         request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         streams = []
         try:                                       # all choices or none: a refused one cancels the others
-            for i in range(len(req.prompts) * req.n):
+            for i in range(len(req.prompts) * req.n):           # samples j > 0 share sample 0's prompt pages
+                j = i % req.n
                 streams.append(engine.submit(req.prompts[i // req.n], req.choice_params(i),
-                                             loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}"))
+                                             loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}",
+                                             follows=f"{request_id}-{i - j}" if j else None))
         except QueueFullError as e:
             _cancel(streams)
             raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
