@@ -178,6 +178,7 @@ def on_rows(want: jnp.ndarray, fn, out):
     rows (1, 2, 4, ... B) that holds them, none at all when no row asks: a costly per-row operation (a
     vocabulary sort, a top-k) is paid only by the rows that need it. want <bool>[B]; out a pytree of arrays
     with leading dimension B; fn(rows <int32>[b]) -> the same pytree with leading dimension b."""
+    want = jnp.asarray(want)
     B = want.shape[0]
     order = jnp.argsort(~want, stable=True).astype(jnp.int32)          # the wanted rows first
     count = jnp.sum(want, dtype=jnp.int32)
@@ -208,6 +209,7 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
     order) by top-k, then min-p, then top-p (a batch of greedy rows only skips the draw). top-k and min-p run
     only when a sampled row asks for them; top-p sorts only the rows that ask, gathered by ``on_rows``."""
     V = logits.shape[-1]
+    temperature, top_p = jnp.asarray(temperature), jnp.asarray(top_p)
     keys = row_keys(seeds, positions)
     sampling = temperature > 0
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
