@@ -9,12 +9,12 @@ lm-evaluation-harness's ``local-completions`` scores a local multiple-choice tas
 import json
 
 import httpx
-import jax
 import numpy as np
 import pytest
 
 from readme_jax.model.llama import Llama
 from tests.test_sampling_fields import np_penalties
+from tests.test_step_logprobs import _forward as forward
 from tests.test_server import CFG, MODEL, Served, byte_tokenizer, make_engine
 from tests.tiny_models import random_model
 
@@ -44,11 +44,6 @@ def post(served, body, route="completions"):
                                                     if e.startswith("data: {")]
 
 
-def log_softmax(model, ids) -> np.ndarray:
-    """<f64>[T, V]: log-softmax of our own forward at every position of ``ids``."""
-    return np.asarray(jax.nn.log_softmax(np.asarray(model(np.array([ids]))[0], np.float64), axis=-1))
-
-
 def ids_of(tokens) -> list[int]:
     return [int(t.split(":", 1)[1]) for t in tokens]
 
@@ -59,7 +54,7 @@ def test_logprobs_equal_log_softmax_of_forward(served):
             "return_tokens_as_token_ids": True}
     lp = post(served, body)["choices"][0]["logprobs"]
     gen = ids_of(lp["tokens"])
-    ref = log_softmax(model_of(served), prompt + gen)[len(prompt) - 1:-1]
+    ref = forward(model_of(served), prompt + gen)[0][len(prompt) - 1:-1]
     np.testing.assert_allclose(lp["token_logprobs"], ref[np.arange(5), gen], atol=1e-5)
     for j, top in enumerate(lp["top_logprobs"]):
         assert len(top) == 3 and lp["token_logprobs"][j] == max(top.values())     # lm-eval's exact greedy test
@@ -90,14 +85,15 @@ def test_echo_prompt_logprobs_equal_token_nll(served, tok):
     assert [c["logprobs"] for c in again["choices"]] == [c["logprobs"] for c in first["choices"]]
     events = post(served, body | {"prompt": prompts[1], "stream": True})
     assert events[0]["choices"][0]["text"] == tok.decode(prompts[1])
-    assert events[0]["choices"][0]["logprobs"]["token_logprobs"] == first["choices"][1]["logprobs"]["token_logprobs"][:-1]
+    streamed = events[0]["choices"][0]["logprobs"]["token_logprobs"]
+    assert streamed == first["choices"][1]["logprobs"]["token_logprobs"][:-1]
 
 
 def reference_tokens(model, prompt, steps, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
     """Greedy tokens under vLLM's penalties and logit_bias, from our forward and NumPy (test_sampling_fields)."""
     out = []
     for _ in range(steps):
-        raw = np.asarray(model(np.array([prompt + out]))[0, -1], np.float64)
+        _, raw = forward(model, prompt + out)
         logits = np_penalties(raw, prompt, out, presence, frequency, repetition)
         for t, v in (bias or {}).items():
             logits[t] += v
@@ -202,11 +198,11 @@ def test_followers_take_the_prompt_pages_from_the_cache(tok):
     from readme_jax.serve.engine import Engine, EngineConfig
 
     model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
-    prompt = np.random.default_rng(4).integers(3, CFG.vocab_size, 37).tolist()
+    prompt = np.random.default_rng(4).integers(3, CFG.vocab_size, 21).tolist()
 
     def run(share):
-        eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=64,
-                                              page_size=16))
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32,
+                                              page_size=8))
         eng.start(warmup=False)
         streams = [eng.submit(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=9 + j, ignore_eos=True),
                               request_id=f"r-{j}", follows="r-0" if share and j else None) for j in range(3)]
@@ -215,5 +211,5 @@ def test_followers_take_the_prompt_pages_from_the_cache(tok):
         return out, sum(e["prefill_tokens"] for e in eng.step_log), eng.pages.stats.hits
 
     (alone, prefilled, hits), (shared, prefilled_shared, hits_shared) = run(False), run(True)
-    assert shared == alone and hits == 0 and hits_shared == 2 * 2 * 16
+    assert shared == alone and hits == 0 and hits_shared == 2 * 2 * 8
     assert prefilled - prefilled_shared == 2 * (len(prompt) - 1)

@@ -9,6 +9,7 @@ warm-up."""
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from readme_jax.model.llama import Llama
 from readme_jax.sampling import MAX_LOGPROBS, sample_rows
@@ -73,10 +74,21 @@ def test_step_logprobs_equal_log_softmax_of_forward(model, runner):
     assert np.all(np.isneginf(none.result().top_logprobs))
 
 
-def _forward(model, ids):
-    """log-softmax of our own full forward at every position of ``ids`` <f64>[T, V] and the raw last logits."""
-    logits = np.asarray(model(np.array([ids]))[0], np.float64)
+@nnx.jit
+def _padded(model, ids):
+    return model(ids)
+
+
+def _forward(model, ids, width=64):
+    """log-softmax of our own full forward at every position of ``ids`` <f64>[T, V] and the raw last logits (one
+    compile: ids right-padded to ``width``, which a causal model never reads back)."""
+    x = np.zeros((1, width), np.int32)
+    x[0, :len(ids)] = ids
+    logits = np.asarray(_padded(model, x)[0, :len(ids)], np.float64)
     return np.asarray(jax.nn.log_softmax(logits, axis=-1)), logits[-1]
+
+
+_sample = jax.jit(sample_rows)
 
 
 def test_prompt_logprobs_equal_forward(model, runner):
@@ -137,7 +149,7 @@ def test_processors_match_numpy_reference(model, runner):
             if i == 2:
                 for t, v in bias.items():
                     want[t] += v
-            ref = sample_rows(want[None].astype(np.float32), np.array([11 + i]), np.array([len(seqs[i])]),
+            ref = _sample(want[None].astype(np.float32), np.array([11 + i]), np.array([len(seqs[i])]),
                               np.array([temps[i]], np.float32), np.ones(1, np.float32), np.array([top_k[i]]))
             assert int(res.tokens[j]) == int(ref[0]), (step, i)
             if i == 1:

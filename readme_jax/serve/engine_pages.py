@@ -18,8 +18,9 @@ from readme_jax.serve.schedulers import prefill_order
 
 
 class PagedScheduling:
-    """Needs from the engine: ``pages`` (KVPages), ``runner`` (PagedRunner), ``_queue`` (QueueState), ``_reqs``, ``config``,
-    ``scheduler``, ``lookahead``, ``preemptions``, ``_preempted``, ``_wait(req)``, ``_dequeue(n)``."""
+    """Needs from the engine: ``pages`` (KVPages), ``runner`` (PagedRunner), ``_queue`` (QueueState), ``_reqs``,
+    ``config``, ``scheduler``, ``lookahead``, ``sliding_window``, ``preemptions``, ``_preempted``, ``_wait(req)``,
+    ``_dequeue(n)``."""
 
     def _admissible(self) -> int:
         """New prompts (FCFS) whose pages fit, after a page for every running decode that needs one."""
@@ -90,10 +91,12 @@ class PagedScheduling:
     def _copy_from_leader(self, req: "engine._Request", start: int) -> int:
         """An n > 1 sample (``req.follows``) whose sibling holds the same prompt's KV: the pages past the prefix
         hit, the partly filled last one included, are copied from the sibling's (copy-on-write: the copy is its
-        own), so only the prompt's last token runs again (to sample). Returns the tokens now computed."""
+        own), so only the prompt's last token runs again (to sample). Not for a request that must run every token
+        (``reads_cache`` False: penalty counts, prompt logprobs). Returns the tokens now computed."""
         lead = self._reqs.get(req.follows) if req.follows is not None else None
         last = req.target - 1
-        if (lead is None or req.generated or lead.prompt != req.prompt or lead.id not in self.pages.tables
+        if (lead is None or req.generated or not req.reads_cache or lead.prompt != req.prompt
+                or lead.id not in self.pages.tables or self.sliding_window is not None     # slid pages are gone
                 or lead.computed < last or start >= last):
             return start
         ps = self.pages.page_size

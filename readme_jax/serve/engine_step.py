@@ -64,7 +64,8 @@ def _processor_arrays(rows: Sequence[Row]) -> dict:
     params = [r.params for r in rows]
     out = {}
     if any(p is not None and (p.logprobs is not None) for p in params):
-        out["logprobs"] = np.array([p is not None and p.logprobs is not None and r.sample for p, r in zip(params, rows)])
+        out["logprobs"] = np.array([p is not None and p.logprobs is not None and r.sample
+                                    for p, r in zip(params, rows)])
     if any(p is not None and p.uses_processors for p in params):
         def field(name, default):
             return [default if p is None else getattr(p, name) for p in params]
@@ -161,7 +162,8 @@ def run_rows(runner, rows: Sequence[Row], table: Callable[[str], list[int]], rou
         cache.reference(group, LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
                         if cache.policy.uses_future else WindowFuture(()))
         runner.pool.sync(cache.resident)
-        got = _results([r for _, r in part], runner.step(build_batch([r for _, r in part], table, width, routed)).result())
+        rows_ = [r for _, r in part]
+        got = _results(rows_, runner.step(build_batch(rows_, table, width, routed)).result())
         for (j, r), g in zip(part, got):
             if r.sample:
                 out[j].token, out[j].expert, out[j].logprob = g.token, g.expert, g.logprob

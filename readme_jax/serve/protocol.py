@@ -9,9 +9,9 @@ bodies, and the error shape.
 Every field a request may carry is listed here (``fields``), with what it answers: implemented (every
 OpenAI / vLLM sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's
 logprobs too), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
-``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are checked by the one validator
-(:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same message here as in
-``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
+``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are
+checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same
+message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
 ``QUOTE_CHARS`` characters of a value.
 """
 
@@ -106,7 +106,8 @@ NEUTRAL_ONLY = {
     "chat": {**_NEUTRAL_COMMON, "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
              "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
              "parallel_tool_calls": _neutral(None, True), "add_generation_prompt": _neutral(True, None),
-             "continue_final_message": _neutral(False, None), "echo": _neutral(False, None), "chat_template": _neutral(None),
+             "continue_final_message": _neutral(False, None), "echo": _neutral(False, None),
+             "chat_template": _neutral(None),
              "chat_template_kwargs": _neutral(None, {}), "documents": _neutral(None), "modalities": _neutral(None, ["text"]),
              "prediction": _neutral(None), "audio": _neutral(None), "reasoning_effort": _neutral(None),
              "web_search_options": _neutral(None)},
