@@ -258,12 +258,25 @@ def apply_logit_bias(logits: jnp.ndarray, bias_ids: jnp.ndarray, bias_values: jn
     return jnp.asarray(logits).at[rows, jnp.maximum(bias_ids, 0)].add(values)
 
 
+#: top-k up to this many reads the k-th value from ``lax.top_k`` (a partial selection), beyond it from a full sort.
+TOP_K_SELECT = 64
+
+
 def apply_top_k(logits: jnp.ndarray, top_k: jnp.ndarray) -> jnp.ndarray:
     """Keep each row's k largest logits (ties with the k-th kept, as vLLM), the rest -inf. logits <f32>[B, V],
-    top_k <int32>[B] (0 or -1, or >= V: all tokens) -> <f32>[B, V]."""
+    top_k <int32>[B] (0 or -1, or >= V: all tokens) -> <f32>[B, V]. When every row's k is at most TOP_K_SELECT
+    the k-th value comes from a partial ``lax.top_k``, else from a full sort (same result)."""
     V = logits.shape[-1]
-    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
-    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), (k - 1)[:, None], axis=-1)
+    off = (top_k <= 0) | (top_k > V)
+    k = jnp.where(off, V, top_k)
+    cap = min(TOP_K_SELECT, V)
+
+    def kth_of(values):
+        return jnp.take_along_axis(values, (jnp.minimum(k, values.shape[-1]) - 1)[:, None], axis=-1)
+
+    kth = jax.lax.cond(jnp.all(off | (k <= cap)),
+                       lambda: jnp.where(off[:, None], -jnp.inf, kth_of(jax.lax.top_k(logits, cap)[0])),
+                       lambda: kth_of(-jnp.sort(-logits, axis=-1)))
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 

@@ -44,6 +44,11 @@ def test_top_k_per_row():
         np.testing.assert_array_equal(got[b], np_top_k(LOGITS[b], int(k[b])))
     assert np.isfinite(got[2]).sum() == 2                      # the tie at the top: both kept with k = 2
     np.testing.assert_array_equal(np.asarray(apply_top_k(LOGITS, np.zeros(B, np.int32))), LOGITS)
+    wide = RNG.normal(0, 2, (3, 200)).astype(np.float32)                # k up to 64: partial selection; 70: sort
+    for ks in ([5, 0, 64], [70, 5, -1]):
+        got = np.asarray(apply_top_k(wide, np.array(ks, np.int32)))
+        for b in range(3):
+            np.testing.assert_array_equal(got[b], np_top_k(wide[b], ks[b]))
 
 
 def test_min_p_per_row():
