@@ -241,12 +241,6 @@ class Engine(PagedScheduling):
             for req in self._all_requests():
                 self._finish(req, "error")
 
-    def _leader_prefilling(self, req: _Request) -> bool:
-        """``req`` follows a sibling whose prompt is not yet in its pages (and may share them: prefix caching)."""
-        lead = self._reqs.get(req.follows) if req.follows is not None else None
-        return (lead is not None and self.config.prefix_caching and req.reads_cache and lead.prompt == req.prompt
-                and not lead.generated)
-
     def _admit(self, arrivals: list[list]) -> None:
         for req in [r for r in self._held if not self._leader_prefilling(r)]:    # its sibling's pages are cached
             self._held.remove(req)

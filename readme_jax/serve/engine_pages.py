@@ -88,6 +88,12 @@ class PagedScheduling:
         req.computed = w.done = self._copy_from_leader(req, hit.tokens)
         return True
 
+    def _leader_prefilling(self, req: "engine._Request") -> bool:
+        """``req`` follows a sibling whose prompt is not yet in its pages (and may share them: prefix caching)."""
+        lead = self._reqs.get(req.follows) if req.follows is not None else None
+        return (lead is not None and self.config.prefix_caching and req.reads_cache and lead.prompt == req.prompt
+                and not lead.generated)
+
     def _copy_from_leader(self, req: "engine._Request", start: int) -> int:
         """An n > 1 sample (``req.follows``) whose sibling holds the same prompt's KV: the pages past the prefix
         hit, the partly filled last one included, are copied from the sibling's (copy-on-write: the copy is its
