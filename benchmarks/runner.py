@@ -34,7 +34,8 @@ REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe"
                             "serve_vllm": "benchmarks.serve_vllm",
                             "codesign": "benchmarks.codesign",
                             "codesign_cpu": "benchmarks.codesign_engine",
-                            "step_roofline": "benchmarks.step_roofline", "train_step": "benchmarks.train_step"}
+                            "step_roofline": "benchmarks.step_roofline", "train_step": "benchmarks.train_step",
+                            "sampling_tail": "benchmarks.sampling_tail"}
 DEFAULT_OUT = Path("out/benchmarks")  # git-ignored
 
 

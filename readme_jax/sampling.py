@@ -3,7 +3,7 @@ processors of the OpenAI / vLLM sampling fields.
 
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1)   # validated here
     tok = sample_token(logits, key, temperature, top_p)                 # one setting for the batch
-    tok = sample_rows(logits, seeds, positions, temperature, top_p)     # one setting per row (serving)
+    tok = sample_rows(logits, seeds, positions, temperature, top_p, top_k, min_p)   # one setting per row (serving)
     logits = apply_penalties(logits, prompt_counts, output_counts, presence, frequency, repetition)
     logits = apply_logit_bias(logits, bias_ids, bias_values); logits = apply_top_k(logits, top_k)
     logits = apply_min_p(logits, min_p); lp, top_ids, top_lp = token_logprobs(logits, tokens, k)
@@ -12,7 +12,7 @@ Every entry point (``generate``, its CLI, the server) validates through :class:`
 :func:`validate_sampling`, so a bad value gets the same message everywhere, naming the field.
 Greedy never pays for the vocabulary sort nucleus sampling needs (at V = 49,152 that sort costs more
 than a SmolLM2 decode step on CPU): ``sample_token`` switches on the mode; ``sample_rows`` sorts only the
-rows that ask for top-p, gathered into the smallest power-of-two bucket that holds them.
+rows that ask for top-p, gathered into the smallest power-of-two bucket that holds them (``on_rows``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class SamplingParams:
     """One request's decoding settings. temperature 0 = greedy; top_p < 1 = nucleus; seed None = a seed
     drawn by the caller (the engine draws one per request, so the run is still reproducible from its log);
     stop: strings that end the output (not included); stop_token_ids: extra ids that end it (included in
-    usage, not in the text); ignore_eos: keep going past EOS (benchmarks)."""
+    usage, not in the text); ignore_eos: keep going past EOS (benchmarks). The logit processors (top_k, min_p,
+    penalties, logit_bias) follow vLLM; logprobs k: each sampled token's log-probability and its k most likely
+    alternatives; prompt_logprobs k: the same for every prompt token (the first has none)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -74,6 +76,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         validate_sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
@@ -90,6 +93,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def uses_processors(self) -> bool:
+        """A logit processor the step must apply (top_k, min_p, a penalty or logit_bias set)."""
+        return any(name != "logprobs" for name in self.active_processors())
+
+    @property
+    def uses_counts(self) -> bool:
+        """A penalty that reads the sequence's token counts."""
+        return (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
 
     def active_processors(self) -> tuple[str, ...]:
         """The fields of the logit processors set away from their neutral value (what an engine must apply)."""
@@ -119,9 +132,10 @@ def _validate_processors(p: "SamplingParams") -> None:
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
             raise SamplingError("logit_bias", f"expected token ids >= 0 as keys, got {t!r}")
         _number("logit_bias", v, *BIAS_RANGE)
-    if p.logprobs is not None and (isinstance(p.logprobs, bool) or not isinstance(p.logprobs, numbers.Integral)
-                                   or not 0 <= p.logprobs <= MAX_LOGPROBS):
-        raise SamplingError("logprobs", f"expected an integer in [0, {MAX_LOGPROBS}] or null, got {p.logprobs!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(p, name)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= MAX_LOGPROBS):
+            raise SamplingError(name, f"expected an integer in [0, {MAX_LOGPROBS}] or null, got {k!r}")
 
 
 def _nucleus(scaled: jnp.ndarray, keys: jax.Array, top_p: jnp.ndarray) -> jnp.ndarray:
@@ -159,25 +173,15 @@ def row_keys(seeds: jnp.ndarray, positions: jnp.ndarray) -> jax.Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
 
-def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray, temperature: jnp.ndarray,
-                top_p: jnp.ndarray) -> jnp.ndarray:
-    """One setting per row. logits <f32>[B, V]; seeds / positions <int32>[B] (position = index of the token
-    being sampled in its sequence); temperature / top_p <f32>[B] -> <int32>[B].
-
-    A row's token depends only on its logits, seed, position and settings, never on its neighbours. Greedy
-    rows (temperature 0) take the argmax; the others sample (a batch of greedy rows only skips the draw);
-    the rows asking for top_p < 1 are gathered into a bucket of 1, 2, 4, ... B rows (the smallest that
-    holds them; none at all when no row asks) and only those are sorted."""
-    B = logits.shape[0]
-    keys = row_keys(seeds, positions)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(jnp.any(temperature > 0),       # an all-greedy batch draws nothing
-                           lambda: jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32),
-                           lambda: greedy)
-    wants_nucleus = (temperature > 0) & (top_p < 1)
-    order = jnp.argsort(~wants_nucleus, stable=True).astype(jnp.int32)     # nucleus rows first
-    count = jnp.sum(wants_nucleus, dtype=jnp.int32)
+def on_rows(want: jnp.ndarray, fn, out):
+    """``out`` with the rows in ``want`` replaced by ``fn(rows)``, run on the smallest power-of-two bucket of
+    rows (1, 2, 4, ... B) that holds them, none at all when no row asks: a costly per-row operation (a
+    vocabulary sort, a top-k) is paid only by the rows that need it. want <bool>[B]; out a pytree of arrays
+    with leading dimension B; fn(rows <int32>[b]) -> the same pytree with leading dimension b."""
+    want = jnp.asarray(want)
+    B = want.shape[0]
+    order = jnp.argsort(~want, stable=True).astype(jnp.int32)          # the wanted rows first
+    count = jnp.sum(want, dtype=jnp.int32)
     sizes = [0] + [1 << i for i in range(max(1, B).bit_length()) if (1 << i) < B] + [B]
 
     def bucket(size):
@@ -185,13 +189,41 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
             if size == 0:
                 return out
             rows = order[:size]
-            picked = _nucleus(scaled[rows], keys[rows], top_p[rows])
-            return out.at[rows].set(jnp.where(wants_nucleus[rows], picked, out[rows]))
+            keep = want[rows]
+            return jax.tree.map(lambda o, v: o.at[rows].set(
+                jnp.where(keep.reshape((-1,) + (1,) * (v.ndim - 1)), v, o[rows])), out, fn(rows))
         return run
 
     which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count, side="left")
-    out = jnp.where(temperature > 0, sampled, greedy)
     return jax.lax.switch(which, [bucket(s) for s in sizes], out)
+
+
+def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray, temperature: jnp.ndarray,
+                top_p: jnp.ndarray, top_k: jnp.ndarray | None = None, min_p: jnp.ndarray | None = None) -> jnp.ndarray:
+    """One setting per row. logits <f32>[B, V] (after any penalties / logit_bias); seeds / positions <int32>[B]
+    (position = index of the token being sampled in its sequence); temperature / top_p <f32>[B]; top_k
+    <int32>[B] (0 / -1: off) and min_p <f32>[B] (0: off), optional -> <int32>[B].
+
+    A row's token depends only on its logits, seed, position and settings, never on its neighbours. Greedy
+    rows (temperature 0) take the argmax; the others sample from the temperature-scaled logits, cut (vLLM's
+    order) by top-k, then min-p, then top-p (a batch of greedy rows only skips the draw). top-k and min-p run
+    only when a sampled row asks for them; top-p sorts only the rows that ask, gathered by ``on_rows``."""
+    V = logits.shape[-1]
+    temperature, top_p = jnp.asarray(temperature), jnp.asarray(top_p)
+    keys = row_keys(seeds, positions)
+    sampling = temperature > 0
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if top_k is not None:
+        k = jnp.where(sampling, top_k, 0)
+        scaled = jax.lax.cond(jnp.any((k > 0) & (k < V)), lambda s: apply_top_k(s, k), lambda s: s, scaled)
+    if min_p is not None:
+        scaled = jax.lax.cond(jnp.any(sampling & (min_p > 0)), lambda s: apply_min_p(s, min_p), lambda s: s, scaled)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(sampling),       # an all-greedy batch draws nothing
+                           lambda: jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32),
+                           lambda: greedy)
+    out = jnp.where(sampling, sampled, greedy)
+    return on_rows(sampling & (top_p < 1), lambda rows: _nucleus(scaled[rows], keys[rows], top_p[rows]), out)
 
 
 # --- per-row logit processors (vLLM's definitions; every argument has a leading row dimension B) -------------
@@ -226,12 +258,25 @@ def apply_logit_bias(logits: jnp.ndarray, bias_ids: jnp.ndarray, bias_values: jn
     return jnp.asarray(logits).at[rows, jnp.maximum(bias_ids, 0)].add(values)
 
 
+#: top-k up to this many reads the k-th value from ``lax.top_k`` (a partial selection), beyond it from a full sort.
+TOP_K_SELECT = 64
+
+
 def apply_top_k(logits: jnp.ndarray, top_k: jnp.ndarray) -> jnp.ndarray:
     """Keep each row's k largest logits (ties with the k-th kept, as vLLM), the rest -inf. logits <f32>[B, V],
-    top_k <int32>[B] (0 or -1, or >= V: all tokens) -> <f32>[B, V]."""
+    top_k <int32>[B] (0 or -1, or >= V: all tokens) -> <f32>[B, V]. When every row's k is at most TOP_K_SELECT
+    the k-th value comes from a partial ``lax.top_k``, else from a full sort (same result)."""
     V = logits.shape[-1]
-    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
-    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), (k - 1)[:, None], axis=-1)
+    off = (top_k <= 0) | (top_k > V)
+    k = jnp.where(off, V, top_k)
+    cap = min(TOP_K_SELECT, V)
+
+    def kth_of(values):
+        return jnp.take_along_axis(values, (jnp.minimum(k, values.shape[-1]) - 1)[:, None], axis=-1)
+
+    kth = jax.lax.cond(jnp.all(off | (k <= cap)),
+                       lambda: jnp.where(off[:, None], -jnp.inf, kth_of(jax.lax.top_k(logits, cap)[0])),
+                       lambda: kth_of(-jnp.sort(-logits, axis=-1)))
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 

@@ -1,12 +1,13 @@
 """The per-row logit processors of readme_jax.sampling against NumPy references written from each field's
 definition (vLLM / OpenAI), on fixed logits with a different setting per row."""
 
+import jax
 import numpy as np
 import pytest
 
 from readme_jax.errors import SamplingError
 from readme_jax.sampling import (SamplingParams, apply_logit_bias, apply_min_p, apply_penalties, apply_top_k,
-                                 token_counts, token_logprobs)
+                                 sample_rows, token_counts, token_logprobs)
 
 RNG = np.random.default_rng(0)
 B, V = 4, 11
@@ -43,6 +44,11 @@ def test_top_k_per_row():
         np.testing.assert_array_equal(got[b], np_top_k(LOGITS[b], int(k[b])))
     assert np.isfinite(got[2]).sum() == 2                      # the tie at the top: both kept with k = 2
     np.testing.assert_array_equal(np.asarray(apply_top_k(LOGITS, np.zeros(B, np.int32))), LOGITS)
+    wide = RNG.normal(0, 2, (3, 200)).astype(np.float32)                # k up to 64: partial selection; 70: sort
+    for ks in ([5, 0, 64], [70, 5, -1]):
+        got = np.asarray(apply_top_k(wide, np.array(ks, np.int32)))
+        for b in range(3):
+            np.testing.assert_array_equal(got[b], np_top_k(wide[b], ks[b]))
 
 
 def test_min_p_per_row():
@@ -120,3 +126,26 @@ def test_neutral_values_activate_nothing():
                               frequency_penalty=0.0).active_processors() == ()
     p = SamplingParams(top_k=5, repetition_penalty=1.1, logit_bias=((7, 1.0),), logprobs=0)
     assert p.active_processors() == ("top_k", "repetition_penalty", "logit_bias", "logprobs")
+
+
+def test_sample_rows_draws_inside_top_k_and_min_p():
+    """Per row over 200 seeds: a top-k row draws exactly the NumPy top-k set, a min-p row exactly its min-p set
+    (cut on the temperature-scaled logits, as vLLM), a greedy row with top-k its argmax, a neutral sampled row
+    more than either set; top-k and min-p off (0) change nothing."""
+    T = 200
+    rows = np.repeat(LOGITS[:1], 4, axis=0)
+    temp = np.array([1.0, 0.7, 0.0, 1.0], np.float32)
+    top_k = np.array([3, 0, 2, 0], np.int32)
+    min_p = np.array([0.0, 0.2, 0.0, 0.0], np.float32)
+    draw = jax.jit(sample_rows)
+    zeros, ones = np.zeros(4, np.int32), np.ones(4, np.float32)
+    tok = np.array([draw(rows, np.full(4, seed, np.int32), zeros, temp, ones, top_k, min_p) for seed in range(T)])
+    seen = [set(tok[:, b].tolist()) for b in range(4)]
+    for seed in range(5):
+        seeds = np.full(4, seed, np.int32)
+        np.testing.assert_array_equal(np.asarray(draw(rows, seeds, zeros, temp, ones)),
+                                      np.asarray(draw(rows, seeds, zeros, temp, ones, zeros, np.zeros(4, np.float32))))
+    assert seen[0] == set(np.flatnonzero(np.isfinite(np_top_k(LOGITS[0], 3))))
+    assert seen[1] == set(np.flatnonzero(np.isfinite(np_min_p(LOGITS[0] / 0.7, 0.2))))
+    assert seen[2] == {int(LOGITS[0].argmax())}
+    assert len(seen[3]) > max(len(seen[0]), len(seen[1]))

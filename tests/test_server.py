@@ -166,9 +166,9 @@ def test_streaming_equals_non_streamed(served):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "logprobs": 21}, "logprobs"), ({"prompt": "x", "echo": 1}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"), ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"), ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"), ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "max_tokens": "10"}, "max_tokens"), ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "seed": -3}, "seed"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"), ({}, "prompt"),
@@ -188,7 +188,9 @@ def test_bad_completion_names_the_field(served, body, param):
     ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ])
 def test_bad_chat_names_the_field(served, body, param):
@@ -214,24 +216,28 @@ def _post(served, route, body, **kw):
                       **kw)
 
 
-def test_neutral_fields_are_accepted_processors_not_yet_supported(served):
+def test_neutral_fields_are_accepted_and_every_processor_is_served(served):
     for route, body in (("completions", VLLM_BENCH_COMPLETION), ("chat/completions", VLLM_BENCH_CHAT)):
         r = _post(served, route, body)
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
         assert json.loads(r.text.split("\n\n")[-3][6:])["usage"]["completion_tokens"] == 3
-    r = _post(served, "completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "top_k": 0, **NEUTRAL})
-    assert r.status_code == 200, r.text
+    plain = _post(served, "completions", {"model": MODEL, "prompt": "x", "max_tokens": 6, "temperature": 0,
+                                          "ignore_eos": True})
+    r = _post(served, "completions", {"model": MODEL, "prompt": "x", "max_tokens": 6, "temperature": 0,
+                                      "ignore_eos": True, **NEUTRAL})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"], r.text
     for field, value in (("top_k", 5), ("min_p", 0.1), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
-                         ("repetition_penalty", 1.2), ("logit_bias", {"7": 3}), ("logprobs", 1), ("logprobs", 0)):
+                         ("repetition_penalty", 1.2), ("logit_bias", {"7": 3}), ("logprobs", 1), ("logprobs", 0),
+                         ("echo", True)):
         r = _post(served, "completions", {"model": MODEL, "prompt": "x", field: value})
-        err = r.json()["error"]
-        assert r.status_code == 400 and err["param"] == field and "not yet supported" in err["message"], err
+        assert r.status_code == 200, r.text
     for field, value in (("top_k", -2), ("min_p", 2), ("repetition_penalty", 0), ("logit_bias", {"x": 1})):
         err = _post(served, "completions", {"model": MODEL, "prompt": "x", field: value}).json()["error"]
-        assert err["param"] == field and "not yet supported" not in err["message"], err
+        assert err["param"] == field, err
     r = _post(served, "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                           "logprobs": True, "top_logprobs": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+                                           "logprobs": True, "top_logprobs": 2, "max_tokens": 3, "ignore_eos": True})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert r.status_code == 200 and len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
 
 
 def test_prompt_lists_and_n_samples(served):

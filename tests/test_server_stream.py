@@ -7,14 +7,14 @@ import json
 from readme_jax.sampling import SamplingParams
 from readme_jax.serve.api import RequestOutput, RequestStream
 from readme_jax.serve.protocol import GenerationRequest
-from readme_jax.serve.server import _events
+from readme_jax.serve.choices import events as _events
 
 
 def test_role_chunk_waits_for_the_first_token():
     async def run():
         req = GenerationRequest("chat", "tiny", [[1, 2, 3]], 1, SamplingParams(max_tokens=2), True, False)
         stream = RequestStream("r0", 3, loop=asyncio.get_running_loop())
-        events = _events(req, [stream], "r0", 0, lambda: None)
+        events = _events(req, [stream], "r0", 0, lambda: None, tokenizer=None)
         first = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0.05)
         assert not first.done()                                  # nothing before the engine's first output

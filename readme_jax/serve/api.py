@@ -29,7 +29,9 @@ class RequestOutput:
     incremental detokeniser can release: bytes of a multi-byte character wait for the rest, text that
     might begin a stop string waits for the next token). The last output has finished=True and a
     finish_reason ("stop": EOS, a stop token or a stop string; "length": max_tokens or the context;
-    "abort": cancelled or drained at shutdown; "error": the engine failed, see ``error``)."""
+    "abort": cancelled or drained at shutdown; "error": the engine failed, see ``error``). logprobs: one
+    (logprob, ((token id, logprob), ...)) per token_ids entry when the request asked for them; prompt_logprobs
+    (first output only, when asked): one per prompt token, None for the first."""
 
     request_id: str
     token_ids: list[int]
@@ -39,6 +41,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 class RequestStream:

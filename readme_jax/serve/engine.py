@@ -73,6 +73,19 @@ class _Request:
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
     closed: bool = False                   # the final output was sent
+    prompt_lps: list = dataclasses.field(default_factory=list)     # prompt logprobs so far (echo)
+    follows: str | None = None             # a sibling (n > 1) whose prompt pages it waits to share
+
+    @property
+    def reads_cache(self) -> bool:
+        """False: every token must be an input of the step (prompt logprobs, penalty counts, logit_bias)."""
+        p = self.params
+        return p.prompt_logprobs is None and not p.uses_counts and not p.logit_bias
+
+    @property
+    def device_row(self) -> bool:
+        """Needs a row of the runner's processor state (a penalty or logit_bias)."""
+        return self.params.uses_counts or bool(self.params.logit_bias)
 
 
 class Engine(PagedScheduling):
@@ -107,6 +120,7 @@ class Engine(PagedScheduling):
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
         self._queue = QueueState(config.max_num_seqs)  # the scheduler's state (serve/queue_state.py)
         self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
+        self._held: list[_Request] = []                # in _reqs, not yet waiting: their sibling is prefilling
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -140,9 +154,11 @@ class Engine(PagedScheduling):
         self.runner.warmup()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, loop=None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, follows: str | None = None) -> RequestStream:
         """Queue one request. Raises SamplingError (bad prompt / lengths, naming the field), QueueFullError,
-        NotReadyError (not started, draining) or EngineError (the engine failed)."""
+        NotReadyError (not started, draining) or EngineError (the engine failed). ``follows``: the id of a request
+        with the same prompt (the first sample of an n > 1 request): this one waits until that one's prompt is
+        prefilled, then takes its full pages from the prefix cache instead of prefilling them again."""
         if self.error is not None:
             raise EngineError(f"engine failed: {self.error}")
         if not self.ready or self._draining:
@@ -162,7 +178,8 @@ class Engine(PagedScheduling):
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
-        req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter())
+        req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
+                       follows=follows)
         with self._lock:                     # bounded: requests not yet holding a slot, inbox + waiting
             if self._queued >= self.config.max_queue:
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")
@@ -225,6 +242,10 @@ class Engine(PagedScheduling):
                 self._finish(req, "error")
 
     def _admit(self, arrivals: list[list]) -> None:
+        for req in [r for r in self._held if not self._leader_prefilling(r)]:    # its sibling's pages are cached
+            self._held.remove(req)
+            if not req.closed:
+                self._wait(req)
         while True:
             try:
                 req = self._inbox.get_nowait()
@@ -235,7 +256,10 @@ class Engine(PagedScheduling):
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt) if self.tokenizer is not None else None
             req.stops = StopStrings(req.params.stop)
             self._reqs[req.id] = req
-            self._wait(req)
+            if self._leader_prefilling(req):
+                self._held.append(req)
+            else:
+                self._wait(req)
             arrivals.append([req.id, len(req.prompt)])
 
     def _wait(self, req: _Request) -> None:
@@ -255,8 +279,8 @@ class Engine(PagedScheduling):
             for w in self._queue.waiting.values():
                 if w.slot is None:
                     req = self._reqs[w.request_id]
-                    if req.keys is None:
-                        req.keys = self.pages.prefix_keys(req.tokens[:req.target])
+                    if req.keys is None:         # a request that may not read the cache takes no hit
+                        req.keys = self.pages.prefix_keys(req.tokens[:req.target]) if req.reads_cache else []
                     w.done = self.pages.cached_tokens(req.keys)
         self._preempted = []
         pick = self._schedule()
@@ -270,23 +294,30 @@ class Engine(PagedScheduling):
             if req.slot is None:                     # the prompt's first chunk took a slot
                 req.slot = c.slot
                 self._dequeue()
-            rows.append(Row(req.id, req.tokens, req.experts, c.start, c.n, c.last and not req.generated,
-                            req.seed, req.params.temperature, req.params.top_p))
+                if req.device_row:                   # its penalty counts and logit_bias start afresh
+                    bias = req.params.logit_bias
+                    self.runner.reset_row(req.slot, [t for t, _ in bias], [v for _, v in bias])
+            have = len(req.prompt_lps)                 # prompt logprobs wanted from this chunk on (echo)
+            want_prompt = req.params.prompt_logprobs is not None and c.start <= have < min(c.start + c.n,
+                                                                                          len(req.prompt) - 1)
+            rows.append(self._row(req, c.start, c.n, c.last and not req.generated, want_prompt))
         for _, rid in adv.decoded:
             req = self._reqs[rid]
-            rows.append(Row(rid, req.tokens, req.experts, req.computed, 1, True, req.seed, req.params.temperature,
-                            req.params.top_p))
+            rows.append(self._row(req, req.computed, 1, True, False))
         out = run_rows(self.runner, rows, self.pages.table, bool(self.lookahead), self.cache,
                        lambda: before.future(self.scheduler, pick, self.config.max_num_batched_tokens,
                                              self.config.belady_window)) if rows else []
-        for row, (tok, nxt) in zip(rows, out):
-            req = self._reqs[row.request_id]
+        for row, res in zip(rows, out):
+            req, tok, nxt = self._reqs[row.request_id], res.token, res.expert
+            if res.prompt is not None:
+                have = len(req.prompt_lps)
+                req.prompt_lps += res.prompt[have - row.start:][:len(req.prompt) - 1 - have]
             req.computed = row.start + row.n
             self.pages.commit(req.id, req.tokens[:req.computed], req.experts[:req.computed] if self.lookahead else None)
             if self.sliding_window is not None and not self.lookahead:
                 self.pages.slide(req.id, req.computed + 1 - self.sliding_window)
             if row.sample:
-                self._emit(req, tok, nxt)
+                self._emit(req, tok, nxt, res.logprob)
             elif req.computed == req.target and req.generated:     # recomputed: its pending token waits again
                 self._queue.ready(req.slot, req.id, req.arrival_step, req.experts[len(req.tokens) - 1])
         self.step_count += 1
@@ -306,7 +337,13 @@ class Engine(PagedScheduling):
             self.metrics.set_gauges(self._queued, self._queue.busy_slots)
             self.metrics.set_kv(self.pages.usage, self.pages.stats.queries, self.pages.stats.hits, self.preemptions)
 
-    def _emit(self, req: _Request, tok: int, nxt: int) -> None:
+    def _row(self, req: _Request, start: int, n: int, sample: bool, prompt_logprobs: bool) -> Row:
+        p = req.params
+        return Row(req.id, req.tokens, req.experts, start, n, sample, req.seed, p.temperature, p.top_p, params=p,
+                   proc_row=req.slot if req.device_row else -1, prompt_len=len(req.prompt),
+                   prompt_logprobs=prompt_logprobs)
+
+    def _emit(self, req: _Request, tok: int, nxt: int, logprob=None) -> None:
         """A token was sampled for ``req``: release its text, decide whether the request ends."""
         now = time.perf_counter()
         if self.metrics is not None:
@@ -328,17 +365,20 @@ class Engine(PagedScheduling):
         if reason is None and (len(req.generated) >= p.max_tokens
                                or len(req.prompt) + len(req.generated) >= self.config.max_model_len):
             reason = "length"
+        lps = [logprob] if p.logprobs is not None else None
+        first = ([None] + req.prompt_lps) if p.prompt_logprobs is not None and len(req.generated) == 1 else None
         if reason is None:
             self._queue.ready(req.slot, req.id, req.arrival_step, nxt)
             req.stream.put(RequestOutput(req.id, [tok], text, prompt_tokens=len(req.prompt),
-                                         completion_tokens=len(req.generated)))
+                                         completion_tokens=len(req.generated), logprobs=lps, prompt_logprobs=first))
             return
         if not hit and req.detok is not None:                # release what was held back
             held, hit = req.stops.feed(req.detok.flush())
             text += held + ("" if hit else req.stops.flush())
-        self._finish(req, reason, last_tokens=[tok], text=text)
+        self._finish(req, reason, last_tokens=[tok], text=text, logprobs=lps, prompt_logprobs=first)
 
-    def _finish(self, req: _Request, reason: str, *, last_tokens: list[int] | None = None, text: str = "") -> None:
+    def _finish(self, req: _Request, reason: str, *, last_tokens: list[int] | None = None, text: str = "",
+                logprobs: list | None = None, prompt_logprobs: list | None = None) -> None:
         if req.closed:
             return
         if req.slot is None:
@@ -350,6 +390,9 @@ class Engine(PagedScheduling):
         req.closed = True
         req.stream.put(RequestOutput(req.id, last_tokens or [], text, finished=True, finish_reason=reason,
                                      prompt_tokens=len(req.prompt), completion_tokens=len(req.generated),
-                                     error=self.error if reason == "error" else None))
+                                     error=self.error if reason == "error" else None,
+                                     logprobs=logprobs if logprobs is not None else
+                                     ([] if req.params.logprobs is not None else None),
+                                     prompt_logprobs=prompt_logprobs))
         if self.metrics is not None:
             self.metrics.on_finish(len(req.generated), reason)

@@ -1,6 +1,6 @@
 """The engine's page-aware scheduling (a mixin of ``serve/engine.py``'s Engine, on its queue, requests, pages
 and runner): admission by free pages, preemption by recompute, opening a prompt's pages (prefix hit, Read-ME
-routing), and the step's pick with pages.
+routing, an n > 1 sample's copy of its sibling's prompt pages), and the step's pick with pages.
 
 Admission: the scheduler's ``free_slots`` is the number of waiting prompts (FCFS) whose pages fit after one page
 is reserved for every running decode that needs one. Preemption: when a picked decode token needs a page and
@@ -18,8 +18,9 @@ from readme_jax.serve.schedulers import prefill_order
 
 
 class PagedScheduling:
-    """Needs from the engine: ``pages`` (KVPages), ``runner``, ``_queue`` (QueueState), ``_reqs``, ``config``,
-    ``scheduler``, ``lookahead``, ``preemptions``, ``_preempted``, ``_wait(req)``, ``_dequeue(n)``."""
+    """Needs from the engine: ``pages`` (KVPages), ``runner`` (PagedRunner), ``_queue`` (QueueState), ``_reqs``,
+    ``config``, ``scheduler``, ``lookahead``, ``sliding_window``, ``preemptions``, ``_preempted``, ``_wait(req)``,
+    ``_dequeue(n)``."""
 
     def _admissible(self) -> int:
         """New prompts (FCFS) whose pages fit, after a page for every running decode that needs one."""
@@ -84,7 +85,31 @@ class PagedScheduling:
             if not req.generated:
                 req.experts[hit.tokens:] = ids.tolist()
         w.experts = np.asarray(req.experts[:req.target], np.int32)
+        req.computed = w.done = self._copy_from_leader(req, hit.tokens)
         return True
+
+    def _leader_prefilling(self, req: "engine._Request") -> bool:
+        """``req`` follows a sibling whose prompt is not yet in its pages (and may share them: prefix caching)."""
+        lead = self._reqs.get(req.follows) if req.follows is not None else None
+        return (lead is not None and self.config.prefix_caching and req.reads_cache and lead.prompt == req.prompt
+                and not lead.generated)
+
+    def _copy_from_leader(self, req: "engine._Request", start: int) -> int:
+        """An n > 1 sample (``req.follows``) whose sibling holds the same prompt's KV: the pages past the prefix
+        hit, the partly filled last one included, are copied from the sibling's (copy-on-write: the copy is its
+        own), so only the prompt's last token runs again (to sample). Not for a request that must run every token
+        (``reads_cache`` False: penalty counts, prompt logprobs). Returns the tokens now computed."""
+        lead = self._reqs.get(req.follows) if req.follows is not None else None
+        last = req.target - 1
+        if (lead is None or req.generated or not req.reads_cache or lead.prompt != req.prompt
+                or lead.id not in self.pages.tables or self.sliding_window is not None     # slid pages are gone
+                or lead.computed < last or start >= last):
+            return start
+        ps = self.pages.page_size
+        src, dst = self.pages.table(lead.id), self.pages.table(req.id)
+        for i in range(start // ps, (last - 1) // ps + 1):
+            self.runner.copy_page(src[i], dst[i])
+        return last
 
     def _schedule(self) -> Pick:
         """This step's pick with pages: every picked decode gets the page of its token (preempting while none

@@ -1,12 +1,14 @@
 """One engine step's rows as the runner's packed batch, and its split into resident-expert passes.
 
-    rows = [Row(rid, tokens, experts, start, n, sample, seed, temperature, top_p), ...]
+    rows = [Row(rid, tokens, experts, start, n, sample, seed, temperature, top_p, params=..., proc_row=...), ...]
     batch = build_batch(rows, page_table_of, width, routed)           # serve/paged_runner.py's StepBatch
     for group, part in passes(rows, resident, k): ...                  # Read-ME with k resident experts
-    out = run_rows(runner, rows, page_table_of, routed, cache, predict)     # [(token, expert)] per row
+    out = run_rows(runner, rows, page_table_of, routed, cache, predict)     # [RowResult] per row
 
 A row is one sequence's tokens [start, start + n) this step: a decode token (n = 1) or a prompt chunk; its
 ``tokens`` / ``experts`` are the request's lists (prompt + generated; each token's expert id, -1 for dense).
+``params`` carries the request's logit processors and logprobs (``step_sampling``): a batch whose rows use none
+builds none of their arrays.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from readme_jax.sampling import SamplingParams
 from readme_jax.serve.expert_cache import LazyFuture, WindowFuture
 from readme_jax.serve.paged_runner import StepBatch
+
+#: A token's log-probability and its k most likely alternatives: (logprob, ((token id, logprob), ...)).
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,49 @@ class Row:
     seed: int
     temperature: float
     top_p: float
+    params: SamplingParams | None = None     # processors / logprobs (None: neutral)
+    proc_row: int = -1                       # the device row of its penalty / logit_bias state (-1: none)
+    prompt_len: int = 0                      # tokens at positions >= it are generated (penalty counts)
+    prompt_logprobs: bool = False            # return each token's successor log-probability (echo)
+
+
+@dataclasses.dataclass
+class RowResult:
+    """A row's outcome: the sampled token and its expert (meaningless where the row does not sample), the
+    sampled token's TokenLogprob (params.logprobs set), and the TokenLogprob of the successor of each of the
+    row's tokens (prompt_logprobs set)."""
+
+    token: int
+    expert: int
+    logprob: TokenLogprob | None = None
+    prompt: list[TokenLogprob] | None = None
+
+
+def _entry(lp, ids, lps, k: int) -> TokenLogprob:
+    return float(lp), tuple(zip(ids[:k].tolist(), lps[:k].tolist()))
+
+
+def _processor_arrays(rows: Sequence[Row]) -> dict:
+    """The StepBatch's optional processor / logprob arrays of ``rows`` (empty when no row uses one)."""
+    params = [r.params for r in rows]
+    out = {}
+    if any(p is not None and (p.logprobs is not None) for p in params):
+        out["logprobs"] = np.array([p is not None and p.logprobs is not None and r.sample
+                                    for p, r in zip(params, rows)])
+    if any(p is not None and p.uses_processors for p in params):
+        def field(name, default):
+            return [default if p is None else getattr(p, name) for p in params]
+        out.update(top_ks=np.array(field("top_k", 0), np.int32), min_ps=np.array(field("min_p", 0.0), np.float32),
+                   presence=np.array(field("presence_penalty", 0.0), np.float32),
+                   frequency=np.array(field("frequency_penalty", 0.0), np.float32),
+                   repetition=np.array(field("repetition_penalty", 1.0), np.float32),
+                   proc_rows=np.array([r.proc_row for r in rows], np.int32),
+                   prompt_lens=np.array([r.prompt_len for r in rows], np.int32))
+    if any(r.prompt_logprobs for r in rows):
+        out["prompt_logprobs"] = np.array([r.prompt_logprobs for r in rows])
+        out["next_tokens"] = np.concatenate([np.asarray((r.tokens + [0])[r.start + 1:r.start + r.n + 1], np.int32)
+                                             for r in rows])
+    return out
 
 
 def build_batch(rows: Sequence[Row], table: Callable[[str], list[int]], width: int, routed: bool) -> StepBatch:
@@ -49,7 +98,21 @@ def build_batch(rows: Sequence[Row], table: Callable[[str], list[int]], width: i
                      kv_lens=np.array([r.start + r.n for r in rows], np.int32), page_tables=tables,
                      sample=sample, route_next=sample & routed, seeds=np.array([r.seed for r in rows], np.int64),
                      temperatures=np.array([r.temperature for r in rows], np.float32),
-                     top_ps=np.array([r.top_p for r in rows], np.float32))
+                     top_ps=np.array([r.top_p for r in rows], np.float32), **_processor_arrays(rows))
+
+
+def _results(rows: Sequence[Row], res) -> list[RowResult]:
+    """Each row's RowResult from the runner's StepResult of a batch of ``rows`` (in order)."""
+    out, offset = [], 0
+    for i, r in enumerate(rows):
+        p = r.params
+        lp = _entry(res.logprobs[i], res.top_ids[i], res.top_logprobs[i], p.logprobs) \
+            if p is not None and p.logprobs is not None and r.sample else None
+        prompt = [_entry(res.prompt_logprobs[t], res.prompt_top_ids[t], res.prompt_top_logprobs[t], p.prompt_logprobs)
+                  for t in range(offset, offset + r.n)] if r.prompt_logprobs else None
+        out.append(RowResult(int(res.tokens[i]), int(res.next_experts[i]), lp, prompt))
+        offset += r.n
+    return out
 
 
 def passes(rows: Sequence[Row], resident: set[int], k: int) -> list[tuple[set[int], list[tuple[int, Row]]]]:
@@ -83,25 +146,27 @@ def passes(rows: Sequence[Row], resident: set[int], k: int) -> list[tuple[set[in
 
 
 def run_rows(runner, rows: Sequence[Row], table: Callable[[str], list[int]], routed: bool, cache=None,
-             predict: Callable[[], list] | None = None) -> list[tuple[int, int]]:
+             predict: Callable[[], list] | None = None) -> list[RowResult]:
     """Run a step's rows: one packed ``runner.step``, or with an expert ``cache`` (the resident pool's
     ``serve/expert_cache.ExpertCache``) one step per pass of at most k experts: before each pass the cache
     references its experts (a policy that ``uses_future`` sees the later passes, then ``predict()``'s next steps) and
-    the resident pool loads what the cache now holds. Returns (token, its expert) per row (meaningless where
-    the row does not sample)."""
+    the resident pool loads what the cache now holds. Returns a RowResult per row (a prompt chunk cut into
+    passes gets its passes' prompt logprobs in order)."""
     width = runner.max_pages_per_seq
     if cache is None:
-        res = runner.step(build_batch(rows, table, width, routed)).result()
-        return list(zip(res.tokens.tolist(), res.next_experts.tolist()))
-    out = [(-1, -1)] * len(rows)
+        return _results(rows, runner.step(build_batch(rows, table, width, routed)).result())
+    out = [RowResult(-1, -1, None, [] if r.prompt_logprobs else None) for r in rows]
     plan = passes(rows, cache.resident, cache.capacity)
     for i, (group, part) in enumerate(plan):
         rest = set().union(*(g for g, _ in plan[i + 1:]))
         cache.reference(group, LazyFuture(lambda rest=rest: ([rest] if rest else []) + list(predict()))
                         if cache.policy.uses_future else WindowFuture(()))
         runner.pool.sync(cache.resident)
-        res = runner.step(build_batch([r for _, r in part], table, width, routed)).result()
-        for (j, r), tok, nxt in zip(part, res.tokens.tolist(), res.next_experts.tolist()):
+        rows_ = [r for _, r in part]
+        got = _results(rows_, runner.step(build_batch(rows_, table, width, routed)).result())
+        for (j, r), g in zip(part, got):
             if r.sample:
-                out[j] = (tok, nxt)
+                out[j].token, out[j].expert, out[j].logprob = g.token, g.expert, g.logprob
+            if g.prompt is not None:
+                out[j].prompt += g.prompt
     return out

@@ -4,6 +4,7 @@
                          max_model_len=2048)          # expert_slots=k (Read-ME), mesh=... (see below)
     runner.warmup()                                   # compiles every (token, sequence) bucket
     experts = runner.route(tokens, positions, q_lens, kv_lens, page_tables)   # Read-ME prompts: [n]
+    runner.reset_row(row, bias_ids, bias_values)      # a request with penalties / logit_bias takes device row
     handle = runner.step(StepBatch(...))              # dispatched, not waited for
     out = handle.result()                             # StepResult(tokens [s], next_experts [s], logprobs ...)
     runner.copy_page(src, dst)                        # copy-on-write of a shared, partly filled page
@@ -15,7 +16,9 @@ token at position kv_len, so its table must cover kv_len + 1 tokens.
 
 One step: every scheduled token (decode tokens and prefill chunks of any number of sequences) in one packed
 call: backbone (writing its new K/V), the LM head on the sampling rows only, per-row sampling
-(``sampling.sample_rows``: an all-greedy step draws nothing), and for Read-ME one router step on the sampled
+(``sampling.sample_rows``: an all-greedy step draws nothing) after the rows' logit processors
+(``serve/step_sampling.py``: penalties and logit_bias from per-row state on the device, top-k / min-p; a step
+where no row uses one skips them), the asked-for log-probabilities, and for Read-ME one router step on the sampled
 tokens (the lookahead: the scheduler knows every waiting token's expert before the backbone runs). Shapes are
 padded to a token bucket N (powers of two up to max_num_batched_tokens) and a sequence bucket S (powers of
 two up to max_num_seqs); ``warmup`` compiles every pair, so no request compiles. Pools are donated.
@@ -35,7 +38,6 @@ sequence, L layers, E experts, k resident slots, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -50,64 +52,15 @@ from readme_jax.model.packed import backbone_packed, head_rows, packed_layers, r
 from readme_jax.model.paged import init_pages, pack_meta, page_bytes
 from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.parallel import sharding
-from readme_jax.sampling import MAX_LOGPROBS, sample_rows, token_logprobs
+from readme_jax.sampling import sample_rows
+from readme_jax.serve import step_sampling
 from readme_jax.serve.resident import ResidentPool
+from readme_jax.serve.step_batch import StepBatch, StepHandle, StepResult  # noqa: F401 - the runner's API
+from readme_jax.serve.step_sampling import (apply_row_processors, count_tokens, host_processors, prompt_logprobs,
+                                            row_logprobs)
 
 BLOCK_Q = 32          # query block of multi-token sequences (model/paged.py)
 CHUNK_PAGES = 8       # pages per attention chunk
-
-
-@dataclasses.dataclass
-class StepBatch:
-    """One step's work, host NumPy (see docs/architecture.md, Serving). n tokens of s sequences, each
-    sequence's tokens contiguous and in order.
-
-    tokens, positions, experts <int32>[n] (experts -1: dense / none); q_lens, kv_lens <int32>[s];
-    page_tables <int32>[s, <= Mp] (0 = none); sample, route_next <bool>[s]; seeds <int>[s];
-    temperatures, top_ps <f32>[s]; logprobs <bool>[s] or None: the sampling rows that want the sampled token's
-    log-probability and the row's top ``MAX_LOGPROBS`` (None / all False: no row pays for them)."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    experts: np.ndarray
-    q_lens: np.ndarray
-    kv_lens: np.ndarray
-    page_tables: np.ndarray
-    sample: np.ndarray
-    route_next: np.ndarray
-    seeds: np.ndarray
-    temperatures: np.ndarray
-    top_ps: np.ndarray
-    logprobs: np.ndarray | None = None
-
-
-@dataclasses.dataclass
-class StepResult:
-    """tokens <int32>[s] (garbage where sample is False); next_experts <int32>[s] (-1 where not routed);
-    logprobs <f32>[s] (the sampled token's), top_ids <int32>[s, MAX_LOGPROBS]
-    and top_logprobs <f32>[s, MAX_LOGPROBS] (descending), all read from one log-softmax of the raw logits
-    (``sampling.token_logprobs``); zeros / -inf on the rows that did not ask."""
-
-    tokens: np.ndarray
-    next_experts: np.ndarray
-    logprobs: np.ndarray
-    top_ids: np.ndarray
-    top_logprobs: np.ndarray
-
-
-class StepHandle:
-    """A dispatched step; ``result()`` blocks for its outputs (copied to the host asynchronously)."""
-
-    def __init__(self, tokens: jax.Array, next_experts: jax.Array, num_seqs: int, logprobs: tuple):
-        self._out, self._s = (tokens, next_experts) + tuple(logprobs), num_seqs
-        for a in self._out:
-            a.copy_to_host_async()
-
-    def done(self) -> bool:
-        return all(a.is_ready() for a in self._out)
-
-    def result(self) -> StepResult:
-        return StepResult(*(np.asarray(a)[:self._s] for a in self._out))
 
 
 def _merge(graphdef, params):
@@ -115,52 +68,35 @@ def _merge(graphdef, params):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dispatcher", "num_experts"),
-                   donate_argnames=("kv", "rkv"))
+                   donate_argnames=("kv", "rkv", "state"))
 def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sample_idx, seeds, temps, top_ps,
-          rmeta, route_rows, want_lp, pool=None, dispatcher=None, num_experts=None):
+          rmeta, route_rows, want_lp, state, proc, want_prompt, next_tokens, pool=None, dispatcher=None,
+          num_experts=None):
     """The packed step (see the module doc): tokens/experts <int32>[N], meta a PagedMeta of N tokens and S
     sequences, sample_idx <int32>[S] (each sequence's last token), seeds/temps/top_ps [S]; Read-ME: rmeta
     the router's PagedMeta of one token per routed sequence (route_rows <int32>[S]: the sequence of each
-    router row); want_lp <bool>[S]: the rows whose log-probabilities are returned. Returns (kv, rkv,
-    tokens <int32>[S], next experts <int32>[S], (<f32>[S], <int32>[S, MAX_LOGPROBS], <f32>[S, MAX_LOGPROBS]))."""
+    router row); want_lp <bool>[S]: the rows whose log-probabilities are returned; state / proc: the processors'
+    device rows and this step's arrays (``step_sampling``); want_prompt (scalar bool) / next_tokens <int32>[N]: the
+    prompt logprobs. Returns (kv, rkv, state, tokens <int32>[S], next experts <int32>[S], (<f32>[S],
+    <int32>[S, K], <f32>[S, K]) of the sampled tokens, the same over the N tokens), K = MAX_LOGPROBS."""
     model = _merge(graphdef, params)
     if pool is not None:                          # the resident pool's k experts per layer as the FFN weights
         layers = tuple({**p, **{name: pool[name][l] for name in pool}} for l, p in enumerate(layers))
     x, kv = backbone_packed(model, layers, tokens, meta, kv, experts=experts if rkv is not None else None,
                             dispatcher=dispatcher, num_experts=num_experts, chunk_pages=CHUNK_PAGES)
     logits = head_rows(model, x[sample_idx])
+    state = count_tokens(state, tokens, proc)
+    processed = apply_row_processors(logits, state, proc)
     positions = meta.kv_lens                      # the sampled token's position in its sequence
-    tok = sample_rows(logits, seeds, positions, temps, top_ps)
-    lp = _row_logprobs(logits, tok, want_lp)
+    tok = sample_rows(processed, seeds, positions, temps, top_ps, proc["top_k"], proc["min_p"])
+    lp = row_logprobs(logits, tok, want_lp)       # vLLM's default: logprobs of the raw logits
+    plp = prompt_logprobs(lambda h: head_rows(model, h), x, next_tokens, want_prompt)
     nxt = jnp.full_like(tok, -1)
     if rkv is not None:
         ids, rkv = route_packed(model.router, rlayers, tok[route_rows], rmeta, rkv, chunk_pages=CHUNK_PAGES)
         routed = rmeta.positions >= 0
         nxt = nxt.at[jnp.where(routed, route_rows, tok.shape[0])].set(ids, mode="drop")
-    return kv, rkv, tok, nxt, lp
-
-
-def _row_logprobs(logits, tok, want):
-    """``token_logprobs`` of the rows in ``want`` only, gathered into the smallest power-of-two bucket that holds
-    them (as ``sample_rows`` does for top-p), so a step with one such row pays for one row's top-k.
-    logits <f32>[S, V], tok <int32>[S], want <bool>[S] -> (<f32>[S], <int32>[S, K], <f32>[S, K])."""
-    S, K = logits.shape[0], MAX_LOGPROBS
-    order = jnp.argsort(~want, stable=True).astype(jnp.int32)
-    count = jnp.sum(want, dtype=jnp.int32)
-    sizes = [0] + [1 << i for i in range(S.bit_length()) if (1 << i) < S] + [S]     # 0: no row asks, none pay
-    empty = (jnp.zeros(S, jnp.float32), jnp.zeros((S, K), jnp.int32), jnp.full((S, K), -jnp.inf, jnp.float32))
-
-    def bucket(size):
-        def run():
-            if size == 0:
-                return empty
-            rows = order[:size]
-            chosen, ids, top = token_logprobs(logits[rows], tok[rows], K)
-            return (empty[0].at[rows].set(chosen), empty[1].at[rows].set(ids), empty[2].at[rows].set(top))
-        return run
-
-    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count, side="left")
-    return jax.lax.switch(which, [bucket(size) for size in sizes])
+    return kv, rkv, state, tok, nxt, lp, plp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("rkv",))
@@ -240,6 +176,9 @@ class PagedRunner:
         # then match the later steps' and warm-up's compile serves them
         where = replicated or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.kv, self.rkv = jax.jit(pools, out_shardings=where)()
+        self.proc_rows = max_num_seqs                 # device rows of per-request processor state
+        self.state = jax.jit(lambda: step_sampling.init_row_state(max_num_seqs, self.cfg.vocab_size),
+                             out_shardings=where)()
         rbytes = page_bytes(model.router.config.trunk_config(), page_size) if self.is_moe else 0
         self.page_bytes = page_bytes(self.cfg, page_size) + rbytes
 
@@ -324,13 +263,18 @@ class PagedRunner:
             route_rows = rows(routed, 0, np.int32)
         d = self.dispatcher(N)
         want = rows(np.zeros(s, bool) if batch.logprobs is None else batch.logprobs, False, bool)
-        kv, rkv, tok, nxt, lp = _step(
+        proc = host_processors(batch, n, s, N, S, self.proc_rows)
+        want_prompt = batch.prompt_logprobs is not None and bool(np.any(batch.prompt_logprobs))
+        next_tokens = np.zeros(N, np.int32)
+        if want_prompt:
+            next_tokens[:n] = batch.next_tokens
+        kv, rkv, self.state, tok, nxt, lp, plp = _step(
             self.graphdef, self.params, self.layers(d), self.rlayers, self.kv, self.rkv, tokens, experts, meta,
             sample_idx, rows(batch.seeds, 0, np.uint32).astype(np.int32), rows(batch.temperatures, 0, np.float32),
-            rows(batch.top_ps, 1, np.float32), rmeta, route_rows, want,
-            pool=None if self.pool is None else self.pool.fast, dispatcher=d, num_experts=num_experts)
+            rows(batch.top_ps, 1, np.float32), rmeta, route_rows, want, self.state, proc, np.bool_(want_prompt),
+            next_tokens, pool=None if self.pool is None else self.pool.fast, dispatcher=d, num_experts=num_experts)
         self.kv, self.rkv = kv, rkv
-        return StepHandle(tok, nxt, s, lp)
+        return StepHandle(tok, nxt, s, lp, plp if want_prompt else None, n)
 
     def route(self, tokens, positions, q_lens, kv_lens, page_tables) -> np.ndarray:
         """The router over packed prompt tokens (several prompts allowed), writing its K/V into their pages ->
@@ -346,6 +290,13 @@ class PagedRunner:
         padded[:n] = tokens
         self.rkv, ids = _route(self.graphdef, self.params, self.rlayers, self.rkv, padded, meta)
         return np.asarray(ids)[:n]
+
+    def reset_row(self, row: int, bias_ids=(), bias_values=()) -> None:
+        """Device row ``row`` (< max_num_seqs) of the processor state cleared for a new sequence, with its
+        logit_bias (token ids, values)."""
+        if not 0 <= row < self.proc_rows:
+            raise ValueError(f"PagedRunner.reset_row: row {row} is not in [0, {self.proc_rows})")
+        self.state = step_sampling.reset_row(self.state, row, list(bias_ids), list(bias_values))
 
     def copy_page(self, src: int, dst: int) -> None:
         """Page ``dst`` := page ``src`` in every layer of both pools (copy-on-write of a shared page)."""
@@ -366,7 +317,8 @@ class PagedRunner:
             for N in self.route_buckets:
                 meta = self._meta([1], [1], [[1]], N, 1)
                 self.rkv, _ = _route(self.graphdef, self.params, self.rlayers, self.rkv, np.zeros(N, np.int32), meta)
-        jax.block_until_ready((self.kv, self.rkv))
+        self.reset_row(0)
+        jax.block_until_ready((self.kv, self.rkv, self.state))
 
     def _warm_step(self, N, S):
         """One step of the (N, S) bucket: one sequence of one token on page 1."""

@@ -6,13 +6,12 @@ bodies, and the error shape.
                         default_max_tokens=16)
     req.prompts (token ids of each prompt), req.n, req.params (a validated SamplingParams), req.stream, ...
 
-Every field a request may carry is listed here (``FIELDS``), with what it answers: implemented, accepted
-only at its neutral value (the value that means "off": ``echo`` false, ``best_of`` = n, ``min_tokens`` 0,
-...), or a sampling processor the engine does not apply yet (``ENGINE_PENDING``: accepted at its neutral
-value, validated, and otherwise a 400 saying "not yet supported"). A field not listed is a 400 naming it:
-nothing is silently ignored. Sampling values are checked by the one validator
-(:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same message here as in
-``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
+Every field a request may carry is listed here (``fields``), with what it answers: implemented (every
+OpenAI / vLLM sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's
+logprobs too), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
+``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are
+checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same
+message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
 ``QUOTE_CHARS`` characters of a value.
 """
 
@@ -24,7 +23,7 @@ import numbers
 from typing import Any
 
 from readme_jax.errors import APIError, SamplingError
-from readme_jax.sampling import NEUTRAL_PROCESSORS, SamplingParams
+from readme_jax.sampling import MAX_LOGPROBS, NEUTRAL_PROCESSORS, SamplingParams
 
 #: OpenAI's default temperature (the API samples unless asked for temperature 0).
 DEFAULT_TEMPERATURE = 1.0
@@ -35,8 +34,6 @@ MAX_JSON_DEPTH = 64
 MAX_CHOICES = 64
 #: lm-eval sends every `until` string plus EOS as `stop`, so more than OpenAI's 4.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 16 * 1024
-#: Processors validated here that the engine does not apply yet: a non-neutral value is a 400.
-ENGINE_PENDING = frozenset(NEUTRAL_PROCESSORS)
 
 
 def bad_request(param: str | None, message: str) -> APIError:
@@ -62,6 +59,13 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    echo: bool = False
+    tokens_as_ids: bool = False              # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
+
+    @property
+    def logprobs(self) -> int | None:
+        """Alternatives per token when the request asked for logprobs (0 = the chosen token's only), else None."""
+        return self.params.logprobs
 
     def choice_params(self, index: int) -> SamplingParams:
         """The settings of choice ``index``: a seeded request's j-th sample uses seed + j (as vLLM's n > 1)."""
@@ -83,7 +87,8 @@ def _neutral(*allowed):
 
 
 _IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-                "ignore_eos", "stop_token_ids", "n", "best_of"} | set(NEUTRAL_PROCESSORS)
+                "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids"} | set(NEUTRAL_PROCESSORS)
+_COMPLETION_ONLY = {"echo"}
 _NEUTRAL_COMMON = {
     "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
     "include_stop_str_in_output": _neutral(False, None), "skip_special_tokens": _neutral(True, None),
@@ -92,8 +97,8 @@ _NEUTRAL_COMMON = {
     "allowed_token_ids": _neutral(None), "bad_words": _neutral(None, []),
     "response_format": _neutral(None, {"type": "text"}), "guided_json": _neutral(None), "guided_regex": _neutral(None),
     "guided_choice": _neutral(None), "guided_grammar": _neutral(None), "structured_outputs": _neutral(None),
-    "return_tokens_as_token_ids": _neutral(False, None), "add_special_tokens": _neutral(None),
-    "echo": _neutral(False, None), "service_tier": _neutral(None, "auto", "default"), "store": _neutral(False, None),
+"add_special_tokens": _neutral(None),
+    "service_tier": _neutral(None, "auto", "default"), "store": _neutral(False, None),
     "metadata": _neutral(None),
 }
 NEUTRAL_ONLY = {
@@ -101,7 +106,8 @@ NEUTRAL_ONLY = {
     "chat": {**_NEUTRAL_COMMON, "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
              "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
              "parallel_tool_calls": _neutral(None, True), "add_generation_prompt": _neutral(True, None),
-             "continue_final_message": _neutral(False, None), "chat_template": _neutral(None),
+             "continue_final_message": _neutral(False, None), "echo": _neutral(False, None),
+             "chat_template": _neutral(None),
              "chat_template_kwargs": _neutral(None, {}), "documents": _neutral(None), "modalities": _neutral(None, ["text"]),
              "prediction": _neutral(None), "audio": _neutral(None), "reasoning_effort": _neutral(None),
              "web_search_options": _neutral(None)},
@@ -112,7 +118,7 @@ _REQUIRED = {"completion": "prompt", "chat": "messages"}
 def fields(kind: str) -> set[str]:
     """Every field a ``kind`` request may carry."""
     return _IMPLEMENTED | set(NEUTRAL_ONLY[kind]) | {_REQUIRED[kind]} | (
-        {"max_completion_tokens", "top_logprobs"} if kind == "chat" else set())
+        {"max_completion_tokens", "top_logprobs"} if kind == "chat" else _COMPLETION_ONLY)
 
 
 # --- body ----------------------------------------------------------------------------------------------------
@@ -270,12 +276,14 @@ def _logprobs(data, kind) -> int | None:
     lp, top = data.get("logprobs"), data.get("top_logprobs")
     if lp is not None:
         check_type("logprobs", lp, (bool,), "a boolean")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
+        raise bad_request("top_logprobs", f"expected an integer in [0, {MAX_LOGPROBS}], got {quote(top)}")
     if top and not lp:
         raise bad_request("top_logprobs", "only allowed when logprobs is true")
     return (top or 0) if lp else None
 
 
-def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_size) -> SamplingParams:
+def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_size, echo) -> SamplingParams:
     max_tokens = data.get("max_tokens")
     if kind == "chat" and data.get("max_completion_tokens") is not None:
         if max_tokens is not None:
@@ -298,20 +306,11 @@ def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_s
             max_tokens=max_tokens, seed=data.get("seed"), stop=stop, stop_token_ids=stop_ids, ignore_eos=ignore_eos,
             top_k=given("top_k", 0), min_p=given("min_p", 0.0), presence_penalty=given("presence_penalty", 0.0),
             frequency_penalty=given("frequency_penalty", 0.0), repetition_penalty=given("repetition_penalty", 1.0),
-            logit_bias=_logit_bias(data.get("logit_bias"), vocab_size), logprobs=_logprobs(data, kind))
+            logit_bias=_logit_bias(data.get("logit_bias"), vocab_size), logprobs=(lp := _logprobs(data, kind)),
+            prompt_logprobs=lp if echo else None)
     except SamplingError as e:
         raise bad_request(e.param, str(e).split(": ", 1)[-1][: 2 * QUOTE_CHARS]) from None
-    pending = [f for f in params.active_processors() if f in ENGINE_PENDING]
-    if pending:
-        field = pending[0]
-        raise bad_request(field, f"not yet supported by this server's engine (got {quote(data.get(field))}; "
-                                 f"accepted: the neutral value {_neutral_text(field)})")
     return params
-
-
-def _neutral_text(field: str) -> str:
-    return {"top_k": "-1 or 0", "min_p": "0", "presence_penalty": "0", "frequency_penalty": "0",
-            "repetition_penalty": "1", "logit_bias": "{} or null", "logprobs": "null / false"}[field]
 
 
 def _n(data) -> int:
@@ -367,6 +366,10 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
         prompts = _prompts(data["prompt"], tokenizer, max_prompt_chars)
     if len(prompts) * n > MAX_CHOICES:
         raise bad_request("n", f"{len(prompts)} prompts x n = {n} choices; at most {MAX_CHOICES} per request")
-    params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size)
-    return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage)
+    echo, as_ids = data.get("echo") or False, data.get("return_tokens_as_token_ids") or False
+    check_type("echo", echo, (bool,), "a boolean")
+    check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
+    params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
+                       echo)
+    return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids)
 

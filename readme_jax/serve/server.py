@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from readme_jax.errors import APIError, EngineError, NotReadyError, QueueFullError, SamplingError
 from readme_jax.serve import protocol, responses, tokenizer_api
+from readme_jax.serve.choices import cancel as _cancel, complete, error_response as _error_response, events
 from readme_jax.serve.limits import Limits, header_timeout_protocol, max_prompt_chars, read_body
 from readme_jax.serve.metrics import EngineMetrics
 
@@ -77,46 +78,6 @@ class _CountRequests:
         finally:
             path = scope.get("path", "")
             self.metrics.on_request(path if path in ROUTES else "other", status)
-
-
-def _cancel(streams) -> None:
-    for s in streams:
-        if not s.finished:
-            s.cancel()
-
-
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _merged(streams):
-    """(choice index, output) of every stream as they arrive, until each has finished."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, stream):
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(streams)
-        while live:
-            i, out = await queue.get()
-            if out is None:
-                live -= 1
-            else:
-                yield i, out
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, default_max_tokens: int,
@@ -246,9 +207,11 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
         request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         streams = []
         try:                                       # all choices or none: a refused one cancels the others
-            for i in range(len(req.prompts) * req.n):
+            for i in range(len(req.prompts) * req.n):           # samples j > 0 share sample 0's prompt pages
+                j = i % req.n
                 streams.append(engine.submit(req.prompts[i // req.n], req.choice_params(i),
-                                             loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}"))
+                                             loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}",
+                                             follows=f"{request_id}-{i - j}" if j else None))
         except QueueFullError as e:
             _cancel(streams)
             raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
@@ -265,8 +228,8 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
             raise APIError(500, f"the engine failed: {e}", type="server_error") from None
         done = lambda: metrics.on_request_done(time.perf_counter() - arrival)  # noqa: E731
         if req.stream:
-            return _EngineStream(_events(req, streams, request_id, int(time.time()), done), streams)
-        return await _complete(request, req, streams, request_id, done)
+            return _EngineStream(events(req, streams, request_id, int(time.time()), done, tokenizer), streams)
+        return await complete(request, req, streams, request_id, int(time.time()), done, tokenizer)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -277,77 +240,6 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
         return await generate(request, "chat")
 
     return app
-
-
-def _usage(req, streams, finals) -> dict[str, int]:
-    prompt = sum(finals[i].prompt_tokens or streams[i].prompt_tokens for i in range(0, len(streams), req.n))
-    return responses.usage(prompt, sum(f.completion_tokens for f in finals.values()))
-
-
-async def _complete(request: Request, req, streams, request_id: str, done):
-    """Collect a non-streamed request; a client that disconnects first cancels it."""
-    async def collect():
-        pieces, finals = [[] for _ in streams], {}
-        async for i, out in _merged(streams):
-            pieces[i].append(out.text)
-            if out.finished:
-                finals[i] = out
-                done()
-        return ["".join(p) for p in pieces], finals
-
-    task = asyncio.ensure_future(collect())
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():                                  # the client went away
-            return Response(status_code=499)
-        texts, finals = task.result()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        _cancel(streams)
-    for i in range(len(streams)):
-        error = responses.final_error(finals[i])
-        if error is not None:
-            return _error_response(error)
-    choices = [(i, texts[i], finals[i].finish_reason) for i in range(len(streams))]
-    return responses.response(req.kind, request_id, int(time.time()), req.model, choices,
-                              _usage(req, streams, finals))
-
-
-async def _events(req, streams, request_id: str, created: int, done):
-    """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just
-    before its first token's text, so a client's time to first chunk is its time to first token), text chunks,
-    finish_reason on each choice's last one, the usage chunk when asked, then ``[DONE]``. An engine failure or
-    shutdown abort mid-stream is sent as an error event and ends the stream."""
-    def chunk(**kw):
-        return responses.sse(responses.chunk(req.kind, request_id, created, req.model,
-                                             include_usage=req.include_usage, **kw))
-
-    roles = set(range(len(streams))) if req.kind == "chat" else set()
-    finals = {}
-    async for i, out in _merged(streams):
-        if i in roles:
-            roles.discard(i)
-            yield chunk(index=i, role=True)
-        if not out.finished:
-            if out.text:
-                yield chunk(index=i, text=out.text)
-            continue
-        finals[i] = out
-        done()
-        error = responses.final_error(out)
-        if error is not None:
-            if out.text:
-                yield chunk(index=i, text=out.text)
-            yield responses.sse(error.body())
-            break
-        yield chunk(index=i, text=out.text, finish_reason=out.finish_reason)
-    if req.include_usage and len(finals) == len(streams) and all(responses.final_error(f) is None for f in finals.values()):
-        use = _usage(req, streams, finals)
-        yield responses.sse(responses.chunk(req.kind, request_id, created, req.model, use=use))
-    yield responses.sse("[DONE]")
 
 
 class DrainingServer(uvicorn.Server):
