@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from readme_jax.errors import ConfigError
-from readme_jax.serve.api import RunningDecode, WaitingPrefill
+from readme_jax.serve.api import Pick, RunningDecode, WaitingPrefill
+from readme_jax.serve.queue_state import fit_to_buckets
 from readme_jax.serve.schedulers import SCHEDULERS, algorithm1, make_scheduler, must_take
 from readme_jax.serve.simulate import SimConfig, make_requests, simulate
 
@@ -128,6 +129,28 @@ def test_simulator_serves_every_token_once(name):
     assert r.decode_tokens.sum() == sum(q.output - 1 for q in reqs)
     assert r.cache.hits + r.cache.misses == sum(len(s) for s in r.sets)
     assert (r.decode_experts <= np.minimum(r.decode_tokens, 4)).all()
+
+
+def test_fit_to_buckets_gives_back_a_small_excess_from_the_last_chunks():
+    B = (16, 32, 64, 128, 256)
+    seven = tuple(range(7))
+    assert fit_to_buckets(Pick(prefills=(("a", 128),), decodes=seven), B) == Pick((("a", 121),), seven)
+    assert fit_to_buckets(Pick((("a", 100), ("b", 40)), seven), B) == Pick((("a", 100), ("b", 21)), seven)
+    assert fit_to_buckets(Pick((("a", 125), ("b", 6)), seven), B) == Pick((("a", 120), ("b", 1)), seven)
+    unchanged = [Pick((("a", 200),), seven),             # 207 tokens: 79 over 128, 49 under 256 -> pad
+                 Pick((("a", 128),)),                     # exactly a bucket
+                 Pick((("a", 2), ("b", 2)), tuple(range(130))),   # 132 sequences: more than 128
+                 Pick((("a", 10),)),                      # no bucket below
+                 Pick((("a", 300),))]                     # no bucket above (the runner raises, not this)
+    for p in unchanged:
+        assert fit_to_buckets(p, B) == p
+
+
+def test_simulator_with_buckets_serves_every_token_once():
+    reqs = _requests(40, seed=2)
+    r = simulate(reqs, make_scheduler("decode-first"), SimConfig(slots=8, budget=16, token_buckets=(4, 8, 16)))
+    assert np.isfinite(r.finish).all()
+    assert r.decode_tokens.sum() == sum(q.output - 1 for q in reqs)
 
 
 def test_simulator_expert_aware_touches_fewer_experts():

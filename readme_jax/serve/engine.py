@@ -118,7 +118,7 @@ class Engine(PagedScheduling):
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
-        self._queue = QueueState(config.max_num_seqs)  # the scheduler's state (serve/queue_state.py)
+        self._queue = QueueState(config.max_num_seqs, self.runner.token_buckets)   # serve/queue_state.py
         self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
         self._held: list[_Request] = []                # in _reqs, not yet waiting: their sibling is prefilling
         self._ids = itertools.count()

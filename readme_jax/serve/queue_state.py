@@ -1,9 +1,9 @@
 """The request queue's state machine, one for the engine and the simulator: waiting prefills, running decodes,
 free sequence slots, and the transitions of one step.
 
-    q = QueueState(slots=8)
+    q = QueueState(slots=8, buckets=(16, 32, 64, 128, 256))
     q.arrive(WaitingPrefill("r0", arrival, experts))          # a prompt (experts: its tokens' expert ids)
-    pick = q.pick(scheduler, budget, admissible=n)            # the scheduler's Pick, checked
+    pick = q.pick(scheduler, budget, admissible=n)            # the scheduler's Pick, checked, fit to buckets
     adv = q.apply(pick)                                       # chunks advance, picked decodes leave `running`
     q.ready(slot, "r0", arrival, expert)                      # a sampled token now waits to run
     q.release(slot)                                           # the request ended: its slot is free
@@ -13,6 +13,9 @@ stopped; a new prompt (``slot is None``) takes the lowest free slot; a prompt wh
 ``waiting`` (its first token is sampled at the step's end); a picked decode leaves ``running`` until its next
 token is known (``ready``); a running decode not picked waits one step more (``waited`` + 1). ``admissible``
 bounds the new prompts a step may admit below the free slots (the engine: those whose pages fit).
+``buckets`` (the runner's compiled token counts; a step is padded up to the next one): a pick just over a
+bucket gives back its excess prompt tokens from the last chunks (``fit_to_buckets``), so 7 decodes and one
+128-token prompt run as 128 tokens then 16, not as one step padded to 256.
 ``future`` runs the scheduler forward on a copy with no arrivals (windowed Belady's prediction): tokens the
 current step produces are unknown, so the decodes it advances and the prompts it completes drop out.
 """
@@ -50,8 +53,9 @@ class Advance:
 class QueueState:
     """See the module docstring."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, buckets: tuple[int, ...] | None = None):
         self.slots = int(slots)
+        self.buckets = tuple(sorted(buckets)) if buckets else None
         self.waiting: dict[str, WaitingPrefill] = {}
         self.running: dict[int, RunningDecode] = {}
         self.free: list[int] = list(range(self.slots))
@@ -62,7 +66,7 @@ class QueueState:
 
     def clone(self) -> QueueState:
         q = QueueState.__new__(QueueState)
-        q.slots, q.free = self.slots, list(self.free)
+        q.slots, q.buckets, q.free = self.slots, self.buckets, list(self.free)
         q.waiting = {k: dataclasses.replace(v) for k, v in self.waiting.items()}
         q.running = {k: dataclasses.replace(v) for k, v in self.running.items()}
         return q
@@ -75,7 +79,7 @@ class QueueState:
 
     def pick(self, scheduler, budget: int, admissible: int | None = None) -> Pick:
         """The scheduler's pick for this state, checked against the state (an inconsistent pick raises
-        EngineError naming the scheduler)."""
+        EngineError naming the scheduler), then fit to the buckets (see the module docstring)."""
         free = len(self.free) if admissible is None else max(0, min(int(admissible), len(self.free)))
         pick = scheduler.pick(list(self.waiting.values()), list(self.running.values()), budget, free)
         name = getattr(scheduler, "name", type(scheduler).__name__)
@@ -93,7 +97,7 @@ class QueueState:
             raise EngineError(f"scheduler {name!r} picked a request twice or a slot with no waiting token: {pick}")
         if pick.num_tokens > budget:
             raise EngineError(f"scheduler {name!r} picked {pick.num_tokens} tokens (budget {budget})")
-        return pick
+        return fit_to_buckets(pick, self.buckets) if self.buckets else pick
 
     def experts(self, pick: Pick) -> set[int]:
         """The expert ids of the pick's tokens (decodes and prompt chunks); call before ``apply``."""
@@ -161,3 +165,22 @@ class QueueState:
             out.append(q.experts(p))
             q.apply(p)
         return out
+
+
+def fit_to_buckets(pick: Pick, buckets: tuple[int, ...]) -> Pick:
+    """``pick`` with its last prompt chunks shortened (each keeps >= 1 token) so that its tokens equal the
+    largest bucket below them, where the tokens over that bucket are fewer than the padding up to the next
+    one (the shortened prompts continue next step). Unchanged when no bucket is below or above, or the pick's
+    sequences exceed the bucket below (otherwise the chunks can always give up the excess: each sequence
+    keeps one token). ``buckets`` ascending."""
+    n = pick.num_tokens
+    below = [b for b in buckets if b < n]
+    above = [b for b in buckets if b >= n]
+    if not below or not above or n - below[-1] >= above[0] - n or len(pick.prefills) + len(pick.decodes) > below[-1]:
+        return pick
+    excess, prefills = n - below[-1], list(pick.prefills)
+    for i in range(len(prefills) - 1, -1, -1):
+        rid, m = prefills[i]
+        take = min(excess, m - 1)
+        prefills[i], excess = (rid, m - take), excess - take
+    return Pick(prefills=tuple(prefills), decodes=pick.decodes)

@@ -68,6 +68,7 @@ class SimConfig:
     max_steps: int = 2_000_000
     record_futures: bool = False     # keep every step's predicted future (for replaying other policies)
     record_picks: bool = False       # keep every step's Pick (an engine step log replayed must match them)
+    token_buckets: tuple[int, ...] | None = None   # the engine's compiled token counts (picks fit to them)
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ def simulate(requests: Sequence[SimRequest], scheduler, cfg: SimConfig, cost: Co
                             expert_bytes=cost.model.expert_bytes if cost else 0.0)
     if cost is not None:
         cost.reset()
-    st = QueueState(cfg.slots)
+    st = QueueState(cfg.slots, cfg.token_buckets)
     produced: dict[str, int] = {}
     ready: list[str] = []                                     # instant_prefill: arrived, waiting for a slot
     rec = {k: [] for k in ("start", "time", "dexp", "running", "dtok")}
