@@ -9,20 +9,18 @@ import subprocess
 import sys
 
 import chex
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from flax import nnx
+from gguf import GGMLQuantizationType as Q
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
-
-from flax import nnx  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
-from readme_jax.convert.load import load_pretrained, register_loader  # noqa: E402
-from readme_jax.errors import CheckpointError  # noqa: E402
-from readme_jax.model.config import LlamaConfig  # noqa: E402
+from readme_jax.convert.load import load_pretrained, register_loader
+from readme_jax.errors import CheckpointError
+from readme_jax.model.config import LlamaConfig
 
 V, D, F, L, H, K = 97, 32, 64, 2, 4, 2
 HD = D // H
