@@ -128,3 +128,24 @@ def test_mixture_key_checked_and_records_made_before_it_still_match(tmp_path):
     (tmp_path / "stages.json").write_text(json.dumps({"rounds": old}))
     assert StageRecords(tmp_path).changed(rounds, cfg) == []
     assert StageRecords(tmp_path).changed(rounds, load_config(None, ["train.mixture=balanced"])) == ["train.mixture"]
+
+
+def test_ablate_refit_rows_and_the_ridge_limit(tiny_run, tmp_path):
+    """``ablate_refit`` on the tiny run: one row per (form, ridge) plus the unrefit one; a huge ridge pulls the
+    refit back to the dense rows (so its perplexity is the unrefit one), a small one changes it."""
+    import shutil
+    from readme_jax.science.folder import parent_run
+    from readme_jax.science.refit import AblateRefitSettings, ablate_refit
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    res = ablate_refit(parent_run(run_dir, progress=False), AblateRefitSettings(ridges=(1e-3, 1e7)), progress=False)
+    rows = res["rows"]
+    assert list(rows) == ["no refit", "tied, ridge 0.001", "tied, ridge 1e+07", "fused, ridge 0.001",
+                          "fused, ridge 1e+07"]
+    for form in ("tied", "fused"):
+        for d, ppl in rows["no refit"].items():
+            assert np.isfinite(rows[f"{form}, ridge 0.001"][d])
+            np.testing.assert_allclose(rows[f"{form}, ridge 1e+07"][d], ppl, rtol=1e-3)
+        assert rows[f"{form}, ridge 0.001"] != rows["no refit"]
+    folder = run_dir / "science" / "ablate_refit"
+    assert (folder / "grams.npy").is_file() and (folder / "table.md").is_file() and (folder / "ppl.png").is_file()

@@ -86,4 +86,4 @@ def apply_refit(model, dense_w_down: np.ndarray, grams: np.ndarray, masks: Exper
     import jax.numpy as jnp   # model weights only here; the solves above are NumPy
     fit = refit_tied if model.tied else refit_fused
     w = model.experts.w_down
-    w.value = jnp.asarray(fit(dense_w_down, grams, masks, ridge=ridge), w.value.dtype)
+    w.set_value(jnp.asarray(fit(dense_w_down, grams, masks, ridge=ridge), w[...].dtype))

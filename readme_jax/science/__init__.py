@@ -13,6 +13,7 @@ Experiments (each registered in ``EXPERIMENTS`` by one decorator, with its setti
     ablate_lr       expert learning rate and domain mixture
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability
+    ablate_refit    closed-form down-projection refit (ridge, tied / fused) at the start of tuning
     ablate_pool     router pool size
     evaluate        the evaluation suite (readme_jax.eval.suite): perplexity with paired CIs, MC, cloze
 """
@@ -25,6 +26,7 @@ from readme_jax.science.bounds import bounds
 from readme_jax.science.mc import mc
 from readme_jax.science.ablations import ablate_lr, ablate_split
 from readme_jax.science.calib import ablate_calib
+from readme_jax.science.refit import ablate_refit
 from readme_jax.science.pool import ablate_pool
 from readme_jax.science.evaluate import evaluate
 from readme_jax.science.settings import EXPERIMENTS

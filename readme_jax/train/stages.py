@@ -158,9 +158,10 @@ def _train_sequences(run: Run, domain: str, seq_len: int, count: int, what: str,
     return PackedSequence(tokens, seq_len, run.tokenizer.bos_id), have
 
 
-def stage_stats(run: Run) -> None:
-    """Calibration statistics: mean |down_proj input| per domain, layer and channel of the dense parent."""
-    from readme_jax.extract.stats import domain_statistics
+def calibration_batches(run: Run) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """The statistics pass's input: ({domain: batches of extract.calib_batch sequences, each {"input_ids",
+    "loss_mask"} <int32>[b, calib_seq_len]}, {domain: calibration tokens}): the first extract.calib_seqs
+    sequences of each domain's train split."""
     e = run.cfg.extract
     batches, counts = {}, {}
     for d in run.corpus.domains:
@@ -173,6 +174,14 @@ def stage_stats(run: Run) -> None:
         batches[d] = [{k: np.stack([s[k] for s in seqs[i:i + e.calib_batch]]) for k in ("input_ids", "loss_mask")}
                       for i in range(0, e.calib_seqs, e.calib_batch)]
         counts[d] = e.calib_seqs * e.calib_seq_len
+    return batches, counts
+
+
+def stage_stats(run: Run) -> None:
+    """Calibration statistics: mean |down_proj input| per domain, layer and channel of the dense parent."""
+    from readme_jax.extract.stats import domain_statistics
+    e = run.cfg.extract
+    batches, counts = calibration_batches(run)
     t0 = time.time()
     domains, scores, grams = domain_statistics(run.dense, batches, progress=run.progress, gram=e.refit)
     if grams is not None:
