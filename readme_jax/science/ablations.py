@@ -2,6 +2,7 @@
 (:mod:`readme_jax.science.variants`), keep ratio fixed at the parent's:
 
 * ``ablate_lr``: the expert learning rate (``train.expert_lr``), everything else the parent's;
+* ``ablate_quality``: distillation from the dense parent and the down-projection refit, on the parent's schedule;
 * ``ablate_split``: router steps vs expert steps at equal wall time: ``ablate_split.rounds`` round(s), the
   expert phase given every expert step of the parent plus the steps the parent's later router rounds'
   measured wall time buys (at the parent's median expert-step time).
@@ -59,19 +60,40 @@ class AblateLrSettings:
         ("train.expert_lr=1e-4",), ("train.expert_lr=1e-3",), ("train.expert_lr=1e-3", "train.mixture=balanced"))
 
 
+def _variants(name: str, parent: Run, settings, progress: bool) -> dict:
+    """Final held-out perplexity of each variant of the probe schedule (``settings.base`` + each of
+    ``settings.variants``), as the experiment ``name``."""
+    domains = list(parent.corpus.domains)
+    base = list(settings.base)
+    with Experiment(parent, name, {"base": base, "variants": [list(v) for v in settings.variants]}) as ex:
+        rows = {}
+        for v in settings.variants:
+            vname = variant_name(v)
+            say(f"[{name}] {variant_name(base)} + {vname}")
+            rows[vname] = ex.part(vname, lambda v=v, vname=vname: run_variant(
+                parent, ex.path("runs", vname), base + list(v), progress=progress))
+        return _finish(ex, rows, domains, f"expert tuning on the probe schedule ({variant_name(base)})")
+
+
 @EXPERIMENTS.register("ablate_lr", AblateLrSettings)
 def ablate_lr(parent: Run, settings, *, progress: bool = True) -> dict:
     """Final held-out perplexity of each variant of the probe schedule (settings: AblateLrSettings)."""
-    domains = list(parent.corpus.domains)
-    base = list(settings.base)
-    with Experiment(parent, "ablate_lr", {"base": base, "variants": [list(v) for v in settings.variants]}) as ex:
-        rows = {}
-        for v in settings.variants:
-            name = variant_name(v)
-            say(f"[ablate_lr] {variant_name(base)} + {name}")
-            rows[name] = ex.part(name, lambda v=v, name=name: run_variant(
-                parent, ex.path("runs", name), base + list(v), progress=progress))
-        return _finish(ex, rows, domains, f"expert tuning on the probe schedule ({variant_name(base)})")
+    return _variants("ablate_lr", parent, settings, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class AblateQualitySettings:
+    """The quality levers of expert tuning on the parent's schedule, one variant each: the closed-form refit of
+    the down-projections (``ablate_refit`` measured it the largest lever before tuning), then distillation from
+    the dense parent on top of it (kd: forward KL only)."""
+    base: tuple[str, ...] = ()
+    variants: tuple[tuple[str, ...], ...] = (("extract.refit=true",), ("extract.refit=true", "train.expert_loss=kd"))
+
+
+@EXPERIMENTS.register("ablate_quality", AblateQualitySettings)
+def ablate_quality(parent: Run, settings, *, progress: bool = True) -> dict:
+    """Final held-out perplexity of the default schedule with each quality lever (AblateQualitySettings)."""
+    return _variants("ablate_quality", parent, settings, progress)
 
 
 def split_overrides(parent: Run, rounds: int) -> tuple[list[str], dict]:

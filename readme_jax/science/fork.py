@@ -37,7 +37,12 @@ from readme_jax.train.trainer import phases
 # train keys every phase's numbers depend on besides its own Phase record (steps, batch, peak lr, seed)
 PHASE_SHARED_KEYS = ("train.seq_len", "train.dtype", "train.grad_accum", "train.weight_decay", "train.grad_clip",
                      "train.target_abs", "train.seed", "train.remat", "train.router_pool_seqs", "router", "mesh")
-EXPERT_PHASE_KEYS = ("train.mixture",)     # ... and those of expert phases only
+# keys that change the extracted model every phase starts from: its evaluation after router_0 and every expert
+# phase depend on them (a router phase trains the router alone, from the pool's targets)
+START_MODEL_KEYS = ("train.experts", "extract.refit", "extract.refit_ridge")
+# ... and the keys of expert phases only (the loss, what is trained, how it is dispatched)
+EXPERT_PHASE_KEYS = START_MODEL_KEYS + ("train.mixture", "train.expert_loss", "train.kd_weight",
+                                        "train.kd_temperature", "train.freeze_embedding", "train.dispatcher")
 _NEVER_REUSED = ("export", "plots")          # whole-run outputs: rebuilt by the variant
 
 
@@ -108,7 +113,8 @@ def fork_run(parent_dir: str | Path, child_dir: str | Path, cfg: Config) -> dict
                 child_records[st.name] = _settings(st, cfg)
             continue
         if "rounds" in st.needs:   # an evaluation of trained phases: router_0's only, when that phase was reused
-            if st.name != "round_evals" or "router_0" not in reused_phases or not same:
+            if st.name != "round_evals" or "router_0" not in reused_phases or not same or any(
+                    key_value(pcfg.to_dict(), k) != key_value(cfg.to_dict(), k) for k in START_MODEL_KEYS):
                 continue
             outs = [crun.eval_path("router_0")]
             src = [prun.eval_path("router_0")]
