@@ -227,11 +227,11 @@ def _breakdown(eng, seqs: list[str], ctx: int, experts: list, step_wall_s: float
     from readme_jax.model.decoder import dense_ffn, project_qkv
     from readme_jax.model.layers import rms_norm
     from readme_jax.model.packed import head_rows, route_packed
-    from readme_jax.model.paged import pack_meta, paged_attention, write_kv
+    from readme_jax.model.paged import CHUNK_PAGES, pack_meta, paged_attention, write_kv
     from readme_jax.model.rope import rope_sin_cos
     from readme_jax.sampling import sample_rows
     from readme_jax.serve.engine_step import Row, build_batch
-    from readme_jax.serve.paged_runner import BLOCK_Q, CHUNK_PAGES, _bucket
+    from readme_jax.serve.paged_runner import BLOCK_Q, _bucket
 
     r = eng.runner
     cfg, graphdef, n = r.cfg, r.graphdef, len(seqs)

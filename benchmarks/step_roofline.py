@@ -4,7 +4,8 @@ SmolLM2-135M shapes (random weights; timing does not depend on them), f32, one `
 over paged KV, LM head on the sampling rows, greedy sampling) at three cases: 8 and 32 decode rows at a
 128-token context, and one 256-token prefill. Timed parts, each its own jitted call on the step's shapes:
   gemms      the 7 per-layer projections (q, k, v, o, gate, up, down) x 30 layers at M = N rows
-  attention  30 x (write K/V + ragged paged attention) over the step's pages
+  attention  30 x (write K/V + ragged paged attention) over the step's pages (also at twice CHUNK_PAGES: a row
+             compares the chunk size the step uses with the next larger one)
   head       final norm + [S, 576] x [576, 49152] head + greedy sampling on the S sampling rows
   other      step - the three (embedding, norms, RoPE, residuals, host packing and dispatch)
 Limits measured in the same process: a [1024, 1024] x [1024, 1024] matmul (f32 GFLOP/s peak of XLA here) and
@@ -56,7 +57,7 @@ def step_case(flags: str, repeats: int) -> dict:
     from readme_jax.model.decoder import project_qkv
     from readme_jax.model.llama import Llama
     from readme_jax.model.packed import head_rows
-    from readme_jax.model.paged import init_pages, paged_attention, write_kv
+    from readme_jax.model.paged import CHUNK_PAGES, init_pages, paged_attention, write_kv
     from readme_jax.model.rope import rope_sin_cos
     from readme_jax.sampling import sample_rows
     from readme_jax.serve.paged_runner import PagedRunner
@@ -81,16 +82,16 @@ def step_case(flags: str, repeats: int) -> dict:
             x = x + (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
         return x, kvs
 
-    @functools.partial(jax.jit, donate_argnums=(2,))
-    def attention(x, meta, kv, layers):          # the pool donated and written in place, as in the step
+    @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("chunk_pages",))
+    def attention(x, meta, kv, layers, chunk_pages=CHUNK_PAGES):   # the pool donated, written in place as in the step
         q, k, v = project_qkv(layers[0], x, *rope_sin_cos(jnp.maximum(meta.positions, 0), cfg), cfg)
         kv = [write_kv(kv[i], k, v, meta) for i in range(len(layers))]
-        return [paged_attention(q, kv[i], meta) for i in range(len(layers))], kv
+        return [paged_attention(q, kv[i], meta, chunk_pages=chunk_pages) for i in range(len(layers))], kv
 
     pool = {"kv": init_pages(cfg, runner.num_pages, PAGE)}
 
-    def attend(x, meta):
-        out, pool["kv"] = attention(x, meta, pool["kv"], layers)
+    def attend(x, meta, chunk_pages=CHUNK_PAGES):
+        out, pool["kv"] = attention(x, meta, pool["kv"], layers, chunk_pages=chunk_pages)
         return out
 
     graphdef, state = nnx.split(model)
@@ -111,6 +112,7 @@ def step_case(flags: str, repeats: int) -> dict:
         calls[f"{name} step"] = lambda b=batch: runner.step(b).result()
         calls[f"{name} gemms"] = lambda x=x: gemms(x, layers)
         calls[f"{name} attention"] = lambda x=x, m=meta: attend(x, m)
+        calls[f"{name} attention chunk x2"] = lambda x=x, m=meta: attend(x, m, 2 * CHUNK_PAGES)
         calls[f"{name} head"] = lambda x=x[:S]: head(x, state)
     t = time_calls(calls, repeats=repeats)
     params = sum(int(np.prod(v.shape)) for p in layers for v in p.values())
@@ -131,6 +133,7 @@ def _flops(cfg_layer_params: int, name: str) -> tuple[float, float]:
 
 
 def run(quick: bool = False) -> list[dict]:
+    from readme_jax.model.paged import CHUNK_PAGES   # jax starts in the variants' processes, after their flags
     repeats = 3 if quick else 7
     results, rows = {}, []
     for variant, flags in FLAG_VARIANTS.items():
@@ -160,6 +163,9 @@ def run(quick: bool = False) -> list[dict]:
                              "GFLOP/s", higher_is_better=True, goal=None,
                              note=f"step {step * 1e3:.1f} ms: {breakdown}, other (embedding, norms, RoPE, "
                                   f"residuals, host packing) {other * 1e3:.1f} ms ({other / step:.0%})"))
+        rows.append(make_row("step_roofline", f"{name} attention, {CHUNK_PAGES}-page chunks vs {2 * CHUNK_PAGES}",
+                             parts["attention"] * 1e3, t[f"{name} attention chunk x2"] * 1e3, "ms",
+                             higher_is_better=False, note=f"30 layers, write K/V + paged attention, page size {PAGE}"))
         rows.append(make_row("step_roofline", f"{name} weight GB/s vs stream", wbytes / step / 1e9, bw, "GB/s",
                              higher_is_better=True, goal=None, note=f"{wbytes / 1e6:.0f} MB of weights per step"))
         for variant, rv in results.items():

@@ -87,7 +87,7 @@ class ExtractConfig:
     calib_seq_len: int = 512        # tokens per calibration sequence (paper: 4096)
     calib_batch: int = 4            # sequences per statistics batch
     num_experts: int | None = None  # must equal the number of domains when set (one expert per domain)
-    refit: bool = False             # least-squares down-projections on the calibration activations (extract/refit.py)
+    refit: bool = True              # least-squares down-projections on the calibration activations (extract/refit.py)
     refit_ridge: float = 0.01       # ridge towards the dense rows, relative to the mean Gram diagonal
 
     def __post_init__(self):

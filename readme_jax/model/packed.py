@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from readme_jax.model import dispatch, moe
 from readme_jax.model.decoder import dense_ffn, unstack_layers
 from readme_jax.model.layers import rms_norm
-from readme_jax.model.paged import PagedMeta, packed_forward
+from readme_jax.model.paged import CHUNK_PAGES, PagedMeta, packed_forward
 from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.model.router import top1_expert
 
@@ -34,7 +34,7 @@ def packed_layers(model, dispatcher: dispatch.Dispatcher | None = None) -> tuple
 
 def backbone_packed(model, layers, tokens: jnp.ndarray, meta: PagedMeta, kv, *, experts=None, plan=None,
                     dispatcher: dispatch.Dispatcher | None = None, num_experts: int | None = None,
-                    chunk_pages: int = 8):
+                    chunk_pages: int = CHUNK_PAGES):
     """tokens <int32>[N] through the backbone -> (x [N, D] before the final norm, kv).
 
     Read-ME: ``plan`` (prebuilt) or ``experts`` <int32>[N] planned here with ``dispatcher`` (default
@@ -63,7 +63,7 @@ def router_layers(router) -> tuple[dict, ...]:
     return unstack_layers({**router.attn.arrays(), **router.mlp.arrays()})
 
 
-def route_packed(router, layers, tokens: jnp.ndarray, meta: PagedMeta, kv, *, chunk_pages: int = 8):
+def route_packed(router, layers, tokens: jnp.ndarray, meta: PagedMeta, kv, *, chunk_pages: int = CHUNK_PAGES):
     """The router over N packed tokens (writing its keys/values into its pool ``kv``) -> (top-1 expert
     <int32>[N], kv)."""
     cfg = router.config.trunk_config()

@@ -60,7 +60,6 @@ from readme_jax.serve.step_sampling import (apply_row_processors, count_tokens, 
                                             row_logprobs)
 
 BLOCK_Q = 32          # query block of multi-token sequences (model/paged.py)
-CHUNK_PAGES = 8       # pages per attention chunk
 
 
 def _merge(graphdef, params):
@@ -83,7 +82,7 @@ def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sam
     if pool is not None:                          # the resident pool's k experts per layer as the FFN weights
         layers = tuple({**p, **{name: pool[name][l] for name in pool}} for l, p in enumerate(layers))
     x, kv = backbone_packed(model, layers, tokens, meta, kv, experts=experts if rkv is not None else None,
-                            dispatcher=dispatcher, num_experts=num_experts, chunk_pages=CHUNK_PAGES)
+                            dispatcher=dispatcher, num_experts=num_experts)
     logits = head_rows(model, x[sample_idx])
     state = count_tokens(state, tokens, proc)
     processed = apply_row_processors(logits, state, proc)
@@ -93,7 +92,7 @@ def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sam
     plp = prompt_logprobs(lambda h: head_rows(model, h), x, next_tokens, want_prompt)
     nxt = jnp.full_like(tok, -1)
     if rkv is not None:
-        ids, rkv = route_packed(model.router, rlayers, tok[route_rows], rmeta, rkv, chunk_pages=CHUNK_PAGES)
+        ids, rkv = route_packed(model.router, rlayers, tok[route_rows], rmeta, rkv)
         routed = rmeta.positions >= 0
         nxt = nxt.at[jnp.where(routed, route_rows, tok.shape[0])].set(ids, mode="drop")
     return kv, rkv, state, tok, nxt, lp, plp
@@ -102,7 +101,7 @@ def _step(graphdef, params, layers, rlayers, kv, rkv, tokens, experts, meta, sam
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("rkv",))
 def _route(graphdef, params, rlayers, rkv, tokens, meta):
     """The router over N packed prompt tokens: (rkv, experts <int32>[N])."""
-    ids, rkv = route_packed(_merge(graphdef, params).router, rlayers, tokens, meta, rkv, chunk_pages=CHUNK_PAGES)
+    ids, rkv = route_packed(_merge(graphdef, params).router, rlayers, tokens, meta, rkv)
     return rkv, ids
 
 

@@ -27,7 +27,7 @@ RECORDS_FILE = "stages.json"
 
 # Keys added after run folders existed whose default is not what those folders did: the value a stage ran
 # with before the key existed. A record without the key is compared with this value, not the new default.
-BEFORE_KEY: dict[str, Any] = {"train.experts": "fused"}
+BEFORE_KEY: dict[str, Any] = {"train.experts": "fused", "extract.refit": False}
 
 
 def key_value(cfg_dict: dict, key: str) -> Any:
