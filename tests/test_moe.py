@@ -115,6 +115,7 @@ def test_plan_covers_every_token_once(kind, sizes):
     assert np.sum(owner >= 0) == padded.sum()                     # padding < tail_size rows per expert
 
 
+@pytest.mark.slow(reason="compiles the decoder stack with each MoE FFN (11 s here)")
 def test_run_layers_with_moe_ffn_fn():
     """The stack's ffn_fn hook: a plan closed over by the layer scan, weights sliced per layer, grads flow
     (the default kernel; every kernel is compared with the reference above)."""
@@ -159,6 +160,7 @@ def test_dispatcher_and_shape_errors():
         dispatch.Blocked().check_plan(dispatch.Decode().plan(ids, 2))
 
 
+@pytest.mark.slow(reason="compiles every registered dispatcher's default plan (16 s here)")
 def test_default_dispatchers():
     """CPU: grouped up to GROUPED_MAX_TOKENS tokens, else blocked, whose default sizes shrink for small N
     (100 tokens get blocks of 128, tails of 32); exact either way."""

@@ -80,6 +80,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow(reason="two convert CLIs in fresh processes (10 s here)")
 def test_qwen2_hf_to_ours_to_hf_round_trip_via_cli(tmp_path):
     """HF Qwen2 safetensors -> our checkpoint -> HF: the same tensors (biases included), config and logits."""
     hf, src = make_hf(tmp_path / "src", "qwen2", num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6,
@@ -148,6 +149,7 @@ def _served_completion_matches_greedy(model, tokenizer, prompt: list[int], n: in
     assert out.choices[0].text == tokenizer.decode(generate_ids(model, [prompt], n)[0], skip_special=True)
 
 
+@pytest.mark.slow(reason="warms up a paged engine behind the server (13 s here)")
 def test_server_completion_on_a_tiny_dense_qwen2():
     tok = byte_tokenizer()
     cfg = LlamaConfig(architecture=QWEN2, vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,

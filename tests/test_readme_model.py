@@ -46,6 +46,7 @@ def test_config_roundtrip_and_counts(model):
         CFG.replace(num_experts=4)
 
 
+@pytest.mark.slow(reason="compiles the Read-ME NLL with and without routes (14 s here)")
 def test_token_nll_matches_the_logits_for_router_and_given_routes(model):
     from readme_jax.model.head_loss import nll_from_logits
     ids = _ids(7)
@@ -124,6 +125,7 @@ def test_cached_decode_equals_full(model):
     np.testing.assert_allclose(inc[mask], full[mask], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow(reason="compiles the backbone and the routed call (13 s here)")
 def test_backbone_never_routes_and_equals_the_routed_call(model):
     """backbone(expert_ids=router's ids) == the routed call; a prebuilt plan == its ids; the dispatchers agree,
     -1 ids included; a routed call is refused a plan and expert ids together."""

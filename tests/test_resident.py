@@ -44,6 +44,7 @@ def test_cache_leaves_tokens_unchanged_and_moves_experts(model):
             assert stats.misses > 0 and stats.hits > 0
 
 
+@pytest.mark.slow(reason="warms up a Read-ME engine on the resident pool (11 s here)")
 def test_step_reads_only_the_pool(monkeypatch):
     """The compiled packed step with a resident pool takes no argument holding all experts and makes no
     temporary of them (experts wide enough here to dominate every other buffer of the step)."""

@@ -67,6 +67,7 @@ def test_tied_forward_equals_masked_dense(setup):
     assert tied.active_params() == fused.active_params()
 
 
+@pytest.mark.slow(reason="compiles the tied expert train step and a gradient step (31 s here)")
 def test_shared_channel_learns_from_every_expert(setup):
     """A shared channel's table gradient is the sum over experts of the fused copies' gradients, and each
     expert's tokens contribute to it."""

@@ -15,6 +15,7 @@ from readme_jax.train import losses
 from tests.train_parts import random_masks, tiny_dense
 
 
+@pytest.mark.slow(reason="compiles a router step and an expert step of the tiny Read-ME (32 s here)")
 def test_router_step_freezes_backbone_and_expert_step_freezes_router():
     from readme_jax.extract.experts import readme_from_dense
     from readme_jax.model.router import RouterConfig
