@@ -61,7 +61,7 @@ def ablate_calib(parent, settings, *, progress: bool = True) -> dict:
     from readme_jax.eval.perplexity import heldout_windows
     from readme_jax.extract.experts import readme_from_dense
     from readme_jax.extract.masks import build_masks
-    from readme_jax.science.bounds import routed_nll_fn
+    from readme_jax.science.bounds import oracle_ppl
     run = parent
     ev, keep = run.cfg.eval, run.cfg.extract.keep_ratio
     domains = list(run.corpus.domains)
@@ -81,13 +81,7 @@ def ablate_calib(parent, settings, *, progress: bool = True) -> dict:
                 mA, mB = (build_masks(s, keep, domains=domains).domain for s in halves)
                 masks = build_masks((halves[0] + halves[1]) / 2, keep, domains=domains)
                 model = readme_from_dense(run.dense, masks, run.router_config(), rngs=nnx.Rngs(run.cfg.train.seed))
-                nll = routed_nll_fn(model)
-                ppl = {}
-                for i, (d, (inputs, targets)) in enumerate(windows.items()):
-                    e = np.full(inputs.shape, i, np.int32)
-                    total = sum(nll(inputs[j:j + ev.batch], targets[j:j + ev.batch], e[j:j + ev.batch])
-                                for j in range(0, len(inputs), ev.batch))
-                    ppl[d] = float(np.exp(total / targets.size))
+                ppl = oracle_ppl(model, windows, ev.batch)
                 return {"stability_jaccard": float(jaccard(mA, mB).mean()),
                         "stability_per_domain": jaccard(mA, mB).mean(-1).tolist(),
                         "jaccard_vs_parent_masks": float(jaccard(masks.domain, parent_masks).mean()),

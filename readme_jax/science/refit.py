@@ -55,7 +55,7 @@ def ablate_refit(parent, settings, *, progress: bool = True) -> dict:
     from readme_jax.eval.perplexity import heldout_windows
     from readme_jax.extract.experts import readme_from_dense
     from readme_jax.extract.refit import apply_refit
-    from readme_jax.science.bounds import routed_nll_fn
+    from readme_jax.science.bounds import oracle_ppl
     run = parent
     ev = run.cfg.eval
     domains = list(run.corpus.domains)
@@ -70,27 +70,20 @@ def ablate_refit(parent, settings, *, progress: bool = True) -> dict:
         windows = {d: heldout_windows(run.corpus, d, run.tokenizer, seq_len=ev.seq_len, max_tokens=ev.max_tokens)
                    for d in domains}
 
-        def oracle_ppl(form: str | None, ridge: float | None) -> dict[str, float]:
+        def refit_ppl(form: str | None, ridge: float | None) -> dict[str, float]:
             model = readme_from_dense(run.dense, run.masks, run.router_config(),
                                       rngs=nnx.Rngs(run.cfg.train.seed), tied=form == "tied")
             if form is not None:
                 apply_refit(model, np.asarray(run.dense.ffn.w_down[...]), _grams(ex, run, progress), run.masks,
                             ridge=ridge)
-            nll = routed_nll_fn(model.untied())
-            ppl = {}
-            for i, (d, (inputs, targets)) in enumerate(windows.items()):
-                e = np.full(inputs.shape, i, np.int32)
-                total = sum(nll(inputs[j:j + ev.batch], targets[j:j + ev.batch], e[j:j + ev.batch])
-                            for j in range(0, len(inputs), ev.batch))
-                ppl[d] = float(np.exp(total / targets.size))
-            return ppl
+            return oracle_ppl(model.untied(), windows, ev.batch)
 
-        rows = {"no refit": ex.part("none", lambda: oracle_ppl(None, None))}
+        rows = {"no refit": ex.part("none", lambda: refit_ppl(None, None))}
         for form in forms:
             for r in ridges:
                 name = f"{form}, ridge {r:g}"
                 say(f"[ablate_refit] {name}")
-                rows[name] = ex.part(f"{form}_ridge{r:g}", lambda form=form, r=r: oracle_ppl(form, r))
+                rows[name] = ex.part(f"{form}_ridge{r:g}", lambda form=form, r=r: refit_ppl(form, r))
         dense = json.loads(run.eval_path("dense").read_text())["ppl"]
         body = [[name, *[ppl[d] for d in domains], float(np.exp(np.mean([np.log(ppl[d] / dense[d]["ppl"])
                                                                          for d in domains])))]
