@@ -25,10 +25,12 @@ import asyncio
 import atexit
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,20 +226,31 @@ class VllmClient:
         self.proc = subprocess.Popen([str(vllm_python(venv)), "-c", CLIENT_CODE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=REPO_ROOT,
                                      start_new_session=True)
+        # Its stdout is read line by line on a thread (None: end of file). Not select() + readline() on the
+        # buffered pipe: when the last output line and "@@done" arrive in one read, readline returns the first,
+        # "@@done" waits in the buffer and select() blocks until the timeout (a run hung for an hour that way).
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name="vllm-client-stdout", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
 
     def run(self, args: list[str], timeout_s: float) -> dict:
-        import select
         out = Path(args[args.index("--result-dir") + 1]) / args[args.index("--result-filename") + 1]
         out.unlink(missing_ok=True)
         self.proc.stdin.write(json.dumps(args) + "\n")
         self.proc.stdin.flush()
         end, lines = time.monotonic() + timeout_s, []
         while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, end - time.monotonic()))
-            line = self.proc.stdout.readline() if ready else ""
+            try:
+                line = self._lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                line = ""
             if not line:
                 self.close()
-                raise RuntimeError(f"vLLM's benchmark client {'timed out' if not ready else 'exited'}; "
+                raise RuntimeError(f"vLLM's benchmark client {'exited' if line is None else 'timed out'}; "
                                    f"log {self.log_path}")
             self._log.write(line)
             if line.startswith("@@error"):

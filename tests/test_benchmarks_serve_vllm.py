@@ -22,6 +22,31 @@ SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, 
         "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
 
 
+#: A stand-in for vLLM's client process: per stdin line, writes the result file, then its last output line and
+#: "@@done" in one write (the case that once left the reader waiting for the timeout).
+_FAKE_CLIENT = ("import json, sys\n"
+                "for line in sys.stdin:\n"
+                "    args = json.loads(line)\n"
+                "    d, f = args[args.index('--result-dir') + 1], args[args.index('--result-filename') + 1]\n"
+                "    open(d + '/' + f, 'w').write(json.dumps({'completed': 3}))\n"
+                "    sys.stdout.write('Serving Benchmark Result\\n@@done\\n')\n"
+                "    sys.stdout.flush()\n")
+
+
+def test_client_reads_done_that_arrives_with_the_last_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(vp, "CLIENT_CODE", _FAKE_CLIENT)
+    monkeypatch.setattr(vp, "vllm_python", lambda venv: sys.executable)
+    client = vp.VllmClient(tmp_path, tmp_path / "client.log")
+    try:
+        for i in range(2):
+            args = ["--result-dir", str(tmp_path), "--result-filename", f"r{i}.json"]
+            t0 = time.monotonic()
+            assert client.run(args, timeout_s=30)["completed"] == 3
+            assert time.monotonic() - t0 < 15
+    finally:
+        client.close()
+
+
 def test_request_flops_counts_layers_attention_and_head():
     # one prompt token, one output token: one pass through the layers attending 1 key, one head GEMM
     per_layer = 2 * (576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536)
