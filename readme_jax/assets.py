@@ -69,6 +69,23 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+JIT_CACHE_ENV = "READMEJAX_JIT_CACHE"
+
+
+def enable_compilation_cache(min_compile_seconds: float = 0.5) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``cache_dir("jax_compilation_cache")`` (programs that took
+    at least ``min_compile_seconds`` to compile), so a rerun (a resumed run, a restarted server) loads compiled
+    programs from disk instead of compiling them again. ``$READMEJAX_JIT_CACHE=0`` turns it off (the tests do).
+    Call before the first compile. Returns the folder, or None when off."""
+    if os.environ.get(JIT_CACHE_ENV, "1") == "0":
+        return None
+    import jax
+    path = cache_dir("jax_compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    return path
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -86,7 +86,7 @@ def parse_args(argv):
     ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help=f"context per request (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
-    ap.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the free sequence slots before 429")
     ap.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
     SCHEDULERS.add_cli(ap, "scheduler", "decode-first")
     ap.add_argument("--kv-cache-memory", default=None,
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from readme_jax.serve.protocol import MAX_CHOICES
     from readme_jax.serve.server import create_app, serve
 
+    assets.enable_compilation_cache()     # a restarted server loads its compiled buckets instead of compiling them
     path = assets.smollm2_gguf() if args.model == "smollm2" else Path(args.model)
     name = args.served_model_name or ("smollm2" if args.model == "smollm2" else
                                       (path.stem if path.suffix == ".gguf" else path.name))

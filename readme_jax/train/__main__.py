@@ -34,17 +34,14 @@ def main(argv=None, *, hooks=None) -> int:
     if args.plan:
         return _plan(args)
 
-    import jax
     from readme_jax.parallel.distributed import initialize
     try:
         initialize()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("READMEJAX_JIT_CACHE", "1") != "0":   # persistent XLA cache: reruns skip compiles
-        from readme_jax.assets import cache_dir
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir("jax_compilation_cache")))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from readme_jax.assets import enable_compilation_cache
+    enable_compilation_cache()                          # persistent XLA cache: reruns skip compiles
 
     from readme_jax.config import load_config
     from readme_jax.errors import (CheckpointError, ConfigError, CorpusError, PipelineError, RunLockError,
