@@ -106,11 +106,15 @@ def test_stop_tokens_cancel_and_finish_reasons(engine, model):
 
 
 def test_bounded_queue_and_bad_lengths(model):
-    eng = Engine(model, None, EngineConfig(max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64,
+    """Only requests beyond the free slots count against max_queue (2 slots + 1 queued here)."""
+    eng = Engine(model, None, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64,
                                            max_queue=1))
     eng.ready = True                                      # accept submissions; the thread is never started
-    eng.submit([1, 2], SamplingParams(max_tokens=4))
-    assert eng.stats()["queue_depth"] == 1
+    for _ in range(3):
+        eng.submit([1, 2], SamplingParams(max_tokens=4))
+    assert eng.stats()["queue_depth"] == 3
+    with pytest.raises(ValueError, match="priority"):
+        eng.submit([1, 2], SamplingParams(max_tokens=4), priority=2**40)
     with pytest.raises(QueueFullError):
         eng.submit([1, 2], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="max_tokens"):

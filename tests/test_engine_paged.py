@@ -65,6 +65,26 @@ def test_prefix_cache_and_preemption_keep_tokens(make, cfg, shared, tail, max_to
     assert any(len(e["prefills"]) >= 2 for e in eng_off.step_log)         # batched prefill: one packed step
 
 
+def test_preemption_takes_the_highest_priority_value():
+    """Two sequences that arrive in one step outgrow the pool: the earlier one, of priority 1, is preempted
+    (FCFS alone would preempt the later one, of priority 0); both still give ``generate``'s tokens."""
+    model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=48, min_prefill_bucket=8,
+                       page_size=8, kv_cache_memory="8pages")
+    prompts = [list(range(1, 9)), list(range(9, 17))]
+    ref = [generate_ids(model, [p], 40)[0] for p in prompts]
+    eng = Engine(model, None, cfg)
+    eng.ready = True                                      # both queued before the engine's first step
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    streams = [eng.submit(p, params, priority=pr) for p, pr in zip(prompts, (1, 0))]
+    eng.start(warmup=False)
+    outs = [tokens(s)[0] for s in streams]
+    eng.shutdown(5)
+    assert outs == ref
+    preempted = [rid for e in eng.step_log for rid in e["preempted"]]
+    assert preempted and preempted[0] == streams[0].request_id, preempted
+
+
 def test_kv_cache_memory_sizes():
     assert parse_kv_memory(1024) == ("bytes", 1024) and parse_kv_memory("2KiB") == ("bytes", 2048)
     assert parse_kv_memory("512MB") == ("bytes", 512 * 10**6) and parse_kv_memory("40pages") == ("pages", 40)

@@ -183,6 +183,18 @@ def test_sampling_values_are_refused_by_library_cli_and_server():
         assert e.value.status == 400 and e.value.param == field
 
 
+def test_priority_field_is_parsed_and_checked():
+    from readme_jax.errors import APIError
+    from readme_jax.serve.protocol import parse_request
+    parse = lambda **f: parse_request("completion", {"model": "m", "prompt": [1, 2], **f}, _VocabOnly(),  # noqa: E731
+                                      model_name="m", max_model_len=64, default_max_tokens=4)
+    assert parse().priority == 0 and parse(priority=None).priority == 0 and parse(priority=-5).priority == -5
+    for bad in ("high", 1.5, True, 2**40):
+        with pytest.raises(APIError) as e:
+            parse(priority=bad)
+        assert e.value.status == 400 and e.value.param == "priority"
+
+
 def test_convert_removes_its_leftovers_warns_of_unused_tensors_and_a_full_disk_is_one_line(tmp_path, monkeypatch,
                                                                                           capsys):
     import errno
@@ -241,3 +253,26 @@ def test_corpus_lists_the_files_it_skipped(tmp_path):
                                                                            "symbolic links)"}]
     assert skipped_note(m) == ("skipped source files (a 2, b 1): listed with the reason under "
                                "domains.<domain>.skipped in manifest.json")
+
+
+@pytest.mark.subprocess
+def test_compilation_cache_is_written_and_read_back_by_a_second_process(tmp_path):
+    """``assets.enable_compilation_cache`` (what the train and serve CLIs call): a first process writes the
+    compiled program under $READMEJAX_CACHE, a second one with the same program reads it back (a cache hit,
+    no new entry); $READMEJAX_JIT_CACHE=0 writes nothing."""
+    code = ("import logging, jax, jax.numpy as jnp\n"
+            "from readme_jax.assets import enable_compilation_cache\n"
+            "print(enable_compilation_cache(0.0))\n"
+            "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
+            "print(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))))\n")
+    run = lambda **env: subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                       timeout=300, env=cli_env(READMEJAX_CACHE=str(tmp_path / "c"), **env))
+    off = run(READMEJAX_JIT_CACHE="0")
+    assert off.returncode == 0 and off.stdout.startswith("None"), off.stderr[-2000:]
+    first = run(READMEJAX_JIT_CACHE="1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in (tmp_path / "c" / "jax_compilation_cache").iterdir())
+    assert entries
+    second = run(READMEJAX_JIT_CACHE="1")
+    assert second.returncode == 0 and "cache hit" in second.stderr.lower(), second.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "c" / "jax_compilation_cache").iterdir()) == entries

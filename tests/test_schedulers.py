@@ -53,6 +53,33 @@ def test_expert_aware_prefill_between_urgent_and_grouped_decodes():
 
 
 @pytest.mark.parametrize("name", SCHEDULERS.names())
+def test_priority_orders_admission(name):
+    """vLLM's priority (lower first): a later, more urgent prompt is admitted before an earlier one; an admitted
+    chunk still goes first."""
+    waiting = [WaitingPrefill("early", 0, np.zeros(4, np.int32), priority=1),
+               WaitingPrefill("late", 5, np.zeros(4, np.int32), priority=-3),
+               WaitingPrefill("going", 9, np.zeros(2, np.int32), done=1, slot=3, priority=7)]
+    p = make_scheduler(name).pick(waiting, [], 8, 1)
+    assert p.prefills == (("going", 1), ("late", 4))
+
+
+@pytest.mark.parametrize("name", ["decode-first", "prefill-first", "expert-aware"])
+def test_priority_orders_decodes(name):
+    """The built-in policies' decode order: among decodes of one expert and equal wait, lower priority first."""
+    queue = [RunningDecode(slot=0, request_id="a", arrival=0, expert=2, priority=2),
+             RunningDecode(slot=1, request_id="b", arrival=1, expert=2, priority=0),
+             RunningDecode(slot=2, request_id="c", arrival=2, expert=2, priority=1)]
+    assert make_scheduler(name).pick([], queue, 2, 0).decodes == (1, 2)
+
+
+def test_expert_aware_wait_bound_outranks_priority():
+    """A due decode (waited = max_wait) runs even when every other token has a lower priority value."""
+    queue = [RunningDecode(slot=0, request_id="due", arrival=0, expert=1, waited=2, priority=9)] + [
+        RunningDecode(slot=i, request_id=f"r{i}", arrival=i, expert=0, priority=-1) for i in range(1, 5)]
+    assert make_scheduler("expert-aware", max_wait=2).pick([], queue, 2, 0).decodes == (0, 1)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS.names())
 def test_dense_model_expert_minus_one(name):
     queue = run([-1] * 6)
     p = make_scheduler(name).pick([WaitingPrefill("x", 0, np.full(3, -1, np.int32))], queue, 4, 1)

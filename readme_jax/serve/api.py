@@ -105,13 +105,15 @@ class RequestStream:
 class WaitingPrefill:
     """A request whose prompt is not fully prefilled. experts: <int32>[prompt tokens] the router's expert of
     every prompt token (known on arrival; -1 for a dense model); done: tokens already prefilled (chunked
-    prefill continues in order); slot: its slot once admitted, else None (admitting needs a free slot)."""
+    prefill continues in order); slot: its slot once admitted, else None (admitting needs a free slot);
+    priority: vLLM's request priority (lower is served first; 0 by default)."""
 
     request_id: str
     arrival: int
     experts: np.ndarray
     done: int = 0
     slot: int | None = None
+    priority: int = 0
 
     @property
     def remaining(self) -> int:
@@ -121,13 +123,15 @@ class WaitingPrefill:
 @dataclasses.dataclass
 class RunningDecode:
     """A slot whose next token is known and waits to run: expert = the router's expert of that token (-1:
-    dense); waited = consecutive steps it was not picked; arrival: its request's arrival step."""
+    dense); waited = consecutive steps it was not picked; arrival: its request's arrival step; priority: its
+    request's priority (lower is served first)."""
 
     slot: int
     request_id: str
     arrival: int
     expert: int
     waited: int = 0
+    priority: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@
 Each step: take new requests from the bounded inbox (they wait in ``serve/queue_state.py``'s queue), drop
 cancelled ones (their pages are freed now), ask the scheduler for this step's work within the token budget
 (``serve/api.py: Scheduler``; new prompts are admissible only while their pages fit: ``serve/kv_pages.py``),
-give every picked decode token its page (preempting the latest-arrived sequence when none is free: its pages
-are freed and it is recomputed later), open the admitted prompts' pages (a cached prefix is taken, not
+give every picked decode token its page (preempting, when none is free, the sequence of the highest priority
+value, then the latest-arrived: its pages are freed and it is recomputed later), open the admitted prompts' pages (a cached prefix is taken, not
 prefilled; Read-ME routes the rest of the prompt here, writing the router's KV into the same pages), and run
 every decode token and prompt chunk of the step as one packed ``runner.step`` (``serve/paged_runner.py``). Then
 release each request's new text (incremental detokenisation, stop strings that may span steps) and cache
@@ -62,6 +62,7 @@ class _Request:
     stream: RequestStream
     arrival_time: float
     arrival_step: int = 0
+    priority: int = 0                      # vLLM's: lower is admitted first, preempted last
     tokens: list[int] = dataclasses.field(default_factory=list)     # prompt + generated
     experts: list[int] = dataclasses.field(default_factory=list)    # each known token's expert (-1: unknown/dense)
     target: int = 0                        # tokens to prefill (prompt; after a preemption all but the pending)
@@ -154,11 +155,13 @@ class Engine(PagedScheduling):
         self.runner.warmup()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, loop=None,
-               request_id: str | None = None, follows: str | None = None) -> RequestStream:
-        """Queue one request. Raises SamplingError (bad prompt / lengths, naming the field), QueueFullError,
-        NotReadyError (not started, draining) or EngineError (the engine failed). ``follows``: the id of a request
-        with the same prompt (the first sample of an n > 1 request): this one waits until that one's prompt is
-        prefilled, then takes its full pages from the prefix cache instead of prefilling them again."""
+               request_id: str | None = None, follows: str | None = None, priority: int = 0) -> RequestStream:
+        """Queue one request. Raises SamplingError (bad prompt / lengths / priority, naming the field),
+        QueueFullError (``max_queue`` requests already wait beyond the free slots), NotReadyError (not started,
+        draining) or EngineError (the engine failed). ``follows``: the id of a request with the same prompt (the
+        first sample of an n > 1 request): this one waits until that one's prompt is prefilled, then takes its
+        full pages from the prefix cache instead of prefilling them again. ``priority``: vLLM's (an integer, lower
+        first): it orders admission and decodes in every scheduler and picks preemption victims (highest first)."""
         if self.error is not None:
             raise EngineError(f"engine failed: {self.error}")
         if not self.ready or self._draining:
@@ -172,6 +175,8 @@ class Engine(PagedScheduling):
             raise SamplingError("prompt", f"token ids must be in [0, {self.vocab_size})")
         if len(prompt) >= L:
             raise SamplingError("prompt", f"{len(prompt)} tokens; the context is {L} tokens (max_model_len)")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
+            raise SamplingError("priority", f"expected an integer in [-2^31, 2^31), got {str(priority)[:100]}")
         if len(prompt) + params.max_tokens > L:
             raise SamplingError("max_tokens", f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
                                               f"exceeds the context of {L} tokens")
@@ -179,9 +184,9 @@ class Engine(PagedScheduling):
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
         req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
-                       follows=follows)
-        with self._lock:                     # bounded: requests not yet holding a slot, inbox + waiting
-            if self._queued >= self.config.max_queue:
+                       priority=priority, follows=follows)
+        with self._lock:         # bounded: requests without a slot (inbox + waiting) beyond those a free slot takes
+            if self._queued >= self.config.max_queue + len(self._queue.free):
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")
             self._queued += 1
             self._inbox.put_nowait(req)
@@ -264,7 +269,8 @@ class Engine(PagedScheduling):
 
     def _wait(self, req: _Request) -> None:
         """Into the queue as a prompt of ``req.target`` tokens (expert ids known once its pages open)."""
-        self._queue.arrive(WaitingPrefill(req.id, req.arrival_step, np.full(req.target, -1, np.int32)))
+        self._queue.arrive(WaitingPrefill(req.id, req.arrival_step, np.full(req.target, -1, np.int32),
+                                          priority=req.priority))
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self._reqs.values() if r.stream.cancelled]:
@@ -319,7 +325,7 @@ class Engine(PagedScheduling):
             if row.sample:
                 self._emit(req, tok, nxt, res.logprob)
             elif req.computed == req.target and req.generated:     # recomputed: its pending token waits again
-                self._queue.ready(req.slot, req.id, req.arrival_step, req.experts[len(req.tokens) - 1])
+                self._queue.ready(req.slot, req.id, req.arrival_step, req.experts[len(req.tokens) - 1], req.priority)
         self.step_count += 1
         seconds = time.perf_counter() - t0
         prefill_tokens = sum(c.n for c in adv.chunks)
@@ -368,7 +374,7 @@ class Engine(PagedScheduling):
         lps = [logprob] if p.logprobs is not None else None
         first = ([None] + req.prompt_lps) if p.prompt_logprobs is not None and len(req.generated) == 1 else None
         if reason is None:
-            self._queue.ready(req.slot, req.id, req.arrival_step, nxt)
+            self._queue.ready(req.slot, req.id, req.arrival_step, nxt, req.priority)
             req.stream.put(RequestOutput(req.id, [tok], text, prompt_tokens=len(req.prompt),
                                          completion_tokens=len(req.generated), logprobs=lps, prompt_logprobs=first))
             return

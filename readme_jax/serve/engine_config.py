@@ -37,7 +37,7 @@ def parse_kv_memory(value: int | str) -> tuple[str, int]:
 class EngineConfig:
     """max_num_seqs: sequences decoding at once; max_num_batched_tokens: the per-step token budget (decode
     tokens + prefill tokens); max_model_len: prompt + output tokens per sequence; max_queue: requests waiting
-    for a slot before submit raises QueueFullError; default_max_tokens: used when a request names none;
+    beyond the free slots before submit raises QueueFullError; default_max_tokens: used when a request names none;
     scheduler: a name of ``serve.schedulers.make_scheduler`` with its options; page_size: tokens per KV page;
     kv_cache_memory: the KV pools' size (``parse_kv_memory``: bytes or pages; None: every sequence at
     max_model_len, so nothing is ever preempted); prefix_caching: automatic prefix caching (vLLM's default);

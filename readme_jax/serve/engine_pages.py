@@ -2,9 +2,10 @@
 and runner): admission by free pages, preemption by recompute, opening a prompt's pages (prefix hit, Read-ME
 routing, an n > 1 sample's copy of its sibling's prompt pages), and the step's pick with pages.
 
-Admission: the scheduler's ``free_slots`` is the number of waiting prompts (FCFS) whose pages fit after one page
-is reserved for every running decode that needs one. Preemption: when a picked decode token needs a page and
-none is free, the latest-arrived sequence not yet scheduled this step gives up its pages and slot and waits again
+Admission: the scheduler's ``free_slots`` is the number of waiting prompts (prefill order: priority, then FCFS)
+whose pages fit after one page is reserved for every running decode that needs one. Preemption: when a picked
+decode token needs a page and none is free, the sequence not yet scheduled this step of the highest priority value
+(vLLM's: the least urgent), the latest-arrived among equals, gives up its pages and slot and waits again
 (keeping its arrival) to recompute its prompt and all its generated tokens but the last, which is its pending
 decode token again.
 """
@@ -55,11 +56,11 @@ class PagedScheduling:
         self.preemptions += 1
 
     def _grow(self, req: "engine._Request", total: int, protected: set[str]) -> bool:
-        """Pages for ``total`` tokens of ``req``, preempting the latest-arrived other sequences (never those
-        in ``protected``) while none is free. False: ``req`` itself was preempted."""
+        """Pages for ``total`` tokens of ``req``, preempting other sequences (highest priority value, then latest
+        arrival; never those in ``protected``) while none is free. False: ``req`` itself was preempted."""
         while not self.pages.grow(req.id, total):
             holders = [r for r in self._reqs.values() if r.id in self.pages.tables and r.id not in protected]
-            victim = max(holders, key=lambda r: (r.arrival_step, r.id), default=req)
+            victim = max(holders, key=lambda r: (r.priority, r.arrival_step, r.id), default=req)
             self._preempt(victim)
             if victim is req:
                 return False

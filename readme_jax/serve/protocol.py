@@ -61,6 +61,7 @@ class GenerationRequest:
     include_usage: bool
     echo: bool = False
     tokens_as_ids: bool = False              # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    priority: int = 0                        # vLLM's: lower is admitted first and preempted last
 
     @property
     def logprobs(self) -> int | None:
@@ -87,12 +88,12 @@ def _neutral(*allowed):
 
 
 _IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-                "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids"} | set(NEUTRAL_PROCESSORS)
+                "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids", "priority"} | set(NEUTRAL_PROCESSORS)
 _COMPLETION_ONLY = {"echo"}
 _NEUTRAL_COMMON = {
     "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
     "include_stop_str_in_output": _neutral(False, None), "skip_special_tokens": _neutral(True, None),
-    "spaces_between_special_tokens": _neutral(True, None), "priority": _neutral(0, None),
+    "spaces_between_special_tokens": _neutral(True, None),
     "truncate_prompt_tokens": _neutral(None), "prompt_logprobs": _neutral(None, 0),
     "allowed_token_ids": _neutral(None), "bad_words": _neutral(None, []),
     "response_format": _neutral(None, {"type": "text"}), "guided_json": _neutral(None), "guided_regex": _neutral(None),
@@ -371,5 +372,10 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
     params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
                        echo)
-    return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids)
+    priority = 0 if data.get("priority") is None else data["priority"]
+    if not _is_int(priority) or not -2**31 <= priority < 2**31:
+        raise bad_request("priority", f"expected an integer in [-2^31, 2^31) (lower is served first), got "
+                                      f"{quote(priority)}")
+    return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids,
+                             priority)
 

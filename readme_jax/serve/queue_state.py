@@ -129,9 +129,9 @@ class QueueState:
         order = {s: i for i, s in enumerate(pick.decodes)}
         return Advance(tuple(chunks), tuple(sorted(decoded, key=lambda d: order[d[0]])))
 
-    def ready(self, slot: int, request_id: str, arrival: int, expert: int) -> None:
+    def ready(self, slot: int, request_id: str, arrival: int, expert: int, priority: int = 0) -> None:
         """``slot``'s next token (of expert ``expert``) is known and waits to run."""
-        self.running[slot] = RunningDecode(slot, request_id, arrival, int(expert))
+        self.running[slot] = RunningDecode(slot, request_id, arrival, int(expert), priority=int(priority))
 
     def release(self, slot: int) -> None:
         """``slot``'s request ended (or left): the slot is free."""

@@ -4,14 +4,15 @@ and expert-aware batching (Read-ME Algorithm 1 with a wait bound). All share one
     sched = SCHEDULERS.make("expert-aware", max_wait=8)      # or make_scheduler(...), the same
     pick = sched.pick(waiting, running, budget=32, free_slots=4)
 
-Orders used by every policy:
-- decode FCFS: longest wait first (``waited`` descending), then earlier ``arrival``, then lower slot;
-- prefill FCFS: requests already admitted (a chunk in progress) before new ones, then earlier ``arrival``,
-  then ``request_id``; a prompt is cut into a chunk when the budget left is smaller than what remains; a new
+Orders used by every policy (``priority``: vLLM's, lower is served first, 0 unless a request sets it):
+- decode FCFS: lower ``priority``, then longest wait (``waited`` descending), then earlier ``arrival``, then
+  lower slot;
+- prefill FCFS: requests already admitted (a chunk in progress) before new ones, then lower ``priority``, then
+  earlier ``arrival``, then ``request_id``; a prompt is cut into a chunk when the budget left is smaller than what remains; a new
   prompt needs a free slot (``free_slots`` bounds admissions per step).
 
 Expert-aware batching, over the running decode tokens:
-1. **Wait bound** (earliest deadline first): a token's slack is ``max_wait - waited``. With c_j the number
+1. **Wait bound** (earliest deadline first; ties: lower priority, earlier arrival): a token's slack is ``max_wait - waited``. With c_j the number
    of tokens of slack <= j, the step must take at least ``m = max_j (c_j - budget * j)`` of the most urgent
    tokens (those with slack <= j cannot all wait past the next j steps otherwise). Taking them first keeps
    every token's wait <= ``max_wait`` steps whenever the running decodes number at most
@@ -50,13 +51,13 @@ def _check_budget(budget: int, free_slots: int) -> None:
 
 
 def decode_order(running: Sequence[RunningDecode]) -> list[RunningDecode]:
-    """Decode FCFS: longest wait first, then earlier arrival, then lower slot."""
-    return sorted(running, key=lambda r: (-r.waited, r.arrival, r.slot))
+    """Decode FCFS: lower priority, then longest wait, then earlier arrival, then lower slot."""
+    return sorted(running, key=lambda r: (r.priority, -r.waited, r.arrival, r.slot))
 
 
 def prefill_order(waiting: Sequence[WaitingPrefill]) -> list[WaitingPrefill]:
-    """Prefill FCFS: admitted (chunk in progress) first, then earlier arrival, then request id."""
-    return sorted(waiting, key=lambda w: (w.slot is None, w.arrival, w.request_id))
+    """Prefill FCFS: admitted (chunk in progress) first, then lower priority, then earlier arrival, then id."""
+    return sorted(waiting, key=lambda w: (w.slot is None, w.priority, w.arrival, w.request_id))
 
 
 def fill_prefills(waiting: Sequence[WaitingPrefill], budget: int, free_slots: int) -> list[tuple[str, int]]:
@@ -147,7 +148,7 @@ class ExpertAware:
     def urgent(self, running: Sequence[RunningDecode], budget: int) -> tuple[list, list]:
         """(the decode tokens the wait bound forces this step, the others), most urgent first; at most
         ``budget`` forced (past the bound more can be due than a step holds: the most urgent go first)."""
-        urgent_first = sorted(running, key=lambda r: (self.max_wait - r.waited, r.arrival, r.slot))
+        urgent_first = sorted(running, key=lambda r: (self.max_wait - r.waited, r.priority, r.arrival, r.slot))
         m = min(must_take(np.array([self.max_wait - r.waited for r in urgent_first], np.int64), budget), budget)
         return urgent_first[:m], urgent_first[m:]
 

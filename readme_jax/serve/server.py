@@ -211,7 +211,8 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
                 j = i % req.n
                 streams.append(engine.submit(req.prompts[i // req.n], req.choice_params(i),
                                              loop=asyncio.get_running_loop(), request_id=f"{request_id}-{i}",
-                                             follows=f"{request_id}-{i - j}" if j else None))
+                                             follows=f"{request_id}-{i - j}" if j else None,
+                                             priority=req.priority))
         except QueueFullError as e:
             _cancel(streams)
             raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
