@@ -129,11 +129,12 @@ def accepts_flag(flag: str) -> bool:
     return r.returncode == 0 and flag in r.stdout
 
 
-def start_ours(hf_dir: Path, name: str, dtype: str, slots: int, log: Path, extra=()) -> vp.Server:
+def start_ours(hf_dir: Path, name: str, dtype: str, slots: int, log: Path, extra=(),
+               env: dict[str, str] | None = None) -> vp.Server:
     port = vp.free_port()
     cmd = [sys.executable, "-m", "readme_jax.serve", "--model", str(hf_dir), "--served-model-name", name,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(slots), *extra]
-    return vp.Server(f"ours ({dtype}{' ' + ' '.join(extra) if extra else ''})", cmd, thread_env(), log, port)
+    return vp.Server(f"ours ({dtype}{' ' + ' '.join(extra) if extra else ''})", cmd, env or thread_env(), log, port)
 
 
 def start_vllm(venv: Path, hf_dir: Path, name: str, dtype: str, slots: int, log: Path) -> vp.Server:
