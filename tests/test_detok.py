@@ -4,7 +4,7 @@ Llama-2-layout SentencePiece model): no half characters released, and the releas
 import numpy as np
 import pytest
 
-from readme_jax.data.tokenizers import load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import load_tokenizer
 from readme_jax.serve.detok import REPLACEMENT, IncrementalDetokenizer, StopStrings
 
 TEXTS = [
@@ -17,9 +17,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
-def tok(request, smollm2_gguf, sentencepiece_model):
+def tok(request, smollm2_tokenizer, sentencepiece_model):
     if request.param == "bpe":
-        return tokenizer_from_gguf(smollm2_gguf)
+        return smollm2_tokenizer
     return load_tokenizer(sentencepiece_model)
 
 

@@ -48,24 +48,37 @@ def _dispatcher(name, sizes):
     return dispatch.Blocked(*sizes) if name == "blocked" else dispatch.get(name)
 
 
-class MoeFfnTest(chex.TestCase):
+def _check_forward(variant, case, name):
+    kind, B, T, E, sizes = case
+    kh, kw, ki = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(kh, (B, T, D))
+    wg, wu, wd = _weights(kw, E)
+    ids = _ids(kind, B, T, E, ki)
+    d = _dispatcher(name, sizes)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @variant
+    def f(ids, h, wg, wu, wd):
+        return moe.moe_ffn(moe.plan_dispatch(ids, E, dispatcher=d), h, wg, wu, wd)
+
+    chex.assert_trees_all_close(f(ids, h, wg, wu, wd), moe.reference_moe_ffn(ids, h, wg, wu, wd),
+                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow(reason="eager op-by-op: every lax.switch / loop branch compiles on each call (~40 s for the set)")
+class MoeFfnEagerTest(chex.TestCase):
+
+    @chex.variants(without_jit=True)
     @parameterized.product(case=CASES, name=sorted(dispatch.DISPATCHERS))
     def test_forward_matches_reference(self, case, name):
-        kind, B, T, E, sizes = case
-        kh, kw, ki = jax.random.split(jax.random.key(0), 3)
-        h = jax.random.normal(kh, (B, T, D))
-        wg, wu, wd = _weights(kw, E)
-        ids = _ids(kind, B, T, E, ki)
-        d = _dispatcher(name, sizes)
+        _check_forward(self.variant, case, name)
 
-        @self.variant
-        def f(ids, h, wg, wu, wd):
-            return moe.moe_ffn(moe.plan_dispatch(ids, E, dispatcher=d), h, wg, wu, wd)
 
-        chex.assert_trees_all_close(f(ids, h, wg, wu, wd), moe.reference_moe_ffn(ids, h, wg, wu, wd),
-                                    atol=1e-5, rtol=1e-5)
+class MoeFfnTest(chex.TestCase):
+
+    @chex.variants(with_jit=True)
+    @parameterized.product(case=CASES, name=sorted(dispatch.DISPATCHERS))
+    def test_forward_matches_reference(self, case, name):
+        _check_forward(self.variant, case, name)
 
     @chex.variants(with_jit=True)
     @parameterized.product(case=CASES[:3] + CASES[4:], name=["blocked", "ragged"])

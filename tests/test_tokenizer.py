@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from readme_jax.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from readme_jax.data.tokenizers import Tokenizer, load_tokenizer
 from readme_jax.errors import TokenizerError
 
 TEXTS = [
@@ -33,50 +33,46 @@ TEXTS = [
 # SmolLM2 GGUF (byte-level BPE) vs transformers' own GGUF tokenizer
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return tokenizer_from_gguf(smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
 def hf_smollm2(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 @pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
-def test_smollm2_ids_match_transformers(smollm2, hf_smollm2):
+def test_smollm2_ids_match_transformers(smollm2_tokenizer, hf_smollm2):
     texts = TEXTS + ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
     for text in texts:
-        assert smollm2.encode(text) == hf_smollm2.encode(text, add_special_tokens=False), text
-    assert smollm2.encode_batch(texts) == [smollm2.encode(t) for t in texts]
+        assert smollm2_tokenizer.encode(text) == hf_smollm2.encode(text, add_special_tokens=False), text
+    assert smollm2_tokenizer.encode_batch(texts) == [smollm2_tokenizer.encode(t) for t in texts]
     # Special tokens written in the text stay whole, as in transformers.
-    assert smollm2.encode("<|im_start|>")[0] == 1
+    assert smollm2_tokenizer.encode("<|im_start|>")[0] == 1
 
 
-def test_smollm2_special_ids_and_round_trip(smollm2):
-    assert isinstance(smollm2, Tokenizer)
-    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id, smollm2.vocab_size) == (1, 2, 2, 49152)
-    assert smollm2.bos_token == "<|im_start|>" and smollm2.eos_token == "<|im_end|>"
-    assert smollm2.add_bos_default is False  # tokenizer.ggml.add_bos_token is false in this GGUF
-    ids = smollm2.encode("Hello", bos=True, eos=True)
-    assert ids[0] == 1 and ids[-1] == 2 and ids[1:-1] == smollm2.encode("Hello")
+def test_smollm2_special_ids_and_round_trip(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert isinstance(tok, Tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 49152)
+    assert tok.bos_token == "<|im_start|>" and tok.eos_token == "<|im_end|>"
+    assert tok.add_bos_default is False  # tokenizer.ggml.add_bos_token is false in this GGUF
+    ids = tok.encode("Hello", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and ids[1:-1] == tok.encode("Hello")
     for text in TEXTS:
-        assert smollm2.decode(smollm2.encode(text)) == text
-    assert smollm2.decode(ids) == "<|im_start|>Hello<|im_end|>"
-    assert smollm2.decode(ids, skip_special=True) == "Hello"
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(ids) == "<|im_start|>Hello<|im_end|>"
+    assert tok.decode(ids, skip_special=True) == "Hello"
 
 
-def test_smollm2_digits_split_individually(smollm2):
+def test_smollm2_digits_split_individually(smollm2_tokenizer):
     # SmolLM2's pre-tokenizer ("smollm") isolates every numeric character before the byte-level split.
     # transformers' GGUF loader omits that step; it only shows on non-ASCII numerics such as " ²"
     # (ASCII digits never merge in this vocabulary), so those are checked here, not against transformers.
-    assert smollm2.encode("12345") == [smollm2.token_to_id(d) for d in "12345"]
-    space = smollm2.token_to_id("Ġ")
-    assert smollm2.encode(" ²") == [space] + smollm2.encode("²")
+    assert smollm2_tokenizer.encode("12345") == [smollm2_tokenizer.token_to_id(d) for d in "12345"]
+    space = smollm2_tokenizer.token_to_id("Ġ")
+    assert smollm2_tokenizer.encode(" ²") == [space] + smollm2_tokenizer.encode("²")
 
 
 @pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
-def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
+def test_smollm2_chat_template_matches_transformers(smollm2_tokenizer, hf_smollm2):
     conversations = [
         [{"role": "user", "content": "What is 2+2?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -84,41 +80,41 @@ def test_smollm2_chat_template_matches_transformers(smollm2, hf_smollm2):
     ]
     for messages in conversations:
         for gen in (True, False):
-            ours = smollm2.apply_chat_template(messages, add_generation_prompt=gen)
+            ours = smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=gen)
             ref = hf_smollm2.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
             assert ours == ref
-    rendered = smollm2.apply_chat_template(conversations[0])
+    rendered = smollm2_tokenizer.apply_chat_template(conversations[0])
     assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
-    assert smollm2.encode(rendered) == hf_smollm2.encode(rendered, add_special_tokens=False)
+    assert smollm2_tokenizer.encode(rendered) == hf_smollm2.encode(rendered, add_special_tokens=False)
 
 
 @pytest.mark.slow(reason="builds transformers' tokenizer from the GGUF")
-def test_smollm2_save_load_round_trip(smollm2, tmp_path, hf_smollm2):
-    smollm2.save(tmp_path / "tok")
+def test_smollm2_save_load_round_trip(smollm2_tokenizer, tmp_path, hf_smollm2):
+    smollm2_tokenizer.save(tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")
-    assert type(back) is type(smollm2)
+    assert type(back) is type(smollm2_tokenizer)
     assert (back.bos_id, back.eos_id, back.pad_id, back.vocab_size) == (1, 2, 2, 49152)
-    assert back.chat_template == smollm2.chat_template and back.add_bos_default is False
+    assert back.chat_template == smollm2_tokenizer.chat_template and back.add_bos_default is False
     for text in TEXTS + [" x² ½"]:
-        assert back.encode(text) == smollm2.encode(text)
-    assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").encode("a 12") == smollm2.encode("a 12")
+        assert back.encode(text) == smollm2_tokenizer.encode(text)
+    assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").encode("a 12") == smollm2_tokenizer.encode("a 12")
     # transformers reads the saved directory too.
     import transformers
     hf_back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert hf_back.encode(TEXTS[0], add_special_tokens=False) == smollm2.encode(TEXTS[0])
+    assert hf_back.encode(TEXTS[0], add_special_tokens=False) == smollm2_tokenizer.encode(TEXTS[0])
     assert hf_back.eos_token_id == 2
 
 
-def test_hf_style_directory(smollm2, tmp_path):
+def test_hf_style_directory(smollm2_tokenizer, tmp_path):
     # An HF checkpoint layout: token strings (as AddedToken dicts), no ids, template in chat_template.jinja.
-    smollm2.backend.save(str(tmp_path / "tokenizer.json"))
+    smollm2_tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": {"content": "<|im_start|>", "special": True}, "eos_token": "<|im_end|>"}))
-    (tmp_path / "chat_template.jinja").write_text(smollm2.chat_template)
+    (tmp_path / "chat_template.jinja").write_text(smollm2_tokenizer.chat_template)
     tok = load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
     messages = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(messages) == smollm2.apply_chat_template(messages)
+    assert tok.apply_chat_template(messages) == smollm2_tokenizer.apply_chat_template(messages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +195,8 @@ def test_missing_and_empty(tmp_path):
     assert load_tokenizer(tmp_path) is None  # a directory without tokenizer files
 
 
-def test_corrupt_tokenizer_json(smollm2, tmp_path):
-    smollm2.backend.save(str(tmp_path / "tokenizer.json"))
+def test_corrupt_tokenizer_json(smollm2_tokenizer, tmp_path):
+    smollm2_tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     data = (tmp_path / "tokenizer.json").read_bytes()
     (tmp_path / "tokenizer.json").write_bytes(data[: len(data) // 2])
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: not a valid tokenizer\.json"):
