@@ -1,5 +1,6 @@
-"""The project's error types, one per concept; every module raises these (or a builtin for a programming
-error: a wrong argument type or shape in a call) and none defines its own.
+"""The project's error types, one per concept; every module of the package raises these (or a builtin for a
+programming error: a wrong argument type or shape in a call) and none defines its own. (The benchmarks, outside
+the package, have their own: a variant or breakdown that fails becomes an error row of their table.)
 
 Messages are one line that names the file, key or tensor, what was expected and what was found. Errors of
 bad input subclass ValueError (callers catch ValueError); errors of state or environment subclass
