@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from readme_jax.train.throughput import WALL_CLOCK_KEYS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +38,7 @@ def step_and_eval_records(run_dir: Path) -> list[dict]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("event") in ("step", "eval"):
-            r.pop("seconds", None)
+            for k in WALL_CLOCK_KEYS:
+                r.pop(k, None)
             out.append(r)
     return out

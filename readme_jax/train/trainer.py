@@ -46,6 +46,7 @@ from readme_jax.train.optim import make_optimizer, round_lr
 from readme_jax.train.preflight import train_mesh
 from readme_jax.train.profiling import Profiler
 from readme_jax.train.targets import PoolSampler, RouterPool
+from readme_jax.train.throughput import Throughput
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -197,6 +198,8 @@ class Trainer:
         bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
                    disable=not self.progress, unit="step")
         tokens_per_step = phase.batch * t.seq_len
+        rate = Throughput.of(self.model, seq_len=t.seq_len, dtype=t.dtype, devices=self.mesh.devices.size) \
+            if phase.kind == "expert" else None
         for step in bar:
             batch = next(it)
             t0 = time.perf_counter()
@@ -211,12 +214,16 @@ class Trainer:
             dt = time.perf_counter() - t0
             record = {"event": "step", "phase": phase.name, "kind": phase.kind, "round": phase.round,
                       "step": step + 1, "lr": steps_lib.lr_at(peak_lr, phase.steps, step),
-                      **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3)}
+                      **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3),
+                      "tokens_per_s": round(tokens_per_step / max(dt, 1e-9), 2)}
+            if rate is not None:
+                record.update(rate.of_step(tokens=tokens_per_step, seconds=dt))
             if "domain" in batch and phase.kind == "expert":
                 record["domains"] = np.bincount(np.asarray(batch["domain"]).ravel(),
                                                 minlength=self.specific.shape[0]).tolist()
             self.log.write(record)
-            bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"mfu": f"{record['mfu']:.2f}"} if rate is not None else {}))
             done = step + 1 == phase.steps
             if done or (step + 1) % t.checkpoint_every == 0:
                 try:
