@@ -26,7 +26,6 @@ passes of at most k experts (``engine_step.run_rows``); every pass reads experts
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
@@ -44,6 +43,7 @@ from readme_jax.serve.api import RequestOutput, RequestStream, WaitingPrefill
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
 from readme_jax.serve.engine_config import EngineConfig, page_bytes_of
 from readme_jax.serve.engine_pages import PagedScheduling
+from readme_jax.serve.engine_request import EngineRequest
 from readme_jax.serve.engine_step import Row, run_rows
 from readme_jax.serve.expert_cache import ExpertCache, make_policy
 from readme_jax.serve.kv_pages import KVPages
@@ -52,42 +52,6 @@ from readme_jax.serve.paged_runner import PagedRunner
 from readme_jax.serve.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
-
-@dataclasses.dataclass
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    stream: RequestStream
-    arrival_time: float
-    arrival_step: int = 0
-    priority: int = 0                      # vLLM's: lower is admitted first, preempted last
-    tokens: list[int] = dataclasses.field(default_factory=list)     # prompt + generated
-    experts: list[int] = dataclasses.field(default_factory=list)    # each known token's expert (-1: unknown/dense)
-    target: int = 0                        # tokens to prefill (prompt; after a preemption all but the pending)
-    computed: int = 0                      # tokens whose KV is in the pages
-    keys: list[bytes] | None = None         # prefix-cache keys of the target's full pages (kv_pages.py)
-    slot: int | None = None
-    generated: list[int] = dataclasses.field(default_factory=list)
-    last_token_time: float | None = None
-    detok: IncrementalDetokenizer | None = None
-    stops: StopStrings | None = None
-    closed: bool = False                   # the final output was sent
-    prompt_lps: list = dataclasses.field(default_factory=list)     # prompt logprobs so far (echo)
-    follows: str | None = None             # a sibling (n > 1) whose prompt pages it waits to share
-
-    @property
-    def reads_cache(self) -> bool:
-        """False: every token must be an input of the step (prompt logprobs, penalty counts, logit_bias)."""
-        p = self.params
-        return p.prompt_logprobs is None and not p.uses_counts and not p.logit_bias
-
-    @property
-    def device_row(self) -> bool:
-        """Needs a row of the runner's processor state (a penalty or logit_bias)."""
-        return self.params.uses_counts or bool(self.params.logit_bias)
-
 
 class Engine(PagedScheduling):
     """See the module docstring. Thread-safe ``submit``; everything else runs on the engine thread."""
@@ -117,11 +81,11 @@ class Engine(PagedScheduling):
         self.scheduler = make_scheduler(config.scheduler, **dict(config.scheduler_options))
         self.vocab_size = arch_config(model).vocab_size
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-        self._inbox: queue.Queue[_Request] = queue.Queue()
+        self._inbox: queue.Queue[EngineRequest] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
         self._queue = QueueState(config.max_num_seqs, self.runner.token_buckets)   # serve/queue_state.py
-        self._reqs: dict[str, _Request] = {}           # every request in the queue, by id
-        self._held: list[_Request] = []                # in _reqs, not yet waiting: their sibling is prefilling
+        self._reqs: dict[str, EngineRequest] = {}           # every request in the queue, by id
+        self._held: list[EngineRequest] = []                # in _reqs, not yet waiting: their sibling is prefilling
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -183,7 +147,7 @@ class Engine(PagedScheduling):
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
-        req = _Request(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
+        req = EngineRequest(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
                        priority=priority, follows=follows)
         with self._lock:         # bounded: requests without a slot (inbox + waiting) beyond those a free slot takes
             if self._queued >= self.config.max_queue + len(self._queue.free):
@@ -221,7 +185,7 @@ class Engine(PagedScheduling):
         with self._lock:
             self._queued += n
 
-    def _all_requests(self) -> list[_Request]:
+    def _all_requests(self) -> list[EngineRequest]:
         reqs = list(self._reqs.values())
         while True:
             try:
@@ -267,7 +231,7 @@ class Engine(PagedScheduling):
                 self._wait(req)
             arrivals.append([req.id, len(req.prompt)])
 
-    def _wait(self, req: _Request) -> None:
+    def _wait(self, req: EngineRequest) -> None:
         """Into the queue as a prompt of ``req.target`` tokens (expert ids known once its pages open)."""
         self._queue.arrive(WaitingPrefill(req.id, req.arrival_step, np.full(req.target, -1, np.int32),
                                           priority=req.priority))
@@ -343,13 +307,13 @@ class Engine(PagedScheduling):
             self.metrics.set_gauges(self._queued, self._queue.busy_slots)
             self.metrics.set_kv(self.pages.usage, self.pages.stats.queries, self.pages.stats.hits, self.preemptions)
 
-    def _row(self, req: _Request, start: int, n: int, sample: bool, prompt_logprobs: bool) -> Row:
+    def _row(self, req: EngineRequest, start: int, n: int, sample: bool, prompt_logprobs: bool) -> Row:
         p = req.params
         return Row(req.id, req.tokens, req.experts, start, n, sample, req.seed, p.temperature, p.top_p, params=p,
                    proc_row=req.slot if req.device_row else -1, prompt_len=len(req.prompt),
                    prompt_logprobs=prompt_logprobs)
 
-    def _emit(self, req: _Request, tok: int, nxt: int, logprob=None) -> None:
+    def _emit(self, req: EngineRequest, tok: int, nxt: int, logprob=None) -> None:
         """A token was sampled for ``req``: release its text, decide whether the request ends."""
         now = time.perf_counter()
         if self.metrics is not None:
@@ -383,7 +347,7 @@ class Engine(PagedScheduling):
             text += held + ("" if hit else req.stops.flush())
         self._finish(req, reason, last_tokens=[tok], text=text, logprobs=lps, prompt_logprobs=first)
 
-    def _finish(self, req: _Request, reason: str, *, last_tokens: list[int] | None = None, text: str = "",
+    def _finish(self, req: EngineRequest, reason: str, *, last_tokens: list[int] | None = None, text: str = "",
                 logprobs: list | None = None, prompt_logprobs: list | None = None) -> None:
         if req.closed:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from readme_jax.serve.api import Pick, WaitingPrefill
+from readme_jax.serve.engine_request import EngineRequest
 from readme_jax.serve.schedulers import prefill_order
 
 
@@ -40,11 +41,11 @@ class PagedScheduling:
             n += 1
         return n
 
-    def _page_need(self, req: "engine._Request") -> int:
+    def _page_need(self, req: EngineRequest) -> int:
         """Tokens a newly opened sequence needs pages for: its prefill, and the router's lookahead entry."""
         return req.target + self.lookahead
 
-    def _preempt(self, req: "engine._Request") -> None:
+    def _preempt(self, req: EngineRequest) -> None:
         """Free ``req``'s pages and slot; it waits again to recompute its tokens (see the module doc)."""
         self.pages.close(req.id)
         self._queue.remove(req.id, req.slot)
@@ -55,7 +56,7 @@ class PagedScheduling:
         self._dequeue(+1)
         self.preemptions += 1
 
-    def _grow(self, req: "engine._Request", total: int, protected: set[str]) -> bool:
+    def _grow(self, req: EngineRequest, total: int, protected: set[str]) -> bool:
         """Pages for ``total`` tokens of ``req``, preempting other sequences (highest priority value, then latest
         arrival; never those in ``protected``) while none is free. False: ``req`` itself was preempted."""
         while not self.pages.grow(req.id, total):
@@ -66,7 +67,7 @@ class PagedScheduling:
                 return False
         return True
 
-    def _open(self, req: "engine._Request", w: WaitingPrefill) -> bool:
+    def _open(self, req: EngineRequest, w: WaitingPrefill) -> bool:
         """Open an admitted prompt's pages (its cached prefix is taken, not prefilled) and, for Read-ME, route
         the tokens past the prefix (the router's KV goes into the same pages). False: the pages no longer fit
         (a hit was evicted this step); it stays waiting."""
@@ -89,13 +90,13 @@ class PagedScheduling:
         req.computed = w.done = self._copy_from_leader(req, hit.tokens)
         return True
 
-    def _leader_prefilling(self, req: "engine._Request") -> bool:
+    def _leader_prefilling(self, req: EngineRequest) -> bool:
         """``req`` follows a sibling whose prompt is not yet in its pages (and may share them: prefix caching)."""
         lead = self._reqs.get(req.follows) if req.follows is not None else None
         return (lead is not None and self.config.prefix_caching and req.reads_cache and lead.prompt == req.prompt
                 and not lead.generated)
 
-    def _copy_from_leader(self, req: "engine._Request", start: int) -> int:
+    def _copy_from_leader(self, req: EngineRequest, start: int) -> int:
         """An n > 1 sample (``req.follows``) whose sibling holds the same prompt's KV: the pages past the prefix
         hit, the partly filled last one included, are copied from the sibling's (copy-on-write: the copy is its
         own), so only the prompt's last token runs again (to sample). Not for a request that must run every token
