@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (requirements-dev installs it; a skip would hide a broken install)
+import transformers  # noqa: E402
 
 from readme_jax.convert.load import load_pretrained  # noqa: E402
 from readme_jax.errors import ConfigError  # noqa: E402
@@ -105,7 +105,7 @@ def test_qwen2_hf_to_ours_to_hf_round_trip_via_cli(tmp_path):
 def test_qwen2_gguf_matches_transformers(tmp_path):
     """A qwen2 GGUF (llama.cpp's layout: Q/K rows not permuted, q/k/v biases, ``qwen2.*`` metadata) loads to
     the HF model's logits."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     hf, _ = make_hf(tmp_path / "src", "qwen2", num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
     cfg, sd = hf.config, {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     path = tmp_path / "tiny-qwen2.gguf"

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (requirements-dev installs it; a skip would hide a broken install)
+import transformers  # noqa: E402
 
 from readme_jax.convert.load import load_pretrained  # noqa: E402
 
