@@ -86,7 +86,8 @@ def parse_args(argv):
     ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per engine step")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help=f"context per request (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
-    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the free sequence slots before 429")
+    ap.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting beyond the free sequence slots before 429")
     ap.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none")
     SCHEDULERS.add_cli(ap, "scheduler", "decode-first")
     ap.add_argument("--kv-cache-memory", default=None,

@@ -16,11 +16,23 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import numbers
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from readme_jax.errors import SamplingError
+
 FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+def check_priority(value) -> int:
+    """``value`` as vLLM's request priority (a signed 32-bit integer; lower is served first), else a
+    SamplingError naming ``priority``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**31 <= value < 2**31:
+        raise SamplingError("priority", f"expected an integer in [-2^31, 2^31) (lower is served first), got "
+                                        f"{str(value)[:100]}")
+    return int(value)
 
 
 @dataclasses.dataclass

@@ -6,17 +6,17 @@
     text = "".join(out.text for out in stream)
     engine.shutdown(drain_timeout=30)
 
-Each step: take new requests from the bounded inbox (they wait in ``serve/queue_state.py``'s queue), drop
-cancelled ones (their pages are freed now), ask the scheduler for this step's work within the token budget
-(``serve/api.py: Scheduler``; new prompts are admissible only while their pages fit: ``serve/kv_pages.py``),
-give every picked decode token its page (preempting, when none is free, the sequence of the highest priority
-value, then the latest-arrived: its pages are freed and it is recomputed later), open the admitted prompts' pages (a cached prefix is taken, not
-prefilled; Read-ME routes the rest of the prompt here, writing the router's KV into the same pages), and run
-every decode token and prompt chunk of the step as one packed ``runner.step`` (``serve/paged_runner.py``). Then
-release each request's new text (incremental detokenisation, stop strings that may span steps) and cache
-the pages its step filled. A request ends on EOS or a stop token ("stop"), a stop string ("stop"),
-``max_tokens`` or the context ("length"), cancellation or shutdown ("abort"). If the step fails, every
-in-flight request gets a final output with finish_reason "error" and the engine stays unhealthy.
+Each step: take new requests from the bounded inbox (they wait in ``serve/queue_state.py``'s queue), drop cancelled
+ones (their pages are freed now), ask the scheduler for this step's work within the token budget (``serve/api.py:
+Scheduler``; new prompts are admissible only while their pages fit: ``serve/kv_pages.py``), give every picked decode
+token its page (preempting, when none is free, the sequence of the highest priority value, then the latest-arrived:
+its pages are freed and it is recomputed later), open the admitted prompts' pages (a cached prefix is taken, not
+prefilled; Read-ME routes the rest of the prompt here, writing the router's KV into the same pages), and run every
+decode token and prompt chunk of the step as one packed ``runner.step`` (``serve/paged_runner.py``). Then release
+each request's new text (incremental detokenisation, stop strings that may span steps) and cache the pages its step
+filled. A request ends on EOS or a stop token ("stop"), a stop string ("stop"), ``max_tokens`` or the context
+("length"), cancellation or shutdown ("abort"). If the step fails, every in-flight request gets a final output with
+finish_reason "error" and the engine stays unhealthy.
 
 A preempted request keeps its tokens: it comes back as a prompt of its prompt and all but its last generated
 token (prefilled without sampling; the last one is its pending decode token), so it produces the tokens it
@@ -39,7 +39,7 @@ import numpy as np
 from readme_jax.errors import EngineError, NotReadyError, QueueFullError, SamplingError
 from readme_jax.model.protocol import arch_config, is_routed
 from readme_jax.sampling import SamplingParams
-from readme_jax.serve.api import RequestOutput, RequestStream, WaitingPrefill
+from readme_jax.serve.api import RequestOutput, RequestStream, WaitingPrefill, check_priority
 from readme_jax.serve.detok import IncrementalDetokenizer, StopStrings
 from readme_jax.serve.engine_config import EngineConfig, page_bytes_of
 from readme_jax.serve.engine_pages import PagedScheduling
@@ -84,8 +84,8 @@ class Engine(PagedScheduling):
         self._inbox: queue.Queue[EngineRequest] = queue.Queue()
         self._queued = 0                                # requests without a slot (inbox + waiting); <= max_queue
         self._queue = QueueState(config.max_num_seqs, self.runner.token_buckets)   # serve/queue_state.py
-        self._reqs: dict[str, EngineRequest] = {}           # every request in the queue, by id
-        self._held: list[EngineRequest] = []                # in _reqs, not yet waiting: their sibling is prefilling
+        self._reqs: dict[str, EngineRequest] = {}      # every request in the queue, by id
+        self._held: list[EngineRequest] = []           # in _reqs, not yet waiting: their sibling is prefilling
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self._lock = threading.Lock()
@@ -139,16 +139,15 @@ class Engine(PagedScheduling):
             raise SamplingError("prompt", f"token ids must be in [0, {self.vocab_size})")
         if len(prompt) >= L:
             raise SamplingError("prompt", f"{len(prompt)} tokens; the context is {L} tokens (max_model_len)")
-        if isinstance(priority, bool) or not isinstance(priority, int) or not -2**31 <= priority < 2**31:
-            raise SamplingError("priority", f"expected an integer in [-2^31, 2^31), got {str(priority)[:100]}")
+        priority = check_priority(priority)
         if len(prompt) + params.max_tokens > L:
             raise SamplingError("max_tokens", f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
                                               f"exceeds the context of {L} tokens")
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._seeds.randrange(2**31 - 1)
         stream = RequestStream(rid, len(prompt), loop=loop)
-        req = EngineRequest(id=rid, prompt=prompt, params=params, seed=seed, stream=stream, arrival_time=time.perf_counter(),
-                       priority=priority, follows=follows)
+        req = EngineRequest(id=rid, prompt=prompt, params=params, seed=seed, stream=stream,
+                            arrival_time=time.perf_counter(), priority=priority, follows=follows)
         with self._lock:         # bounded: requests without a slot (inbox + waiting) beyond those a free slot takes
             if self._queued >= self.config.max_queue + len(self._queue.free):
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting for a slot)")

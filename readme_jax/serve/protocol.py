@@ -24,6 +24,7 @@ from typing import Any
 
 from readme_jax.errors import APIError, SamplingError
 from readme_jax.sampling import MAX_LOGPROBS, NEUTRAL_PROCESSORS, SamplingParams
+from readme_jax.serve.api import check_priority
 
 #: OpenAI's default temperature (the API samples unless asked for temperature 0).
 DEFAULT_TEMPERATURE = 1.0
@@ -88,7 +89,8 @@ def _neutral(*allowed):
 
 
 _IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-                "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids", "priority"} | set(NEUTRAL_PROCESSORS)
+                "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids",
+                "priority"} | set(NEUTRAL_PROCESSORS)
 _COMPLETION_ONLY = {"echo"}
 _NEUTRAL_COMMON = {
     "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
@@ -372,10 +374,10 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
     params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
                        echo)
-    priority = 0 if data.get("priority") is None else data["priority"]
-    if not _is_int(priority) or not -2**31 <= priority < 2**31:
-        raise bad_request("priority", f"expected an integer in [-2^31, 2^31) (lower is served first), got "
-                                      f"{quote(priority)}")
+    try:
+        priority = check_priority(0 if data.get("priority") is None else data["priority"])
+    except SamplingError as e:
+        raise bad_request(e.param, str(e).split(": ", 1)[-1]) from None
     return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids,
                              priority)
 

@@ -8,13 +8,14 @@ Orders used by every policy (``priority``: vLLM's, lower is served first, 0 unle
 - decode FCFS: lower ``priority``, then longest wait (``waited`` descending), then earlier ``arrival``, then
   lower slot;
 - prefill FCFS: requests already admitted (a chunk in progress) before new ones, then lower ``priority``, then
-  earlier ``arrival``, then ``request_id``; a prompt is cut into a chunk when the budget left is smaller than what remains; a new
-  prompt needs a free slot (``free_slots`` bounds admissions per step).
+  earlier ``arrival``, then ``request_id``; a prompt is cut into a chunk when the budget left is smaller than
+  what remains; a new prompt needs a free slot (``free_slots`` bounds admissions per step).
 
 Expert-aware batching, over the running decode tokens:
-1. **Wait bound** (earliest deadline first; ties: lower priority, earlier arrival): a token's slack is ``max_wait - waited``. With c_j the number
-   of tokens of slack <= j, the step must take at least ``m = max_j (c_j - budget * j)`` of the most urgent
-   tokens (those with slack <= j cannot all wait past the next j steps otherwise). Taking them first keeps
+1. **Wait bound** (earliest deadline first; ties: lower priority, earlier arrival): a token's slack is
+   ``max_wait - waited``. With c_j the number of tokens of slack <= j, the step must take at least
+   ``m = max_j (c_j - budget * j)`` of the most urgent tokens (those with slack <= j cannot all wait past the
+   next j steps otherwise). Taking them first keeps
    every token's wait <= ``max_wait`` steps whenever the running decodes number at most
    ``budget * (max_wait + 1)`` (no scheduler can do better: each slot needs a turn every max_wait+1 steps).
    Above that it still serves the most urgent first. A token of wait >= max_wait always has m >= 1.
