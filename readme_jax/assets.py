@@ -70,19 +70,27 @@ def cache_dir(*parts: str) -> Path:
 
 
 JIT_CACHE_ENV = "READMEJAX_JIT_CACHE"
+#: Bound of the persistent compilation cache (least recently used entries go first). A bound also turns on jax's
+#: file lock around every read and write: without it a second process (a server beside a training run, the
+#: processes of a multi-host run on one machine) can read an entry another is still writing.
+JIT_CACHE_MAX_BYTES = 4 << 30
 
 
 def enable_compilation_cache(min_compile_seconds: float = 0.5) -> Path | None:
-    """Turn on JAX's persistent compilation cache in ``cache_dir("jax_compilation_cache")`` (programs that took
-    at least ``min_compile_seconds`` to compile), so a rerun (a resumed run, a restarted server) loads compiled
-    programs from disk instead of compiling them again. ``$READMEJAX_JIT_CACHE=0`` turns it off (the tests do).
+    """Turn on JAX's persistent compilation cache (programs that took at least ``min_compile_seconds`` to compile),
+    so a rerun (a resumed run, a restarted server) loads compiled programs from disk instead of compiling them
+    again. ``$READMEJAX_JIT_CACHE``: unset or ``1`` uses ``cache_dir("jax_compilation_cache")``, ``0`` turns it
+    off, anything else is the folder to use (the tests share one per session between the CLIs they start).
     Call before the first compile. Returns the folder, or None when off."""
-    if os.environ.get(JIT_CACHE_ENV, "1") == "0":
+    setting = os.environ.get(JIT_CACHE_ENV, "1")
+    if setting == "0":
         return None
     import jax
-    path = cache_dir("jax_compilation_cache")
+    path = cache_dir("jax_compilation_cache") if setting == "1" else Path(setting)
+    path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    jax.config.update("jax_compilation_cache_max_size", JIT_CACHE_MAX_BYTES)
     return path
 
 

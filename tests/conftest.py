@@ -17,11 +17,26 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# jax's persistent compilation cache stays off for the whole session and every CLI it starts: the train CLI turns it
-# on for the process when called in-process, and a later compile under it segfaulted a CI run (jax 0.10.2, CPU).
-os.environ["READMEJAX_JIT_CACHE"] = "0"
+#: A folder the whole session shares, made by its first process (the xdist controller; its workers inherit the
+#: variable) and removed when that process exits: the tiny run (built by whichever worker asks first) and the
+#: persistent compilation cache of the CLIs the session starts in fresh processes (a tiny model's programs compile
+#: once per session instead of once per process). The pytest processes keep that cache off (below): the train CLI,
+#: called in-process, turned it on for the whole process, and a later compile under it segfaulted a CI run (jax
+#: 0.10.2, CPU).
+SESSION_ENV = "READMEJAX_TEST_SESSION"
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="readme_jax_test_session_")
+    atexit.register(shutil.rmtree, os.environ[SESSION_ENV], ignore_errors=True)
+os.environ["READMEJAX_JIT_CACHE"] = os.path.join(os.environ[SESSION_ENV], "jit")
 
 import pytest  # noqa: E402
+
+import readme_jax.assets  # noqa: E402
+
+readme_jax.assets.enable_compilation_cache = lambda min_compile_seconds=0.5: None   # off in the pytest processes
 
 import tests.registry_extensions  # noqa: E402,F401  (registers a test scheduler, cache policy and dispatcher)
 
@@ -71,14 +86,26 @@ def smollm2_tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run():
     """``(run_dir, completed CLI process)``: ``python -m readme_jax.train --config tiny`` run once per session
-    in a fresh process (tests copy the folder before changing it)."""
+    in a fresh process, by the first worker that asks (the others wait on a file lock and read its record; tests
+    copy the folder before changing it)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from filelock import FileLock
+
     from tests.tiny_run import train_cli
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = train_cli(run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
+    root = Path(os.environ[SESSION_ENV])
+    run_dir, record = root / "tiny" / "run", root / "tiny" / "process.json"
+    with FileLock(root / "tiny.lock"):
+        if not record.exists():
+            proc = train_cli(run_dir)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                          "stderr": proc.stderr}))
+    return run_dir, subprocess.CompletedProcess(**json.loads(record.read_text()))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,9 @@ def test_tiny_pipeline_end_to_end(tiny_run, tmp_path):
     out = proc.stdout + proc.stderr
     assert "MoE router_0" in out and "router accuracy" in out and "routing locality" in out
     assert out.count("held-out perplexity (per domain)") == 1                 # the closing table, once
-    # rerunning the finished command skips every stage
-    again = train_cli(run_dir)
+    # rerunning the finished command skips every stage (on a copy: other workers read the shared run)
+    shutil.copytree(run_dir, tmp_path / "again")
+    again = train_cli(tmp_path / "again")
     assert again.returncode == 0 and "[rounds] output exists, skipped" in again.stdout + again.stderr
 
 
