@@ -6,7 +6,7 @@ processors of the OpenAI / vLLM sampling fields.
     tok = sample_rows(logits, seeds, positions, temperature, top_p, top_k, min_p)   # one setting per row (serving)
     logits = apply_penalties(logits, prompt_counts, output_counts, presence, frequency, repetition)
     logits = apply_logit_bias(logits, bias_ids, bias_values); logits = apply_top_k(logits, top_k)
-    logits = apply_min_p(logits, min_p); lp, top_ids, top_lp = token_logprobs(logits, tokens, k)
+    logits = apply_min_p(logits, min_p); lp, rank, top_ids, top_lp = token_logprobs(logits, tokens, k)
 
 Every entry point (``generate``, its CLI, the server) validates through :class:`SamplingParams` /
 :func:`validate_sampling`, so a bad value gets the same message everywhere, naming the field.
@@ -289,11 +289,14 @@ def apply_min_p(logits: jnp.ndarray, min_p: jnp.ndarray) -> jnp.ndarray:
 
 
 def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """The chosen token's log-probability and the row's k most likely tokens, all read from ONE log-softmax
-    array (so a greedy token's logprob equals its top-1 entry bit for bit, as lm-eval's greedy check needs).
+    """The chosen token's log-probability and rank, and the row's k most likely tokens, all read from ONE
+    log-softmax array (so a greedy token's logprob equals its top-1 entry bit for bit, as lm-eval's greedy check
+    needs). The rank is vLLM's: 1 + the number of tokens strictly more likely (ties share the better rank).
     logits <f32>[B, V] (the model's raw logits, vLLM's default "raw_logprobs"), tokens <int32>[B], k static
-    -> (<f32>[B], <int32>[B, k], <f32>[B, k]) with the top entries in descending order."""
+    -> (logprob <f32>[B], rank <int32>[B], top ids <int32>[B, k], top logprobs <f32>[B, k]), the top entries in
+    descending order."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    rank = 1 + jnp.sum(logp > chosen[:, None], axis=-1, dtype=jnp.int32)
     top_lp, top_ids = jax.lax.top_k(logp, k)
-    return chosen, top_ids.astype(jnp.int32), top_lp
+    return chosen, rank, top_ids.astype(jnp.int32), top_lp

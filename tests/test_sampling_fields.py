@@ -94,19 +94,21 @@ def test_logit_bias_per_row():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_logprobs_and_top_logprobs_from_one_log_softmax():
+def test_logprobs_ranks_and_top_logprobs_from_one_log_softmax():
     tokens = np.array([0, 4, 5, 10], np.int32)
-    chosen, top_ids, top_lp = (np.asarray(a) for a in token_logprobs(LOGITS, tokens, 3))
+    chosen, rank, top_ids, top_lp = (np.asarray(a) for a in token_logprobs(LOGITS, tokens, 3))
     x = LOGITS.astype(np.float64)
     ref = x - (np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) + x.max(-1, keepdims=True))
     np.testing.assert_allclose(chosen, ref[np.arange(B), tokens], atol=1e-5)
+    logits = LOGITS.astype(np.float64)                      # vLLM's rank: 1 + the tokens strictly more likely
+    np.testing.assert_array_equal(rank, 1 + (logits > logits[np.arange(B), tokens][:, None]).sum(-1))
     for b in range(B):
         assert set(top_ids[b]) <= set(np.argsort(-ref[b])[:4])                   # row 2 has a tie
         np.testing.assert_allclose(top_lp[b], np.sort(ref[b])[::-1][:3], atol=1e-5)
         assert list(top_lp[b]) == sorted(top_lp[b], reverse=True)
     greedy = LOGITS.argmax(-1).astype(np.int32)
-    g_lp, _, g_top = (np.asarray(a) for a in token_logprobs(LOGITS, greedy, 1))
-    assert (g_lp == g_top[:, 0]).all()                                          # bit-identical, as lm-eval compares
+    g_lp, g_rank, _, g_top = (np.asarray(a) for a in token_logprobs(LOGITS, greedy, 1))
+    assert (g_lp == g_top[:, 0]).all() and (g_rank == 1).all()                                          # bit-identical, as lm-eval compares
 
 
 @pytest.mark.parametrize("field, value", [

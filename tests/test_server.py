@@ -174,6 +174,8 @@ def test_streaming_equals_non_streamed(served):
     ({"prompt": "x", "seed": -3}, "seed"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"), ({}, "prompt"),
     ({"prompt": 5}, "prompt"), ({"prompt": [1, 2, 999]}, "prompt"), ({"prompt": "x" * 300}, "prompt"),
     ({"prompt": "x" * 250, "max_tokens": 10}, "max_tokens"), ({"prompt": "x", "stream_options": {}}, "stream_options"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt": "x", "prompt_logprobs": 1.5}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_bad_completion_names_the_field(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -191,6 +193,7 @@ def test_bad_completion_names_the_field(served, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ])
 def test_bad_chat_names_the_field(served, body, param):

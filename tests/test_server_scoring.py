@@ -89,6 +89,35 @@ def test_echo_prompt_logprobs_equal_token_nll(served, tok):
     assert streamed == first["choices"][1]["logprobs"]["token_logprobs"][:-1]
 
 
+def test_vllm_prompt_logprobs_on_completions_and_chat(served, tok):
+    """vLLM's ``prompt_logprobs`` k: per prompt token after the first, {id: {logprob, rank, decoded_token}} with
+    the token itself (its logprob the forward's, its rank 1 + the tokens more likely) and its k most likely
+    alternatives (ranks 1..k); per choice on completions, once on chat."""
+    model = model_of(served)
+    p = np.random.default_rng(2).integers(3, CFG.vocab_size, 7).tolist()
+    body = {"prompt": p, "temperature": 0, "max_tokens": 1, "prompt_logprobs": 2}
+    got = post(served, body)["choices"][0]["prompt_logprobs"]
+    ref, _ = forward(model, p)
+    assert len(got) == len(p) and got[0] is None
+    for j in range(1, len(p)):
+        entry, row = got[j], ref[j - 1]
+        own = entry[str(p[j])]
+        np.testing.assert_allclose(own["logprob"], row[p[j]], atol=1e-5)
+        assert own["rank"] == 1 + int((row > row[p[j]] + 1e-5).sum()) and own["decoded_token"] == tok.decode([p[j]])
+        assert len(entry) == 2 + (own["rank"] > 2)                   # the token itself is listed once
+        alts = sorted((v["rank"], v["logprob"]) for k, v in entry.items() if int(k) != p[j] or own["rank"] <= 2)
+        assert [r for r, _ in alts] == [1, 2]
+        np.testing.assert_allclose([lp for _, lp in alts], np.sort(row)[::-1][:2], atol=1e-5)
+    only = post(served, body | {"prompt_logprobs": 0})["choices"][0]["prompt_logprobs"]
+    assert [None if e is None else list(e) for e in only] == [None] + [[str(t)] for t in p[1:]]
+    echo = post(served, body | {"prompt_logprobs": 0, "echo": True, "logprobs": 1})["choices"][0]
+    assert echo["logprobs"]["token_logprobs"][1:len(p)] == [e[str(t)]["logprob"] for e, t in zip(got[1:], p[1:])]
+    chat = post(served, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 1},
+                "chat/completions")
+    plp = chat["prompt_logprobs"]
+    assert len(plp) == chat["usage"]["prompt_tokens"] and plp[0] is None and all(1 <= len(e) <= 2 for e in plp[1:])
+
+
 def reference_tokens(model, prompt, steps, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
     """Greedy tokens under vLLM's penalties and logit_bias, from our forward and NumPy (test_sampling_fields)."""
     out = []

@@ -92,7 +92,8 @@ _sample = jax.jit(sample_rows)
 
 
 def test_prompt_logprobs_equal_forward(model, runner):
-    """Each token's successor logprob (echo), the prompt in two chunks over two steps beside a decode row."""
+    """Each token's successor logprob and rank (echo, prompt_logprobs), the prompt in two chunks over two steps
+    beside a decode row."""
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, CFG.vocab_size, 9).tolist(), rng.integers(0, CFG.vocab_size, 4).tolist()
     got = []
@@ -102,10 +103,14 @@ def test_prompt_logprobs_equal_forward(model, runner):
         batch.prompt_logprobs = np.array([True, False])
         batch.next_tokens = np.array((a + [0])[done + 1:done + n + 1] + [0] * len(b), np.int32)
         res = runner.step(batch).result()
-        got.append((res.prompt_logprobs[:n], res.prompt_top_ids[:n], res.prompt_top_logprobs[:n]))
+        got.append((res.prompt_logprobs[:n], res.prompt_top_ids[:n], res.prompt_top_logprobs[:n],
+                    res.prompt_ranks[:n]))
     lp = np.concatenate([g[0] for g in got])[:-1]
     ref, _ = _forward(model, a)
-    np.testing.assert_allclose(lp, ref[np.arange(len(a) - 1), a[1:]], atol=1e-5)
+    want = ref[np.arange(len(a) - 1), a[1:]]
+    np.testing.assert_allclose(lp, want, atol=1e-5)
+    rank = np.concatenate([g[3] for g in got])[:-1]
+    np.testing.assert_array_equal(rank, 1 + (ref[:-1] > want[:, None] + 1e-5).sum(-1))    # no near-ties here
     top = np.concatenate([g[2] for g in got])
     np.testing.assert_allclose(top[:, 0], ref.max(-1), atol=1e-5)
 

@@ -1,5 +1,6 @@
 """A generation request's answer from its engine streams (one per choice: prompt x sample): the collected body
-of a non-streamed request, or the SSE events of a streamed one, with logprobs and completions' echo.
+of a non-streamed request, or the SSE events of a streamed one, with logprobs, completions' echo and vLLM's
+prompt_logprobs (non-streamed only).
 
     body = await complete(request, req, streams, request_id, done, tokenizer)     # dict or an error Response
     return StreamingResponse(events(req, streams, request_id, created, done, tokenizer), ...)
@@ -81,7 +82,16 @@ def _body(req, request_id, created, texts, ids, lps, prompt_lps, finals, streams
             entries = _prompt_entries(prompt, prompt_lps[i])
         logprobs = fmt.format(req.kind, entries + list(zip(ids[i], lps[i]))) if fmt is not None else None
         choices.append((i, text, finals[i].finish_reason, logprobs))
-    return responses.response(req.kind, request_id, created, req.model, choices, _usage(req, streams, finals))
+    body = responses.response(req.kind, request_id, created, req.model, choices, _usage(req, streams, finals))
+    if req.prompt_logprobs is not None:               # vLLM's field: per choice (completions), once (chat)
+        pfmt = responses.Logprobs(tokenizer, req.prompt_logprobs, req.tokens_as_ids)
+        lists = [pfmt.prompt(_prompt_entries(req.prompts[i // req.n], prompt_lps[i])) for i in range(len(streams))]
+        if req.kind == "chat":
+            body["prompt_logprobs"] = lists[0]
+        else:
+            for c in body["choices"]:
+                c["prompt_logprobs"] = lists[c["index"]]
+    return body
 
 
 async def complete(request: Request, req, streams, request_id: str, created: int, done, tokenizer):

@@ -22,8 +22,9 @@ from readme_jax.sampling import SamplingParams
 from readme_jax.serve.expert_cache import LazyFuture, WindowFuture
 from readme_jax.serve.paged_runner import StepBatch
 
-#: A token's log-probability and its k most likely alternatives: (logprob, ((token id, logprob), ...)).
-TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+#: A token's log-probability, its k most likely alternatives and its rank (1: the most likely; vLLM's):
+#: (logprob, ((token id, logprob), ...), rank).
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...], int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,8 @@ class RowResult:
     prompt: list[TokenLogprob] | None = None
 
 
-def _entry(lp, ids, lps, k: int) -> TokenLogprob:
-    return float(lp), tuple(zip(ids[:k].tolist(), lps[:k].tolist()))
+def _entry(lp, ids, lps, rank, k: int) -> TokenLogprob:
+    return float(lp), tuple(zip(ids[:k].tolist(), lps[:k].tolist())), int(rank)
 
 
 def _processor_arrays(rows: Sequence[Row]) -> dict:
@@ -106,9 +107,10 @@ def _results(rows: Sequence[Row], res) -> list[RowResult]:
     out, offset = [], 0
     for i, r in enumerate(rows):
         p = r.params
-        lp = _entry(res.logprobs[i], res.top_ids[i], res.top_logprobs[i], p.logprobs) \
+        lp = _entry(res.logprobs[i], res.top_ids[i], res.top_logprobs[i], res.ranks[i], p.logprobs) \
             if p is not None and p.logprobs is not None and r.sample else None
-        prompt = [_entry(res.prompt_logprobs[t], res.prompt_top_ids[t], res.prompt_top_logprobs[t], p.prompt_logprobs)
+        prompt = [_entry(res.prompt_logprobs[t], res.prompt_top_ids[t], res.prompt_top_logprobs[t],
+                         res.prompt_ranks[t], p.prompt_logprobs)
                   for t in range(offset, offset + r.n)] if r.prompt_logprobs else None
         out.append(RowResult(int(res.tokens[i]), int(res.next_experts[i]), lp, prompt))
         offset += r.n

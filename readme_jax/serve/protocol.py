@@ -8,7 +8,7 @@ bodies, and the error shape.
 
 Every field a request may carry is listed here (``fields``), with what it answers: implemented (every
 OpenAI / vLLM sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's
-logprobs too), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
+logprobs too, vLLM's ``prompt_logprobs`` k: each prompt token's logprob and rank with k alternatives), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
 ``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are
 checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same
 message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
@@ -63,6 +63,7 @@ class GenerationRequest:
     echo: bool = False
     tokens_as_ids: bool = False              # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
     priority: int = 0                        # vLLM's: lower is admitted first and preempted last
+    prompt_logprobs: int | None = None       # vLLM's field: alternatives per prompt token in its own format
 
     @property
     def logprobs(self) -> int | None:
@@ -90,13 +91,13 @@ def _neutral(*allowed):
 
 _IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
                 "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids",
-                "priority"} | set(NEUTRAL_PROCESSORS)
+                "priority", "prompt_logprobs"} | set(NEUTRAL_PROCESSORS)
 _COMPLETION_ONLY = {"echo"}
 _NEUTRAL_COMMON = {
     "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
     "include_stop_str_in_output": _neutral(False, None), "skip_special_tokens": _neutral(True, None),
     "spaces_between_special_tokens": _neutral(True, None),
-    "truncate_prompt_tokens": _neutral(None), "prompt_logprobs": _neutral(None, 0),
+    "truncate_prompt_tokens": _neutral(None),
     "allowed_token_ids": _neutral(None), "bad_words": _neutral(None, []),
     "response_format": _neutral(None, {"type": "text"}), "guided_json": _neutral(None), "guided_regex": _neutral(None),
     "guided_choice": _neutral(None), "guided_grammar": _neutral(None), "structured_outputs": _neutral(None),
@@ -286,7 +287,21 @@ def _logprobs(data, kind) -> int | None:
     return (top or 0) if lp else None
 
 
-def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_size, echo) -> SamplingParams:
+def _prompt_logprobs(data, stream: bool) -> int | None:
+    """vLLM's ``prompt_logprobs``: null, or k in [0, MAX_LOGPROBS] alternatives per prompt token (vLLM's -1, the
+    whole vocabulary, is refused as unbounded); not with ``stream`` (as vLLM)."""
+    k = data.get("prompt_logprobs")
+    if k is None:
+        return None
+    if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:
+        raise bad_request("prompt_logprobs", f"expected an integer in [0, {MAX_LOGPROBS}] or null, got {quote(k)}")
+    if stream:
+        raise bad_request("prompt_logprobs", "not available when stream is true (as in vLLM)")
+    return k
+
+
+def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_size, echo,
+              prompt_k: int | None) -> SamplingParams:
     max_tokens = data.get("max_tokens")
     if kind == "chat" and data.get("max_completion_tokens") is not None:
         if max_tokens is not None:
@@ -310,7 +325,7 @@ def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_s
             top_k=given("top_k", 0), min_p=given("min_p", 0.0), presence_penalty=given("presence_penalty", 0.0),
             frequency_penalty=given("frequency_penalty", 0.0), repetition_penalty=given("repetition_penalty", 1.0),
             logit_bias=_logit_bias(data.get("logit_bias"), vocab_size), logprobs=(lp := _logprobs(data, kind)),
-            prompt_logprobs=lp if echo else None)
+            prompt_logprobs=max((k for k in (lp if echo else None, prompt_k) if k is not None), default=None))
     except SamplingError as e:
         raise bad_request(e.param, str(e).split(": ", 1)[-1][: 2 * QUOTE_CHARS]) from None
     return params
@@ -372,12 +387,13 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     echo, as_ids = data.get("echo") or False, data.get("return_tokens_as_token_ids") or False
     check_type("echo", echo, (bool,), "a boolean")
     check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
+    prompt_k = _prompt_logprobs(data, stream)
     params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
-                       echo)
+                       echo, prompt_k)
     try:
         priority = check_priority(0 if data.get("priority") is None else data["priority"])
     except SamplingError as e:
         raise bad_request(e.param, str(e).split(": ", 1)[-1]) from None
     return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids,
-                             priority)
+                             priority, prompt_k)
 

@@ -128,5 +128,22 @@ class Logprobs:
                                                                              for t, lp in e[1][:self.k]]}
                             for tid, e in entries]}
 
+    def prompt(self, entries) -> list:
+        """entries: [(token id, entry or None)] -> vLLM's ``prompt_logprobs``: None for the first token, then per
+        token {token id: {"logprob", "rank", "decoded_token"}}, the token itself first, then its k most likely
+        alternatives (ranks 1..k; one already listed is not repeated)."""
+        def one(tid, lp, rank):
+            return {"logprob": _finite(lp), "rank": int(rank), "decoded_token": self.text(tid)}
+        out = []
+        for tid, e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            d = {tid: one(tid, e[0], e[2])}
+            for rank, (t, lp) in enumerate(e[1][:self.k], 1):
+                d.setdefault(t, one(t, lp, rank))
+            out.append(d)
+        return out
+
     def format(self, kind: str, entries, offset: int = 0) -> dict:
         return self.completion(entries, offset) if kind == "completion" else self.chat(entries)

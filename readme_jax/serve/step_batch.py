@@ -51,18 +51,20 @@ class StepBatch:
 @dataclasses.dataclass
 class StepResult:
     """tokens <int32>[s] (garbage where sample is False); next_experts <int32>[s] (-1 where not routed);
-    logprobs <f32>[s] (the sampled token's), top_ids <int32>[s, MAX_LOGPROBS]
+    logprobs <f32>[s] and ranks <int32>[s] (the sampled token's), top_ids <int32>[s, MAX_LOGPROBS]
     and top_logprobs <f32>[s, MAX_LOGPROBS] (descending), all read from one log-softmax of the raw logits
     (``sampling.token_logprobs``); zeros / -inf on the rows that did not ask. prompt_logprobs <f32>[n],
-    prompt_top_ids <int32>[n, MAX_LOGPROBS], prompt_top_logprobs <f32>[n, MAX_LOGPROBS]: each token's successor
-    (``StepBatch.next_tokens``), when the batch asked for prompt logprobs (else None)."""
+    prompt_ranks <int32>[n], prompt_top_ids <int32>[n, MAX_LOGPROBS], prompt_top_logprobs <f32>[n, MAX_LOGPROBS]:
+    each token's successor (``StepBatch.next_tokens``), when the batch asked for prompt logprobs (else None)."""
 
     tokens: np.ndarray
     next_experts: np.ndarray
     logprobs: np.ndarray
+    ranks: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
     prompt_logprobs: np.ndarray | None = None
+    prompt_ranks: np.ndarray | None = None
     prompt_top_ids: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
 

@@ -88,22 +88,28 @@ def apply_row_processors(logits: jnp.ndarray, state: dict, proc: dict) -> jnp.nd
     return jax.lax.cond(proc["on"], run, lambda x: x, logits)
 
 
+def _no_logprobs(n: int) -> tuple:
+    """``token_logprobs``'s outputs for ``n`` rows that did not ask: zeros, rank 0, -inf alternatives."""
+    K = MAX_LOGPROBS
+    return (jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.zeros((n, K), jnp.int32),
+            jnp.full((n, K), -jnp.inf, jnp.float32))
+
+
 def row_logprobs(logits: jnp.ndarray, tok: jnp.ndarray, want: jnp.ndarray):
     """``token_logprobs`` of the rows in ``want`` only (``on_rows``: a step with one such row pays for one row's
-    top-k). logits <f32>[S, V] (raw), tok <int32>[S], want <bool>[S] -> (<f32>[S], <int32>[S, K], <f32>[S, K]);
-    zeros / -inf on the other rows."""
-    S, K = logits.shape[0], MAX_LOGPROBS
-    empty = (jnp.zeros(S, jnp.float32), jnp.zeros((S, K), jnp.int32), jnp.full((S, K), -jnp.inf, jnp.float32))
-    return on_rows(want, lambda rows: token_logprobs(logits[rows], tok[rows], K), empty)
+    top-k). logits <f32>[S, V] (raw), tok <int32>[S], want <bool>[S] -> (logprob <f32>[S], rank <int32>[S],
+    top ids <int32>[S, K], top logprobs <f32>[S, K]); zeros / -inf on the other rows."""
+    return on_rows(want, lambda rows: token_logprobs(logits[rows], tok[rows], MAX_LOGPROBS),
+                   _no_logprobs(logits.shape[0]))
 
 
 def prompt_logprobs(head, x: jnp.ndarray, next_tokens: jnp.ndarray, on: jnp.ndarray):
-    """Each packed token's log-probability of the token after it (the prompt logprobs of an echo request), from
-    the LM head over every token: x [N, D] hidden states, ``head(x) -> logits [N, V]``, next_tokens <int32>[N]
-    -> (<f32>[N], <int32>[N, K], <f32>[N, K]); only when ``on`` (else zeros / -inf, the head not run)."""
-    N, K = x.shape[0], MAX_LOGPROBS
-    empty = (jnp.zeros(N, jnp.float32), jnp.zeros((N, K), jnp.int32), jnp.full((N, K), -jnp.inf, jnp.float32))
-    return jax.lax.cond(on, lambda: token_logprobs(head(x), next_tokens, K), lambda: empty)
+    """Each packed token's log-probability and rank of the token after it (the prompt logprobs of an echo or
+    ``prompt_logprobs`` request), from the LM head over every token: x [N, D] hidden states, ``head(x) -> logits
+    [N, V]``, next_tokens <int32>[N] -> (<f32>[N], <int32>[N], <int32>[N, K], <f32>[N, K]); only when ``on`` (else
+    zeros / -inf, the head not run)."""
+    return jax.lax.cond(on, lambda: token_logprobs(head(x), next_tokens, MAX_LOGPROBS),
+                        lambda: _no_logprobs(x.shape[0]))
 
 
 # --- host side ------------------------------------------------------------------------------------------------
