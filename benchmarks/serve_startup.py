@@ -27,7 +27,8 @@ PROMPT = "The capital of France is"
 def _start(hf_dir: Path, cache: Path, log: Path, timeout_s: float) -> dict:
     """One server start on the cache folder ``cache``: ready seconds, CPU seconds, one greedy completion."""
     import httpx
-    server = start_ours(hf_dir, "m", "float32", 32, log, env={**thread_env(), "READMEJAX_CACHE": str(cache)})
+    server = start_ours(hf_dir, "m", "float32", 32, log, env={**thread_env(), "READMEJAX_CACHE": str(cache),
+                                                                    "READMEJAX_JIT_CACHE": "1"})
     try:
         ready = server.wait_ready(timeout_s)
         cpu = server.cpu_seconds()

@@ -40,7 +40,8 @@ says n/a (the TTFT with the default server is still reported).
 Output: the runner's rows; ``OUT/serve_vllm.json`` (settings, setup, every client result with per-request
 data; rewritten after every run, so an interrupted run keeps what it measured: ``--report OUT/serve_vllm.json``
 renders its table) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama
-exported the same way, C = 2, 4 prompts of 16 tokens, 1 round, float32: a smoke run. ``--no-vllm`` drives ours alone with
+exported the same way, C = 2, 4 prompts of 16 tokens, 1 round, float32, our server at a 64-token context and a
+32-token step budget (fewer buckets to compile): a smoke run. ``--no-vllm`` drives ours alone with
 the stand-in client (:class:`benchmarks.vllm_peer.StandinClient`); only the test of ``--quick`` uses it.
 """
 
@@ -69,11 +70,12 @@ SYSTEMS = ("ours", "vllm")
 PREFIX = dict(prefix_len=384, input_len=32, output_len=16, num_prompts=32, concurrency=8)
 FULL = dict(model="smollm2", slots=32, concurrencies=(8, 32), num_prompts=64, input_len=128, output_len=64,
             range_ratio=0.5, rounds=2, dtypes=("float32", "bfloat16"), variable_dtypes=("float32",),
-            prefix=PREFIX, peak_n=2048, start_timeout_s=1200, run_timeout_s=3600)
+            prefix=PREFIX, peak_n=2048, start_timeout_s=1200, run_timeout_s=3600, server_args=())
 QUICK = dict(model="tiny", slots=4, concurrencies=(2,), num_prompts=4, input_len=16, output_len=4,
              range_ratio=0.5, rounds=1, dtypes=("float32",), variable_dtypes=(),
              prefix=dict(prefix_len=16, input_len=8, output_len=4, num_prompts=4, concurrency=2), peak_n=256,
-             start_timeout_s=900, run_timeout_s=600)
+             start_timeout_s=900, run_timeout_s=600,
+             server_args=("--max-model-len", "64", "--max-num-batched-tokens", "32"))   # fewer buckets to compile
 TINY = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
 
 
@@ -192,7 +194,7 @@ def dtype_phase(cfg: dict, dtype: str, ctx: dict, result: dict) -> None:
     phase = result["phases"].setdefault(dtype, {"runs": {}})
     with contextlib.ExitStack() as stack:
         servers = {"ours": stack.enter_context(start_ours(ctx["hf_dir"], ctx["name"], dtype, cfg["slots"],
-                                                          ctx["out"] / f"ours_{dtype}.log"))}
+                                                          ctx["out"] / f"ours_{dtype}.log", cfg["server_args"]))}
         if ctx["venv"] is not None:
             servers["vllm"] = stack.enter_context(start_vllm(ctx["venv"], ctx["hf_dir"], ctx["name"], dtype,
                                                              cfg["slots"], ctx["out"] / f"vllm_{dtype}.log"))
@@ -234,7 +236,7 @@ def prefix_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStac
     if out["flag_accepted"]:
         off = stack.enter_context(start_ours(ctx["hf_dir"], ctx["name"], "float32", cfg["slots"],
                                              ctx["out"] / "ours_float32_no_prefix_caching.log",
-                                             extra=("--no-prefix-caching",)))
+                                             extra=(*cfg["server_args"], "--no-prefix-caching")))
         off.wait_ready(cfg["start_timeout_s"])
         arms["off"] = off
     for rnd in range(cfg["rounds"]):

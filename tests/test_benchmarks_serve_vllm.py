@@ -128,7 +128,7 @@ def test_server_stop_ends_the_whole_process_group(tmp_path):
     assert s not in vp._LIVE
 
 
-@pytest.mark.slow(reason="starts our server (engine warm-up) and runs the benchmark end to end: ~140 s")
+@pytest.mark.slow(reason="starts our server twice (engine warm-up) and runs the benchmark end to end: ~50 s")
 def test_quick_mode_end_to_end_without_vllm(tmp_path):
     out = tmp_path / "out"
     r = sv.measure(quick=True, vllm=False, out=out, models=tmp_path / "models")
