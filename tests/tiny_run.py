@@ -19,8 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli_env(**extra) -> dict:
-    """The environment of a child run: one CPU device (not the 8 simulated ones of conftest), the repo importable."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """The environment of a child run: one CPU device (not the 8 simulated ones of conftest; its other XLA flags
+    kept, so the child compiles as the pytest process does), the repo importable."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu", **extra)
     return env
 
