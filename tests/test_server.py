@@ -192,7 +192,7 @@ def test_bad_completion_names_the_field(served, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ({"messages": [{"role": "user", "content": "x"}], "echo": 1}, "echo"),
     ({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
 ])
@@ -241,6 +241,23 @@ def test_neutral_fields_are_accepted_and_every_processor_is_served(served):
                                            "logprobs": True, "top_logprobs": 2, "max_tokens": 3, "ignore_eos": True})
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert r.status_code == 200 and len(content) == 3 and all(len(c["top_logprobs"]) == 2 for c in content)
+
+
+def test_chat_echo_starts_each_choice_with_the_last_assistant_message(served):
+    """vLLM's chat ``echo``: each choice's content starts with the last message's when it is the assistant's
+    (streamed: a chunk right after the role); after a user message it adds nothing."""
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hé"},
+                                                                                {"type": "text", "text": "llo"}]}]
+    kw = dict(model=MODEL, messages=said, max_tokens=4, temperature=0, extra_body=LONG)
+    plain = served.client.chat.completions.create(**kw).choices[0].message.content
+    echoed = served.client.chat.completions.create(**{**kw, "extra_body": {**LONG, "echo": True}}, n=2)
+    assert [c.message.content for c in echoed.choices] == ["Hé\nllo" + plain] * 2
+    chunks = list(served.client.chat.completions.create(stream=True, **{**kw, "extra_body": {**LONG, "echo": True}}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.content == "Hé\nllo"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hé\nllo" + plain
+    user_last = served.client.chat.completions.create(**{**kw, "messages": said[:1], "extra_body": {**LONG, "echo": True}})
+    assert user_last.choices[0].message.content == served.client.chat.completions.create(
+        **{**kw, "messages": said[:1]}).choices[0].message.content
 
 
 def test_prompt_lists_and_n_samples(served):

@@ -1,6 +1,6 @@
 """A generation request's answer from its engine streams (one per choice: prompt x sample): the collected body
-of a non-streamed request, or the SSE events of a streamed one, with logprobs, completions' echo and vLLM's
-prompt_logprobs (non-streamed only).
+of a non-streamed request, or the SSE events of a streamed one, with logprobs, echo and vLLM's prompt_logprobs
+(non-streamed only).
 
     body = await complete(request, req, streams, request_id, done, tokenizer)     # dict or an error Response
     return StreamingResponse(events(req, streams, request_id, created, done, tokenizer), ...)
@@ -80,6 +80,7 @@ def _body(req, request_id, created, texts, ids, lps, prompt_lps, finals, streams
         if req.echo:
             text = tokenizer.decode(prompt) + text
             entries = _prompt_entries(prompt, prompt_lps[i])
+        text = req.echo_text + text
         logprobs = fmt.format(req.kind, entries + list(zip(ids[i], lps[i]))) if fmt is not None else None
         choices.append((i, text, finals[i].finish_reason, logprobs))
     body = responses.response(req.kind, request_id, created, req.model, choices, _usage(req, streams, finals))
@@ -134,7 +135,7 @@ async def complete(request: Request, req, streams, request_id: str, created: int
 async def events(req, streams, request_id: str, created: int, done, tokenizer):
     """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just
     before its first token's text, so a client's time to first chunk is its time to first token), the echoed
-    prompt (completions), text chunks (with their tokens' logprobs when asked), finish_reason on each choice's
+    prompt (completions) or last assistant message (chat), text chunks (with their tokens' logprobs when asked), finish_reason on each choice's
     last one, the usage chunk when asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent
     as an error event and ends the stream."""
     def chunk(**kw):
@@ -158,6 +159,8 @@ async def events(req, streams, request_id: str, created: int, done, tokenizer):
             first.discard(i)
             if req.kind == "chat":
                 yield chunk(index=i, role=True)
+                if req.echo_text:
+                    yield chunk(index=i, text=req.echo_text)
             elif req.echo:
                 prompt = req.prompts[i // req.n]
                 text = tokenizer.decode(prompt)

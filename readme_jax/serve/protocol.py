@@ -8,7 +8,7 @@ bodies, and the error shape.
 
 Every field a request may carry is listed here (``fields``), with what it answers: implemented (every
 OpenAI / vLLM sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's
-logprobs too, vLLM's ``prompt_logprobs`` k: each prompt token's logprob and rank with k alternatives), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
+logprobs too, chat's ``echo`` (vLLM's: the last message's content first when it is the assistant's), vLLM's ``prompt_logprobs`` k: each prompt token's logprob and rank with k alternatives), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
 ``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are
 checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same
 message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
@@ -64,6 +64,7 @@ class GenerationRequest:
     tokens_as_ids: bool = False              # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
     priority: int = 0                        # vLLM's: lower is admitted first and preempted last
     prompt_logprobs: int | None = None       # vLLM's field: alternatives per prompt token in its own format
+    echo_text: str = ""                      # chat echo: the text each choice's content starts with
 
     @property
     def logprobs(self) -> int | None:
@@ -91,8 +92,8 @@ def _neutral(*allowed):
 
 _IMPLEMENTED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
                 "ignore_eos", "stop_token_ids", "n", "best_of", "return_tokens_as_token_ids",
-                "priority", "prompt_logprobs"} | set(NEUTRAL_PROCESSORS)
-_COMPLETION_ONLY = {"echo"}
+                "priority", "prompt_logprobs", "echo"} | set(NEUTRAL_PROCESSORS)
+_COMPLETION_ONLY: set[str] = set()
 _NEUTRAL_COMMON = {
     "min_tokens": _neutral(0, None), "use_beam_search": _neutral(False, None), "length_penalty": _neutral(1, 1.0, None),
     "include_stop_str_in_output": _neutral(False, None), "skip_special_tokens": _neutral(True, None),
@@ -110,7 +111,7 @@ NEUTRAL_ONLY = {
     "chat": {**_NEUTRAL_COMMON, "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
              "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
              "parallel_tool_calls": _neutral(None, True), "add_generation_prompt": _neutral(True, None),
-             "continue_final_message": _neutral(False, None), "echo": _neutral(False, None),
+             "continue_final_message": _neutral(False, None),
              "chat_template": _neutral(None),
              "chat_template_kwargs": _neutral(None, {}), "documents": _neutral(None), "modalities": _neutral(None, ["text"]),
              "prediction": _neutral(None), "audio": _neutral(None), "reasoning_effort": _neutral(None),
@@ -387,6 +388,8 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     echo, as_ids = data.get("echo") or False, data.get("return_tokens_as_token_ids") or False
     check_type("echo", echo, (bool,), "a boolean")
     check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
+    echo_text = _chat_echo(data["messages"]) if kind == "chat" and echo else ""
+    echo = echo and kind == "completion"
     prompt_k = _prompt_logprobs(data, stream)
     params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
                        echo, prompt_k)
@@ -395,5 +398,15 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     except SamplingError as e:
         raise bad_request(e.param, str(e).split(": ", 1)[-1]) from None
     return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids,
-                             priority, prompt_k)
+                             priority, prompt_k, echo_text)
+
+
+def _chat_echo(messages) -> str:
+    """Chat ``echo`` as vLLM answers it: the last message's content when it is the assistant's (the reply
+    continues it), else nothing; text parts joined by newlines. ``messages`` already validated."""
+    last = messages[-1]
+    if last["role"] != "assistant":
+        return ""
+    content = last.get("content") or ""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
 
