@@ -10,9 +10,10 @@ processors of the OpenAI / vLLM sampling fields.
 
 Every entry point (``generate``, its CLI, the server) validates through :class:`SamplingParams` /
 :func:`validate_sampling`, so a bad value gets the same message everywhere, naming the field.
-Greedy never pays for the vocabulary sort nucleus sampling needs (at V = 49,152 that sort costs more
-than a SmolLM2 decode step on CPU): ``sample_token`` switches on the mode; ``sample_rows`` sorts only the
-rows that ask for top-p, gathered into the smallest power-of-two bucket that holds them (``on_rows``).
+Greedy never pays for nucleus sampling: ``sample_token`` switches on the mode; ``sample_rows`` finds the
+nucleus (by bisection on the logit value: a vocabulary sort at V = 49,152 cost more than a SmolLM2 decode step
+on CPU) only for the rows that ask for top-p, gathered into the smallest power-of-two bucket that holds them
+(``on_rows``).
 """
 
 from __future__ import annotations
