@@ -37,6 +37,11 @@ the default server and against one started with ``--no-prefix-caching``; TTFT p5
 whether the generated texts are identical. If our server does not accept ``--no-prefix-caching``, the row
 says n/a (the TTFT with the default server is still reported).
 
+**lm-eval** (float32, both servers live): lm-evaluation-harness ``local-completions`` scores the built-in 4-way
+continuation task (20 items per domain of the default corpus; 6 word-phrase items with ``--quick``) through each
+server, SmolLM2's HF tokenizer on the client (:mod:`benchmarks.serve_lm_eval`): the items where ours picks vLLM's
+choice, the largest loglikelihood difference, and each one's accuracy.
+
 Output: the runner's rows; ``OUT/serve_vllm.json`` (settings, setup, every client result with per-request
 data; rewritten after every run, so an interrupted run keeps what it measured: ``--report OUT/serve_vllm.json``
 renders its table) and ``OUT/serve_vllm.png`` (TTFT and TPOT CDFs, float32). ``--quick``: a random tiny Llama
@@ -58,6 +63,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import serve_lm_eval as sle
 from benchmarks import vllm_peer as vp
 from benchmarks.common import REPO_ROOT, run_variant, thread_env
 from benchmarks.serve_vllm_report import NAME, plot, rows_of, summary, workloads
@@ -70,12 +76,14 @@ SYSTEMS = ("ours", "vllm")
 PREFIX = dict(prefix_len=384, input_len=32, output_len=16, num_prompts=32, concurrency=8)
 FULL = dict(model="smollm2", slots=32, concurrencies=(8, 32), num_prompts=64, input_len=128, output_len=64,
             range_ratio=0.5, rounds=2, dtypes=("float32", "bfloat16"), variable_dtypes=("float32",),
-            prefix=PREFIX, peak_n=2048, start_timeout_s=1200, run_timeout_s=3600, server_args=())
+            prefix=PREFIX, peak_n=2048, start_timeout_s=1200, run_timeout_s=3600, server_args=(),
+            mc_items_per_domain=20)
 QUICK = dict(model="tiny", slots=4, concurrencies=(2,), num_prompts=4, input_len=16, output_len=4,
              range_ratio=0.5, rounds=1, dtypes=("float32",), variable_dtypes=(),
              prefix=dict(prefix_len=16, input_len=8, output_len=4, num_prompts=4, concurrency=2), peak_n=256,
              start_timeout_s=900, run_timeout_s=600,
-             server_args=("--max-model-len", "64", "--max-num-batched-tokens", "32"))   # fewer buckets to compile
+             server_args=("--max-model-len", "64", "--max-num-batched-tokens", "32"),   # fewer buckets to compile
+             mc_items_per_domain=None)
 TINY = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64)
 
 
@@ -223,10 +231,27 @@ def dtype_phase(cfg: dict, dtype: str, ctx: dict, result: dict) -> None:
                     _log(f"round {rnd + 1} {system} {w['key']}: {sm['tok_s']:.1f} tok/s, TTFT p50 "
                          f"{sm['ttft_ms']:.0f} ms, TPOT p50 {sm['tpot_ms']:.0f} ms, {sm['gflops']:.1f} GFLOP/s")
         if dtype == "float32":
-            try:
-                prefix_phase(cfg, ctx, servers, stack, result)
-            except Exception as e:  # noqa: BLE001 - reported as its own error row
-                result["prefix_error"] = f"{type(e).__name__}: {e}"
+            for name, arm in (("lm_eval", lm_eval_phase), ("prefix", prefix_phase)):
+                try:
+                    arm(cfg, ctx, servers, stack, result)
+                except Exception as e:  # noqa: BLE001 - reported as its own error row
+                    result[f"{name}_error"] = f"{type(e).__name__}: {e}"
+
+
+def lm_eval_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStack, result: dict) -> None:
+    """lm-eval ``local-completions`` on one local multiple-choice task through each live server, the model's HF
+    tokenizer on the client (``benchmarks.serve_lm_eval``): per-item choices and loglikelihoods compared."""
+    items = sle.benchmark_items(cfg["mc_items_per_domain"], ctx["out"])
+    folder = sle.write_task(ctx["out"] / "lm_eval", items)
+    tokenizer = {"tokenizer_backend": "huggingface", "tokenizer": str(ctx["hf_dir"])}
+    scores = {}
+    for system, s in servers.items():
+        t0 = time.perf_counter()
+        scores[system] = sle.score(s.base, ctx["name"], folder, tokenizer)
+        _log(f"lm-eval on {s.label}: {len(items)} items in {time.perf_counter() - t0:.0f} s")
+    result["lm_eval"] = {"task": "built-in continuation" if cfg["mc_items_per_domain"] else "word phrases",
+                         "scores": scores, **sle.compare(scores["ours"], scores.get("vllm"))}
+    ctx["save"]()
 
 
 def prefix_phase(cfg: dict, ctx: dict, servers: dict, stack: contextlib.ExitStack, result: dict) -> None:

@@ -127,6 +127,18 @@ def rows_of(result: dict) -> list[dict]:
                              higher_is_better=False, goal=GOAL_PREFIX, note=note))
     elif "prefix_error" in result:
         rows.append(error_row(NAME, "prefix caching", result["prefix_error"]))
+    le = result.get("lm_eval")
+    if le is not None:
+        note = (f"{quick}lm-eval local-completions, {le['items']} items ({le['task']}), float32, the HF tokenizer "
+                f"on the client")
+        if le.get("same_choice") is not None:
+            rows.append(make_row(NAME, "lm-eval MC: items where ours picks vLLM's choice", le["same_choice"],
+                                 le["items"], "items", higher_is_better=True,
+                                 note=f"{note}; max |d loglik| {le['max_abs_dloglik']:.1e}"))
+        rows.append(make_row(NAME, "lm-eval MC: acc vs vLLM", le["acc_ours"], le["acc_vllm"], "acc",
+                             higher_is_better=True, note=note))
+    elif "lm_eval_error" in result:
+        rows.append(error_row(NAME, "lm-eval MC", result["lm_eval_error"]))
     return rows
 
 

@@ -139,6 +139,8 @@ def test_quick_mode_end_to_end_without_vllm(tmp_path):
     for case in ("TTFT p50", "TPOT p50", "achieved GFLOP/s"):
         assert rows[f"float32 fixed C=2: {case} vs vLLM"]["ours"] > 0
     assert rows["f32 matmul peak (numpy / XLA, 2 threads)"]["ours"] > 0
+    acc = rows["lm-eval MC: acc vs vLLM"]                                # lm-eval scored 6 items through ours
+    assert 0 <= acc["ours"] <= 1 and acc["baseline"] is None and r["lm_eval"]["items"] == 6
     prefix = rows["prefix caching: TTFT p50 on vs off (ours)"]
     assert prefix["ours"] > 0
     assert (prefix["baseline"] is None) == ("n/a" in prefix["note"])

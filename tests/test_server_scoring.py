@@ -153,59 +153,25 @@ def test_processors_match_numpy_reference(served):
     assert tokens(temperature=1.0, seed=3) != greedy
 
 
-MC_TASK = """task: readme_jax_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{text}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
-
-
 def test_lm_eval_local_completions_scores_like_ours(served, tok, tmp_path, monkeypatch):
     """lm-eval 0.4's ``local-completions`` (remote tokenizer: our /tokenize, /detokenize, /tokenizer_info;
     batches of token-id prompts with echo + logprobs) on a local task: each item's choice equals
     ``eval.multiple_choice``'s and each choice's loglikelihood is within 1e-4 of ours (``token_nll``). The task's
     text starts with the BOS token's text, so lm-eval's tokens (no special tokens added) are ours ([bos] + context
     + choice)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from readme_jax.eval.multiple_choice import MCItem, evaluate_items
+    from benchmarks import serve_lm_eval as sle
+    from readme_jax.eval.multiple_choice import evaluate_items
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rng = np.random.default_rng(2)
-    words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "cloud", "fire"]
-
-    def phrase(n):
-        return " ".join(rng.choice(words, n))
-
-    items = [MCItem(phrase(6), tuple(" " + phrase(int(k)) for k in rng.integers(1, 4, 3)), int(rng.integers(3)), "g")
-             for _ in range(6)]
-    data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps({"text": tok.bos_token + it.context, "choices": list(it.choices),
-                                        "answer": it.answer}) + "\n" for it in items))
-    (tmp_path / "readme_jax_mc.yaml").write_text(MC_TASK.format(data=data))
-    out = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["readme_jax_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-        model_args={"model": MODEL, "base_url": f"{served.base}/v1/completions", "tokenizer_backend": "remote",
-                    "num_concurrent": 1, "max_retries": 1, "max_length": 256},
-        batch_size=4, log_samples=True, limit=None)
-    samples = sorted(out["samples"]["readme_jax_mc"], key=lambda s: s["doc_id"])
+    items = sle.phrase_items(6)
+    folder = sle.write_task(tmp_path, items, bos=tok.bos_token)
+    scored = sle.score(served.base, MODEL, folder, {"tokenizer_backend": "remote"}, batch_size=4, max_length=256)
     ours = evaluate_items(model_of(served), tok, items, batch_size=4, max_len=256)
-    assert len(samples) == len(items)
-    for s, r in zip(samples, ours):
-        theirs = [float(ll) for ll, _ in s["filtered_resps"]]
-        np.testing.assert_allclose(theirs, r.logliks, atol=1e-4)
-        assert int(np.argmax(theirs)) == r.pred
+    assert len(scored) == len(items)
+    for s, r in zip(scored, ours):
+        np.testing.assert_allclose(s["logliks"], r.logliks, atol=1e-4)
+        assert s["pred"] == r.pred
 
 
 
