@@ -108,7 +108,7 @@ def test_logprobs_ranks_and_top_logprobs_from_one_log_softmax():
         assert list(top_lp[b]) == sorted(top_lp[b], reverse=True)
     greedy = LOGITS.argmax(-1).astype(np.int32)
     g_lp, g_rank, _, g_top = (np.asarray(a) for a in token_logprobs(LOGITS, greedy, 1))
-    assert (g_lp == g_top[:, 0]).all() and (g_rank == 1).all()                                          # bit-identical, as lm-eval compares
+    assert (g_lp == g_top[:, 0]).all() and (g_rank == 1).all()          # bit-identical, as lm-eval compares
 
 
 @pytest.mark.parametrize("field, value", [

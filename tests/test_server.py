@@ -174,7 +174,8 @@ def test_streaming_equals_non_streamed(served):
     ({"prompt": "x", "seed": -3}, "seed"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"), ({}, "prompt"),
     ({"prompt": 5}, "prompt"), ({"prompt": [1, 2, 999]}, "prompt"), ({"prompt": "x" * 300}, "prompt"),
     ({"prompt": "x" * 250, "max_tokens": 10}, "max_tokens"), ({"prompt": "x", "stream_options": {}}, "stream_options"),
-    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt": "x", "prompt_logprobs": 1.5}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 1.5}, "prompt_logprobs"),
     ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_bad_completion_names_the_field(served, body, param):
@@ -255,7 +256,8 @@ def test_chat_echo_starts_each_choice_with_the_last_assistant_message(served):
     chunks = list(served.client.chat.completions.create(stream=True, **{**kw, "extra_body": {**LONG, "echo": True}}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.content == "Hé\nllo"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hé\nllo" + plain
-    user_last = served.client.chat.completions.create(**{**kw, "messages": said[:1], "extra_body": {**LONG, "echo": True}})
+    user_last = served.client.chat.completions.create(**{**kw, "messages": said[:1],
+                                                         "extra_body": {**LONG, "echo": True}})
     assert user_last.choices[0].message.content == served.client.chat.completions.create(
         **{**kw, "messages": said[:1]}).choices[0].message.content
 

@@ -133,11 +133,11 @@ async def complete(request: Request, req, streams, request_id: str, created: int
 
 
 async def events(req, streams, request_id: str, created: int, done, tokenizer):
-    """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just
-    before its first token's text, so a client's time to first chunk is its time to first token), the echoed
-    prompt (completions) or last assistant message (chat), text chunks (with their tokens' logprobs when asked), finish_reason on each choice's
-    last one, the usage chunk when asked, then ``[DONE]``. An engine failure or shutdown abort mid-stream is sent
-    as an error event and ends the stream."""
+    """The SSE body: the role chunk of each choice (chat: sent with that choice's first engine output, just before its
+    first token's text, so a client's time to first chunk is its time to first token), the echoed prompt
+    (completions) or last assistant message (chat), text chunks (with their tokens' logprobs when asked),
+    finish_reason on each choice's last one, the usage chunk when asked, then ``[DONE]``. An engine failure or
+    shutdown abort mid-stream is sent as an error event and ends the stream."""
     def chunk(**kw):
         return responses.sse(responses.chunk(req.kind, request_id, created, req.model,
                                              include_usage=req.include_usage, **kw))

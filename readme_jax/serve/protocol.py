@@ -6,13 +6,14 @@ bodies, and the error shape.
                         default_max_tokens=16)
     req.prompts (token ids of each prompt), req.n, req.params (a validated SamplingParams), req.stream, ...
 
-Every field a request may carry is listed here (``fields``), with what it answers: implemented (every
-OpenAI / vLLM sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's
-logprobs too, chat's ``echo`` (vLLM's: the last message's content first when it is the assistant's), vLLM's ``prompt_logprobs`` k: each prompt token's logprob and rank with k alternatives), or accepted only at its neutral value (the value that means "off": ``best_of`` = n,
-``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored. Sampling values are
-checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p`` gets the same
-message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and quote at most
-``QUOTE_CHARS`` characters of a value.
+Every field a request may carry is listed here (``fields``), with what it answers: implemented (every OpenAI / vLLM
+sampling field, logprobs, completions' ``echo``: with ``logprobs`` k it asks for the prompt's logprobs too, chat's
+``echo`` (vLLM's: the last message's content first when it is the assistant's), vLLM's ``prompt_logprobs`` k: each
+prompt token's logprob and rank with k alternatives), or accepted only at its neutral value (the value that means
+"off": ``best_of`` = n, ``min_tokens`` 0, ...). A field not listed is a 400 naming it: nothing is silently ignored.
+Sampling values are checked by the one validator (:class:`readme_jax.sampling.SamplingParams`), so a bad ``top_p``
+gets the same message here as in ``generate``. Errors have OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}`` and quote at most ``QUOTE_CHARS`` characters of a value.
 """
 
 from __future__ import annotations
