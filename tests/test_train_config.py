@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from readme_jax.config import Config, load_config
-from readme_jax.errors import ConfigError
 from tests.tiny_run import REPO, train_cli
 
 

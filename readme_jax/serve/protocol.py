@@ -20,33 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 from typing import Any
 
 from readme_jax.errors import APIError, SamplingError
 from readme_jax.sampling import MAX_LOGPROBS, NEUTRAL_PROCESSORS, SamplingParams
 from readme_jax.serve.api import check_priority
+from readme_jax.serve.chat_messages import chat_echo, chat_prompt_ids
+from readme_jax.serve.request_body import (QUOTE_CHARS, bad_request, check_chars, check_type, is_int, quote,
+                                           token_ids)
 
 #: OpenAI's default temperature (the API samples unless asked for temperature 0).
 DEFAULT_TEMPERATURE = 1.0
-ROLES = ("system", "user", "assistant")
-QUOTE_CHARS = 100
-MAX_JSON_DEPTH = 64
 #: Choices per request (prompts x n): lm-eval sends its batch as one list of prompts.
 MAX_CHOICES = 64
 #: lm-eval sends every `until` string plus EOS as `stop`, so more than OpenAI's 4.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 16 * 1024
-
-
-def bad_request(param: str | None, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}" if param else message, param=param)
-
-
-def quote(value: Any) -> str:
-    """``value`` as JSON, cut to QUOTE_CHARS characters (error messages never echo a whole value)."""
-    text = value if isinstance(value, str) and len(value) > 4 * QUOTE_CHARS else None
-    text = json.dumps(text[: 4 * QUOTE_CHARS] if text is not None else value, ensure_ascii=False, default=str)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + f"... ({len(text)} characters)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,68 +115,13 @@ def fields(kind: str) -> set[str]:
         {"max_completion_tokens", "top_logprobs"} if kind == "chat" else _COMPLETION_ONLY)
 
 
-# --- body ----------------------------------------------------------------------------------------------------
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object of valid Unicode nested at most MAX_JSON_DEPTH deep, else a 400."""
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise bad_request(None, f"the request body is nested too deep (at most {MAX_JSON_DEPTH} levels)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(None, f"the request body is not valid JSON ({str(e)[:QUOTE_CHARS]})") from None
-    if not isinstance(data, dict):
-        raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
-    stack = [(data, 1, "")]
-    while stack:                                        # iterative: depth and Unicode of every value
-        value, depth, where = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise bad_request(where.lstrip(".") or None, f"nested too deep (at most {MAX_JSON_DEPTH} levels)")
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        for k, v in items:
-            path = f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"
-            for s in (k, v):
-                if isinstance(s, str):
-                    try:
-                        s.encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise bad_request(path.lstrip("."), f"not valid Unicode (a lone surrogate at character "
-                                                            f"{e.start})") from None
-            if isinstance(v, (dict, list)):
-                stack.append((v, depth + 1, path))
-    return data
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def check_type(name, value, kinds, what):
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise bad_request(name, f"expected {what}, got {quote(value)}")
-
-
 # --- prompts -------------------------------------------------------------------------------------------------
-
-def check_chars(param: str, text: str, max_chars: int | None) -> None:
-    if max_chars is not None and len(text) > max_chars:
-        raise bad_request(param, f"{len(text)} characters cannot fit the context ({max_chars} characters at most)")
-
-
-def token_ids(value: list, tokenizer, param: str) -> list[int]:
-    if not value or not all(_is_int(t) for t in value):
-        raise bad_request(param, f"expected a non-empty list of token ids, got {quote(value)}")
-    bad = next((t for t in value if not 0 <= t < tokenizer.vocab_size), None)
-    if bad is not None:
-        raise bad_request(param, f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
-    return [int(t) for t in value]
-
 
 def _prompts(value, tokenizer, max_chars: int | None) -> list[list[int]]:
     """A string, a list of token ids, or a list of strings / token-id lists (a batch)."""
     if isinstance(value, str):
         value = [value]
-    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+    elif isinstance(value, list) and value and all(is_int(t) for t in value):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(p, (str, list)) for p in value):
         raise bad_request("prompt", "expected a string, a list of token ids, or a list of those, got "
@@ -204,36 +137,6 @@ def _prompts(value, tokenizer, max_chars: int | None) -> list[list[int]]:
         else:
             out.append(token_ids(p, tokenizer, param))
     return out
-
-
-def chat_prompt_ids(messages, tokenizer, max_chars: int | None) -> list[int]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages", "expected a non-empty list of {role, content} objects")
-    clean = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(where, f"expected an object, got {quote(m)}")
-        extra = sorted(set(m) - {"role", "content"})
-        if extra:
-            raise bad_request(f"{where}.{extra[0][:QUOTE_CHARS]}", "not supported by this server")
-        if m.get("role") not in ROLES:
-            raise bad_request(f"{where}.role", f"expected one of {list(ROLES)}, got {quote(m.get('role'))}")
-        content = m.get("content")
-        if isinstance(content, list):                      # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       and set(p) == {"type", "text"} for p in content):
-                raise bad_request(f"{where}.content", "only text parts ({\"type\": \"text\", \"text\": ...}) "
-                                                      "are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad_request(f"{where}.content", f"expected a string, got {quote(content)}")
-        clean.append({"role": m["role"], "content": content})
-    check_chars("messages", "".join(m["content"] for m in clean), max_chars)
-    if not tokenizer.chat_template:
-        raise bad_request("messages", "this model's tokenizer has no chat template; use /v1/completions")
-    text = tokenizer.apply_chat_template(clean, add_generation_prompt=True)
-    return tokenizer.encode(text)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -282,7 +185,7 @@ def _logprobs(data, kind) -> int | None:
     lp, top = data.get("logprobs"), data.get("top_logprobs")
     if lp is not None:
         check_type("logprobs", lp, (bool,), "a boolean")
-    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
+    if top is not None and (not is_int(top) or not 0 <= top <= MAX_LOGPROBS):
         raise bad_request("top_logprobs", f"expected an integer in [0, {MAX_LOGPROBS}], got {quote(top)}")
     if top and not lp:
         raise bad_request("top_logprobs", "only allowed when logprobs is true")
@@ -295,7 +198,7 @@ def _prompt_logprobs(data, stream: bool) -> int | None:
     k = data.get("prompt_logprobs")
     if k is None:
         return None
-    if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:
+    if not is_int(k) or not 0 <= k <= MAX_LOGPROBS:
         raise bad_request("prompt_logprobs", f"expected an integer in [0, {MAX_LOGPROBS}] or null, got {quote(k)}")
     if stream:
         raise bad_request("prompt_logprobs", "not available when stream is true (as in vLLM)")
@@ -336,7 +239,7 @@ def _sampling(data, kind, prompt_len, max_model_len, default_max_tokens, vocab_s
 def _n(data) -> int:
     n = data.get("n")
     n = 1 if n is None else n
-    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+    if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise bad_request("n", f"expected an integer in [1, {MAX_CHOICES}], got {quote(n)}")
     best_of = data.get("best_of")
     if best_of is not None and best_of != n:
@@ -389,7 +292,7 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
     echo, as_ids = data.get("echo") or False, data.get("return_tokens_as_token_ids") or False
     check_type("echo", echo, (bool,), "a boolean")
     check_type("return_tokens_as_token_ids", as_ids, (bool,), "a boolean")
-    echo_text = _chat_echo(data["messages"]) if kind == "chat" and echo else ""
+    echo_text = chat_echo(data["messages"]) if kind == "chat" and echo else ""
     echo = echo and kind == "completion"
     prompt_k = _prompt_logprobs(data, stream)
     params = _sampling(data, kind, max(map(len, prompts)), max_model_len, default_max_tokens, tokenizer.vocab_size,
@@ -400,14 +303,3 @@ def parse_request(kind: str, data: dict[str, Any], tokenizer, *, model_name: str
         raise bad_request(e.param, str(e).split(": ", 1)[-1]) from None
     return GenerationRequest(kind, data["model"], prompts, n, params, stream, include_usage, echo, as_ids,
                              priority, prompt_k, echo_text)
-
-
-def _chat_echo(messages) -> str:
-    """Chat ``echo`` as vLLM answers it: the last message's content when it is the assistant's (the reply
-    continues it), else nothing; text parts joined by newlines. ``messages`` already validated."""
-    last = messages[-1]
-    if last["role"] != "assistant":
-        return ""
-    content = last.get("content") or ""
-    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
-

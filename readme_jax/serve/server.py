@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from readme_jax.errors import APIError, EngineError, NotReadyError, QueueFullError, SamplingError
-from readme_jax.serve import protocol, responses, tokenizer_api
+from readme_jax.serve import protocol, request_body, responses, tokenizer_api
 from readme_jax.serve.choices import cancel as _cancel, complete, error_response as _error_response, events
 from readme_jax.serve.limits import Limits, header_timeout_protocol, max_prompt_chars, read_body
 from readme_jax.serve.metrics import EngineMetrics
@@ -152,7 +152,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
 
     async def body_json(request: Request) -> dict:
         body = await read_body(request, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout_s)
-        return await asyncio.to_thread(protocol.parse_json, body)
+        return await asyncio.to_thread(request_body.parse_json, body)
 
     @app.get("/health")
     async def health():
@@ -223,7 +223,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_model_len: int, defaul
         except SamplingError as e:
             _cancel(streams)
             param = "messages" if kind == "chat" and e.param == "prompt" else e.param
-            raise protocol.bad_request(param, str(e).split(": ", 1)[-1]) from None
+            raise request_body.bad_request(param, str(e).split(": ", 1)[-1]) from None
         except EngineError as e:
             _cancel(streams)
             raise APIError(500, f"the engine failed: {e}", type="server_error") from None

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from readme_jax.errors import APIError
-from readme_jax.serve.protocol import (QUOTE_CHARS, bad_request, chat_prompt_ids, check_chars, check_type, quote,
-                                      token_ids)
+from readme_jax.serve.chat_messages import chat_prompt_ids
+from readme_jax.serve.request_body import QUOTE_CHARS, bad_request, check_chars, check_type, quote, token_ids
 
 
 def tokenizer_info(tokenizer, max_model_len: int) -> dict:
