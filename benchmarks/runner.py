@@ -31,7 +31,7 @@ from benchmarks.common import ROW_KEYS, error_row
 
 REGISTRY: dict[str, str] = {"dense": "benchmarks.dense", "moe": "benchmarks.moe", "ep": "benchmarks.ep",
                             "serve": "benchmarks.serve", "serve_load": "benchmarks.serve_load",
-                            "serve_vllm": "benchmarks.serve_vllm", "serve_startup": "benchmarks.serve_startup",
+                            "serve_vllm": "benchmarks.serve_vllm", "serve_revs": "benchmarks.serve_revs", "serve_startup": "benchmarks.serve_startup",
                             "codesign": "benchmarks.codesign",
                             "codesign_cpu": "benchmarks.codesign_engine",
                             "step_roofline": "benchmarks.step_roofline", "train_step": "benchmarks.train_step",

@@ -110,11 +110,12 @@ _LIVE: set["Server"] = set()
 class Server:
     """One OpenAI-compatible server process group on 127.0.0.1:``port``, its output in ``log``."""
 
-    def __init__(self, label: str, cmd: list[str], env: dict[str, str], log: Path, port: int):
+    def __init__(self, label: str, cmd: list[str], env: dict[str, str], log: Path, port: int,
+                 cwd: Path = REPO_ROOT):
         self.label, self.port, self.log_path = label, port, Path(log)
         self.base = f"http://127.0.0.1:{port}"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _LIVE.add(self)
         self.started = time.perf_counter()

@@ -147,3 +147,22 @@ def test_ep_routings_bytes_rows_and_plot(tmp_path):
     assert set(per_token) == {"balanced", "one_expert"}
     png = ep.plot_bytes(per_token, tmp_path / "ep.png")
     assert png is None or png.stat().st_size > 0
+
+
+def test_serve_revs_worktree_and_rows(tmp_path):
+    """benchmarks/serve_revs.py's host side: a revision's code comes from a worktree (removed after), '.' is this
+    checkout; rows are medians with ratios > 1 when the new revision is faster."""
+    from benchmarks import serve_revs
+    with serve_revs.code_root("HEAD", tmp_path) as root:
+        assert (root / "readme_jax" / "serve" / "__main__.py").is_file() and root != common.REPO_ROOT
+    assert not root.exists()
+    with serve_revs.code_root(".", tmp_path) as root:
+        assert root == common.REPO_ROOT
+    run = lambda tok_s, tpot: {"tok_s": tok_s, "tpot_ms": tpot, "ttft_ms": 100.0}
+    result = {"revs": {"base": "abc1234", "new": "."}, "settings": {"concurrencies": [8, 32], "num_prompts": 4,
+                                                                   "input_len": 128, "output_len": 64},
+              "runs": {"new@C=8": [run(90, 50), run(110, 40)], "base@C=8": [run(100, 50), run(100, 50)]}}
+    rows = serve_revs.rows_of(result)
+    assert [r["case"] for r in rows] == ["output tok/s, . vs abc1234, C=8", "TPOT p50, . vs abc1234, C=8",
+                                         "TTFT p50, . vs abc1234, C=8"]
+    assert rows[0]["ratio"] == pytest.approx(1.0) and rows[1]["ratio"] == pytest.approx(50 / 45)
