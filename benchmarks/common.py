@@ -13,6 +13,7 @@ A child process is ``python -m benchmarks.common MODULE:FUNC ARGS_JSON OUT_JSON`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -205,3 +206,19 @@ def error_row(benchmark: str, case: str, exc: BaseException | str) -> dict:
 
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))
+
+
+@contextlib.contextmanager
+def code_root(rev: str, where: Path):
+    """The folder whose ``readme_jax`` is revision ``rev``: this checkout for ``.``, else a detached git worktree
+    of it under ``where`` (removed on exit); CalledProcessError if git cannot make it."""
+    if rev == ".":
+        yield REPO_ROOT
+        return
+    path = where / rev.replace("/", "_").replace("^", "_parent")
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO_ROOT, check=True,
+                   capture_output=True, text=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT, capture_output=True)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks import vllm_peer as vp
-from benchmarks.common import REPO_ROOT, make_row, run_variant, thread_env
+from benchmarks.common import REPO_ROOT, code_root, make_row, run_variant, thread_env
 from benchmarks.serve_vllm import DEFAULT_MODELS, DEFAULT_VENV, FULL, Driver
 from benchmarks.serve_vllm_report import summary
 from readme_jax.atomic import atomic_write_text
@@ -43,22 +43,6 @@ def _log(msg: str) -> None:
 def _commit(rev: str) -> str:
     return subprocess.run(["git", "rev-parse", "--short", f"{rev}^{{commit}}"], cwd=REPO_ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
-
-
-@contextlib.contextmanager
-def code_root(rev: str, where: Path):
-    """The folder whose ``readme_jax`` serves ``rev``: this checkout for ``.``, else a detached git worktree of
-    it (removed on exit)."""
-    if rev == ".":
-        yield REPO_ROOT
-        return
-    path = where / _commit(rev)
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=REPO_ROOT, check=True,
-                   capture_output=True, text=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT, capture_output=True)
 
 
 def start(root: Path, label: str, hf_dir: Path, name: str, slots: int, log: Path) -> vp.Server:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, error_row, make_row, median, run_variant
+from benchmarks.common import REPO_ROOT, code_root, error_row, make_row, median, run_variant
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
@@ -119,30 +119,19 @@ def measure(code_root: str, quick: bool, steps: int, new: bool) -> dict:
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable)))}
 
 
-def _base_worktree(ref: str, where: Path) -> Path:
-    path = where / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=REPO_ROOT, check=True,
-                   capture_output=True, text=True)
-    return path
-
-
 def run(quick: bool) -> list[dict]:
     ref = os.environ.get("TRAIN_STEP_BASE", "main")
     steps = 1 if quick else 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         try:
-            base_root = _base_worktree(ref, Path(tmp))
+            with code_root(ref, Path(tmp)) as base_root:
+                base = run_variant("benchmarks.train_step:measure",
+                                   {"code_root": str(base_root), "quick": quick, "steps": steps, "new": False})
         except subprocess.CalledProcessError as e:
             return [error_row("train_step", f"worktree of {ref}", e.stderr.strip() or str(e))]
-        try:
-            base = run_variant("benchmarks.train_step:measure",
-                               {"code_root": str(base_root), "quick": quick, "steps": steps, "new": False})
-            ours = run_variant("benchmarks.train_step:measure",
-                               {"code_root": str(REPO_ROOT), "quick": quick, "steps": steps, "new": True})
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_root)], cwd=REPO_ROOT,
-                           capture_output=True)
+        ours = run_variant("benchmarks.train_step:measure",
+                           {"code_root": str(REPO_ROOT), "quick": quick, "steps": steps, "new": True})
     tps = lambda r: r["tokens"] / r["step_s"]
     case = "tiny" if quick else (f"smollm2_135m L={os.environ.get('TRAIN_STEP_LAYERS', '30')} "
                                  f"{os.environ.get('TRAIN_STEP_BATCH', '4')}x512 E=5")

@@ -150,13 +150,13 @@ def test_ep_routings_bytes_rows_and_plot(tmp_path):
 
 
 def test_serve_revs_worktree_and_rows(tmp_path):
-    """benchmarks/serve_revs.py's host side: a revision's code comes from a worktree (removed after), '.' is this
-    checkout; rows are medians with ratios > 1 when the new revision is faster."""
+    """common.code_root (serve_revs, train_step): a revision's code comes from a worktree (removed after), '.'
+    is this checkout; serve_revs.rows_of: medians, ratios > 1 when the new revision is faster."""
     from benchmarks import serve_revs
-    with serve_revs.code_root("HEAD", tmp_path) as root:
+    with common.code_root("HEAD", tmp_path) as root:
         assert (root / "readme_jax" / "serve" / "__main__.py").is_file() and root != common.REPO_ROOT
     assert not root.exists()
-    with serve_revs.code_root(".", tmp_path) as root:
+    with common.code_root(".", tmp_path) as root:
         assert root == common.REPO_ROOT
     run = lambda tok_s, tpot: {"tok_s": tok_s, "tpot_ms": tpot, "ttft_ms": 100.0}
     result = {"revs": {"base": "abc1234", "new": "."}, "settings": {"concurrencies": [8, 32], "num_prompts": 4,

@@ -20,7 +20,6 @@ from readme_jax.parallel.mesh import BATCH_AXES, make_mesh
 D, FE = 16, 12
 B, T = 16, 6                 # N = 96 tokens, n = 12 per device
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
 
 def _mesh(sizes):
