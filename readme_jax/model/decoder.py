@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from readme_jax.model.config import LlamaConfig
+from readme_jax.model.causal_attention import causal_attention
 from readme_jax.model.layers import attention_mask, gqa_attention, rms_norm, swiglu_hidden
 from readme_jax.model.rope import apply_rope, rope_sin_cos
 
@@ -119,8 +120,9 @@ def project_qkv(p: dict, x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray, cfg
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
 
-def _attention_block(p, x, sin, cos, mask, kv, index, cfg, layer=None):
-    """Pre-norm attention with residual. x [B, T, D]; sin/cos [B, T, hd/2]; mask <bool>[B, T, S];
+def _attention_block(p, x, sin, cos, attend, kv, index, cfg, layer=None):
+    """Pre-norm attention with residual. x [B, T, D]; sin/cos [B, T, hd/2];
+    attend(q [B, T, H, hd], k/v [B, S, K, hd]) -> [B, T, H, hd] the attention proper (masks inside);
     kv: None or this layer's cache (k, v) [B, S, K, hd] (or, with ``layer``, the whole stack's [L, B, S, K, hd],
     written in place at that layer), written at index <int32>[B] -> (x [B, T, D], kv)."""
     B, T, _ = x.shape
@@ -131,7 +133,7 @@ def _attention_block(p, x, sin, cos, mask, kv, index, cfg, layer=None):
         kv = (_write_rows(ck, k, index, layer), _write_rows(cv, v, index, layer))
         k, v = (c if layer is None else c[layer] for c in kv)
         k, v = k.astype(dt), v.astype(dt)
-    out = gqa_attention(q, k, v, mask).reshape(B, T, cfg.num_heads * cfg.head_dim)
+    out = attend(q, k, v).reshape(B, T, cfg.num_heads * cfg.head_dim)
     return x + out @ p["wo"].astype(dt), kv
 
 
@@ -166,15 +168,16 @@ def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jn
     sin, cos = rope_sin_cos(positions, cfg)
     if cache is None:
         index = jnp.zeros((), jnp.int32)
-        mask = attention_mask(jnp.arange(T), attention_mask_, cfg.sliding_window)
-        key_mask = None
+        key_mask = None      # whole sequences attend to themselves: query blocks, masked blocks skipped
+        attend = lambda q, k, v: causal_attention(q, k, v, attention_mask_, cfg.sliding_window)
     else:
         index = cache.index
         key_mask = _write_rows(cache.key_mask, attention_mask_, index)
         mask = attention_mask(index[:, None] + jnp.arange(T)[None, :], key_mask, cfg.sliding_window)
+        attend = lambda q, k, v: gqa_attention(q, k, v, mask)
 
     def layer(x, p, kv, i=None):
-        x, kv = _attention_block(p, x, sin, cos, mask, kv, index, cfg, i)
+        x, kv = _attention_block(p, x, sin, cos, attend, kv, index, cfg, i)
         x = checkpoint_name(x, "attention_out")
         y, aux = ffn_fn(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
         return x + y, kv, aux

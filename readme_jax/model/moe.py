@@ -61,7 +61,9 @@ def gather_experts(w_gate, w_up, w_down, channels) -> tuple[jnp.ndarray, jnp.nda
     """Per-expert weights from channel tables: w_gate/w_up [..., D, F], w_down [..., F, D], channels
     <int32>[..., E, Fe] (leading dims, e.g. L, shared) -> w_gate/w_up [..., E, D, Fe], w_down [..., E, Fe, D]."""
     def one(wg, wu, wd, ix):                    # [D, F], [D, F], [F, D], [E, Fe]
-        cols = lambda w: jnp.moveaxis(jnp.take(w, ix, axis=1), 1, 0)                     # [E, D, Fe]
+        # columns taken as rows of the transpose: the gather's gradient is then a scatter-add of whole
+        # D-rows, not of single elements (XLA CPU: 2.8 vs 17 ms per SmolLM2 table, ~0.9 s of an expert step)
+        cols = lambda w: jnp.swapaxes(jnp.take(w.T, ix, axis=0), 1, 2)                  # [E, D, Fe]
         return cols(wg), cols(wu), jnp.take(wd, ix, axis=0)                               # [E, Fe, D]
     for _ in range(channels.ndim - 2):
         one = jax.vmap(one)
