@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from readme_jax.model.head_loss import head_nll, nll_from_logits
+from readme_jax.model.head_loss import head_nll, nll_from_logits, weighted_nll
 
 N, D, V = 37, 12, 50
 
@@ -39,6 +39,27 @@ class HeadNllTest(parameterized.TestCase):
         grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1))(x, w)
         chex.assert_trees_all_close(grad(ours), grad(lambda x, w: _reference(x, w, t, vocab_major)),
                                     rtol=1e-4, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((True, 8, True), (False, 8, True), (True, 64, True), (False, 5, False),
+                              (True, 5, False))
+    def test_weighted_sum_gradient_from_the_forward_matches_autodiff(self, vocab_major, chunk, head_grad):
+        x, w, t, g = _inputs(vocab_major)
+        ref = lambda x, w: jnp.sum(_reference(x, w, t, vocab_major) * g)
+        ours = lambda x, w: weighted_nll(x, w, t, g, vocab_major=vocab_major, chunk=chunk, head_grad=head_grad)
+        total, nll = self.variant(ours)(x, w)
+        chex.assert_trees_all_close(total, ref(x, w), rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(nll, _reference(x, w, t, vocab_major), rtol=1e-5, atol=1e-5)
+        # scaled by an outer factor (the backward multiplies the forward's gradients by the cotangent)
+        got = self.variant(jax.grad(lambda x, w: 3.0 * ours(x, w)[0], argnums=(0, 1)))(x, w)
+        want = jax.grad(lambda x, w: 3.0 * ref(x, w), argnums=(0, 1))(x, w)
+        chex.assert_trees_all_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        if head_grad:
+            chex.assert_trees_all_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        else:
+            assert not np.any(got[1])
+        # the returned per-token NLL is a metric: no gradient flows through it
+        assert not np.any(jax.grad(lambda x: jnp.sum(ours(x, w)[1]))(x))
 
     def test_bfloat16_inputs_give_float32_nll_close_to_float32(self):
         x, w, t, _ = _inputs(True)

@@ -13,6 +13,13 @@ recomputed per chunk from its final hidden states x_t [N, D] (never [N, V]); its
 ``g_kl T (softmax(z / T) - softmax(z_t / T))`` to dNLL/dlogits. ``head_grad=False`` skips the head weight
 gradient (a frozen embedding): one of the backward's three [C, D] x [D, V] matmuls per chunk.
 
+Training's LM loss (``weighted_nll``) is linear in the per-token NLL with weights known before the forward
+(``loss_mask / count``), so its gradient is computed *in the forward*, each chunk's logits once: dlogits =
+(softmax - onehot) * weight gives dx [C, D] and the dW contribution right away; the residuals are dx [N, D]
+and dW, and the backward only scales them by the incoming cotangent. That drops the logits' recomputation
+and a second softmax pass (3 instead of 4 [C, D] x [D, V] matmuls per chunk; measured on the SmolLM2 expert
+step, 2 cores: ~0.7 s of a 12.5 s step).
+
 Dimension names: N tokens, D model, V vocab, C chunk (tokens per chunk).
 """
 
@@ -44,6 +51,74 @@ def head_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, *, vocab_majo
     is zero-padded; its rows get no gradient). ``head_grad=False``: w gets a zero gradient (not computed).
     """
     return _run(x, w, targets, None, None, vocab_major, chunk, 1.0, head_grad)[0]
+
+
+def weighted_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, vocab_major: bool,
+                 chunk: int = DEFAULT_CHUNK, head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum_n weights_n NLL_n <float32>[], NLL <float32>[N]) with the sum's gradient computed in the forward.
+
+    x, w, targets, ``head_grad`` as in :func:`head_nll`; weights <float>[N] get no gradient (a loss mask over
+    a count), and neither does the returned per-token NLL (a metric: differentiate the sum)."""
+    n = x.shape[0]
+    c = max(1, min(chunk, n))
+    pad = -n % c
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    total, nll = _fused(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32),
+                        jax.lax.stop_gradient(weights.astype(jnp.float32)), (vocab_major, c, head_grad))
+    return total, jax.lax.stop_gradient(nll[:n])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(x, w, targets, weights, opts):
+    return _fused_fwd(x, w, targets, weights, opts)[0]
+
+
+def _fused_fwd(x, w, targets, weights, opts):
+    vocab_major, c, head_grad = opts
+    V = w.shape[0] if vocab_major else w.shape[1]
+
+    def body(dw, args):
+        xc, tc, wc = args
+        z = _logits(xc, w, vocab_major)                                                  # [C, V]
+        m = jnp.max(z, axis=-1, keepdims=True)
+        e = jnp.exp(z - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        nll = (m + jnp.log(s))[:, 0] - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
+        hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tc[:, None]
+        d = ((e * (1.0 / s) - hit) * wc[:, None]).astype(x.dtype)                       # dsum/dlogits
+        dx, dw = _head_grads(d, xc, w, dw, vocab_major, head_grad)
+        return dw, (nll, dx)
+
+    dw0 = zeros_like_varying(w, jnp.float32) if head_grad else jnp.zeros((), jnp.float32)
+    with jax.named_scope("head_loss_fused"):
+        dw, (nll, dx) = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(weights, c)))
+    dw = dw.astype(w.dtype) if head_grad else zeros_like_varying(w)
+    nll = nll.reshape(-1)
+    return (jnp.sum(nll * weights), nll), (dx.reshape(x.shape), dw, weights)
+
+
+def _fused_bwd(opts, res, g):
+    dx, dw, weights = res
+    g_total = g[0]
+    return (g_total * dx).astype(dx.dtype), (g_total * dw).astype(dw.dtype), None, jnp.zeros_like(weights)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _head_grads(d, xc, w, dw, vocab_major, head_grad):
+    """From dlogits d [C, V] (x's dtype): (dx [C, D] in d's dtype, dW accumulated in float32 when ``head_grad``)."""
+    dx = jax.lax.dot_general(d, w, (((1,), (0 if vocab_major else 1,)), ((), ())),
+                             preferred_element_type=jnp.float32)                        # [C, D]
+    if head_grad:
+        if vocab_major:   # dW [V, D] = dᵀ x
+            dw = dw + jax.lax.dot_general(d, xc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:             # dW [D, V] = xᵀ d
+            dw = dw + jax.lax.dot_general(xc, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(d.dtype), dw
 
 
 def head_kd(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, x_teacher: jnp.ndarray, w_teacher: jnp.ndarray,
@@ -136,15 +211,8 @@ def _head_bwd(opts, res, g):
             q = jnp.exp(z / tau - lsc[:, None])
             p = jnp.exp(_logits(xtc, wt, vocab_major) / tau - ltc[:, None])
             d = d + (q - p) * (gkc * tau)[:, None]
-        d = d.astype(x.dtype)
-        dx = jax.lax.dot_general(d, w, (((1,), (0 if vocab_major else 1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)                    # [C, D]
-        if head_grad:
-            if vocab_major:   # dW [V, D] = dᵀ x
-                dw = dw + jax.lax.dot_general(d, xc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            else:             # dW [D, V] = xᵀ d
-                dw = dw + jax.lax.dot_general(xc, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return dw, dx.astype(x.dtype)
+        dx, dw = _head_grads(d.astype(x.dtype), xc, w, dw, vocab_major, head_grad)
+        return dw, dx
 
     n = x.shape[0] // c
     xts = _chunks(xt, c) if kd else jnp.zeros((n, 0), x.dtype)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers, unstack_layers
-from readme_jax.model.head_loss import head_nll
+from readme_jax.model.head_loss import head_nll, weighted_nll
 from readme_jax.model.layers import rms_norm
 
 
@@ -102,6 +102,17 @@ class Embedding(nnx.Module):
         nll = head_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), vocab_major=vocab_major,
                        head_grad=head_grad)
         return nll.reshape(targets.shape)
+
+    def weighted_nll(self, x: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *,
+                     head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(sum of weights x NLL <float32>[], NLL <float32>[B, T] without gradient): x [B, T, D] decoder output,
+        targets <int32>[B, T], weights [B, T] (no gradient). The sum's gradient is computed in the forward,
+        each chunk's logits once (model/head_loss.weighted_nll): for training losses linear in the NLL."""
+        x = self.head_input(x)
+        head, vocab_major = self.head()
+        total, nll = weighted_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), weights.reshape(-1),
+                                  vocab_major=vocab_major, head_grad=head_grad)
+        return total, nll.reshape(targets.shape)
 
 
 class Llama(nnx.Module):

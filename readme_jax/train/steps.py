@@ -327,7 +327,9 @@ class ExpertStep:
         aux = {"load": load, "dropped": plan.dropped.astype(jnp.float32)}
         lf = self.loss
         if not lf.teacher:
-            loss, _ = lm_loss(model.tok.nll(x, mb["targets"], head_grad=lf.head_grad), mb["loss_mask"])
+            w = mb["loss_mask"].astype(jnp.float32)     # lm_loss's mean, its gradient fused into the forward
+            loss, _ = model.tok.weighted_nll(x, mb["targets"], w / jnp.maximum(jnp.sum(w), 1.0),
+                                             head_grad=lf.head_grad)
             return loss, {**aux, "nll": loss}
         head, vocab_major = model.tok.head()
         head_t = next(iter(frozen[1]["tok"].values()))
