@@ -1,18 +1,21 @@
-"""Expert-step benchmark: today's expert step (the code of a base commit, run from a git worktree of it) vs
-the new default step (tied experts, distillation from the dense parent), same model shape, same batch.
+"""Expert-step benchmark: the expert step when issue 19 was filed (the code of a base commit, run from a git
+worktree of it: fused per-expert weights, LM loss) vs this checkout's default step (tied experts, LM loss, the
+configured default) and its distillation variant (tied, ``train.expert_loss=kd``); same model shape, same batch.
 
     python -m benchmarks train_step            # SmolLM2-135M shapes, 4 x 512 tokens, E = 5, f32, 2 threads
     python -m benchmarks train_step --quick    # a tiny model (smoke)
     TRAIN_STEP_BATCH=2 TRAIN_STEP_LAYERS=10 python -m benchmarks train_step   # 2 x 512 tokens, 10 of the 30
-                                               # layers: today's 30-layer step needs ~9 GB at 4 x 512
+                                               # layers (the base's 30-layer step needs ~9 GB at 4 x 512)
+    TRAIN_STEP_BASE=REV python -m benchmarks train_step                       # another base (default below)
 
 Each side runs in its own process (``benchmarks.common.run_variant``) with ``code_root`` first on sys.path:
-the base commit's worktree (``TRAIN_STEP_BASE``, default ``main``) or this checkout. Weights are random (speed
-does not depend on their values) in the SmolLM2-135M architecture, the same seeded values on both sides;
-masks from seeded random scores at keep 0.5; the expert ids are the (identically initialised) router's, so
-both sides route the same batch the same way. Rows: tokens/s and tokens per CPU-second (ratio = ours / base, goal 3), the compiled
-step's FLOPs per token, TFLOP/s
-and MFU against an f32 [2048 x 2048] x [2048 x 2048] matmul peak measured in the same process, peak RSS.
+the base commit's worktree (``TRAIN_STEP_BASE``, default :data:`BASE`) or this checkout. Weights are random
+(speed does not depend on their values) in the SmolLM2-135M architecture, the same seeded values on every
+side; masks from seeded random scores at keep 0.5; the expert ids are the (identically initialised) router's,
+so every side routes the same batch the same way. Rows: tokens/s and tokens per CPU-second (ratio = ours /
+base, goal 3), the compiled update's FLOPs per token, TFLOP/s and MFU against an f32 [2048 x 2048] x
+[2048 x 2048] matmul peak measured in the same process, peak RSS, and where each side's step time goes: one
+traced update broken down by XLA op (benchmarks/xla_profile.py; its top ops are in the JSON).
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, code_root, error_row, make_row, median, run_variant
+from benchmarks.xla_profile import top_ops
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
                tie_word_embeddings=True)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
             head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
+#: the expert step as issue 19 found it: main before the branch that added tied experts and distillation
+BASE = "6c533fa^1"
+#: variant -> (tied experts, expert loss); "base" runs the base commit's code
+VARIANTS = {"base": (False, "lm"), "default": (True, "lm"), "kd": (True, "kd")}
 
 
 def _matmul_peak(jax, jnp, n: int) -> float:
@@ -47,8 +55,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(code_root: str, quick: bool, steps: int, new: bool) -> dict:
-    """One side: ``steps`` timed expert updates after two untimed ones, with the code under ``code_root``."""
+def measure(code_root: str, quick: bool, steps: int, variant: str) -> dict:
+    """One side: ``steps`` timed expert updates after two untimed ones, with the code under ``code_root``, then
+    one traced update broken down by op."""
     sys.path.insert(0, code_root)
     import jax
     import jax.numpy as jnp
@@ -78,7 +87,9 @@ def measure(code_root: str, quick: bool, steps: int, new: bool) -> dict:
     masks = build_masks(rng.random((E, cfg.num_layers, cfg.intermediate_size)), 0.5)
     rcfg = RouterConfig(vocab_size=cfg.vocab_size, num_experts=E, **({"dim": 32, "n_heads": 2, "mlp_dim": 32,
                                                                         "embed_rank": 8} if quick else {}))
-    kw = {"tied": True} if new else {}
+    tied, loss = VARIANTS[variant]
+    new = loss == "kd"
+    kw = {"tied": True} if tied else {}
     model = readme_from_dense(dense, masks, rcfg, rngs=nnx.Rngs(0), **kw)
     gd, trainable, frozen = steps_lib.split_for(model, "expert")
     mesh = make_mesh()
@@ -103,53 +114,74 @@ def measure(code_root: str, quick: bool, steps: int, new: bool) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     # the update's FLOPs from the compiled step (XLA's cost analysis; the routing / teacher calls are extra)
-    try:
-        fn = next(iter(step.update._fns.values()))
-        ex = {"expert_ids": jnp.zeros((1, b, T), jnp.int32)}
-        if new:
-            ex["teacher_x"] = jnp.zeros((1, b, T, cfg.hidden_size), jnp.float32)
-        ca = fn.lower(trainable, opt, frozen, {**batch, **ex}, lr).compile().cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        flops = float(ca.get("flops", 0.0)) or None
-    except Exception:   # noqa: BLE001 - the FLOPs are a note; the timing is the measurement
-        flops = None
+    fn = next(iter(step.update._fns.values()))
+    ex = {"expert_ids": jnp.zeros((1, b, T), jnp.int32)}
+    if new:
+        ex["teacher_x"] = jnp.zeros((1, b, T, cfg.hidden_size), jnp.float32)
+    compiled = fn.lower(trainable, opt, frozen, {**batch, **ex}, lr).compile()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops = float(ca.get("flops", 0.0)) or None
+    state = {"tr": trainable, "opt": opt}
+
+    def traced():
+        state["tr"], state["opt"], m = step(state["tr"], state["opt"], frozen, batch, lr)
+        jax.block_until_ready((state["tr"], m["loss"]))
+    profile = top_ops(traced, compiled.as_text())
     peak = _matmul_peak(jax, jnp, 512 if quick else 2048)
     sec = median(times)
     return {"step_s": sec, "step_cpu_s": median(cpu), "tokens": b * T, "flops": flops, "peak_flops": peak,
-            "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable)))}
+            "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["tr"]))), "profile": profile}
+
+
+def _profile_note(r: dict) -> str:
+    p = r.get("profile") or {}
+    if "top" not in p:
+        return p.get("error", "no profile")
+    kinds = ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in list(p["by_kind_ms"].items())[:5])
+    return f"traced step {p['total_ms'] / 1e3:.2f} s by op kind: {kinds}"
 
 
 def run(quick: bool) -> list[dict]:
-    ref = os.environ.get("TRAIN_STEP_BASE", "main")
+    ref = os.environ.get("TRAIN_STEP_BASE", BASE)
     steps = 1 if quick else 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         try:
             with code_root(ref, Path(tmp)) as base_root:
                 base = run_variant("benchmarks.train_step:measure",
-                                   {"code_root": str(base_root), "quick": quick, "steps": steps, "new": False})
+                                   {"code_root": str(base_root), "quick": quick, "steps": steps, "variant": "base"})
         except subprocess.CalledProcessError as e:
             return [error_row("train_step", f"worktree of {ref}", e.stderr.strip() or str(e))]
-        ours = run_variant("benchmarks.train_step:measure",
-                           {"code_root": str(REPO_ROOT), "quick": quick, "steps": steps, "new": True})
+        ours = {v: run_variant("benchmarks.train_step:measure",
+                               {"code_root": str(REPO_ROOT), "quick": quick, "steps": steps, "variant": v})
+                for v in ("default", "kd")}
     tps = lambda r: r["tokens"] / r["step_s"]
     case = "tiny" if quick else (f"smollm2_135m L={os.environ.get('TRAIN_STEP_LAYERS', '30')} "
                                  f"{os.environ.get('TRAIN_STEP_BATCH', '4')}x512 E=5")
-    rows.append(make_row("train_step", f"tokens/s, tied+kd vs {ref} ({case})", tps(ours), tps(base), "tok/s",
-                         higher_is_better=True, goal=3.0,
-                         note=f"step {ours['step_s']:.2f} s vs {base['step_s']:.2f} s"))
-    rows.append(make_row("train_step", f"tokens per CPU-second, tied+kd vs {ref} ({case})",
-                         ours["tokens"] / ours["step_cpu_s"], base["tokens"] / base["step_cpu_s"], "tok/cpu-s",
-                         higher_is_better=True, goal=3.0,
-                         note="process CPU time (all threads): steadier than wall time on a shared machine"))
-    for name, r in (("ours", ours), (ref, base)):
+    names = {"default": "tied+lm (the default)", "kd": "tied+kd"}
+    for v, r in ours.items():
+        rows.append(make_row("train_step", f"tokens/s, {names[v]} vs {ref} ({case})", tps(r), tps(base), "tok/s",
+                             higher_is_better=True, goal=3.0,
+                             note=f"step {r['step_s']:.2f} s vs {base['step_s']:.2f} s"))
+        rows.append(make_row("train_step", f"tokens per CPU-second, {names[v]} vs {ref} ({case})",
+                             r["tokens"] / r["step_cpu_s"], base["tokens"] / base["step_cpu_s"], "tok/cpu-s",
+                             higher_is_better=True, goal=3.0,
+                             note="process CPU time (all threads): steadier than wall time on a shared machine"))
+    for name, r in ((names["default"], ours["default"]), (names["kd"], ours["kd"]), (ref, base)):
         if r["flops"]:
             tf = r["flops"] / r["step_s"] / 1e12
             rows.append(make_row("train_step", f"TFLOP/s and MFU, {name}", tf, r["peak_flops"] / 1e12, "TFLOP/s",
                                  higher_is_better=True,
                                  note=f"MFU {tf * 1e12 / r['peak_flops']:.2f} of the measured f32 matmul peak; "
-                                      f"{r['flops'] / r['tokens'] / 1e6:.0f} MFLOP/token"))
-    rows.append(make_row("train_step", "peak RSS", ours["peak_rss_mb"], base["peak_rss_mb"], "MB",
+                                      f"{r['flops'] / r['tokens'] / 1e6:.0f} MFLOP/token; {_profile_note(r)}"))
+    rows.append(make_row("train_step", "peak RSS, tied+lm", ours["default"]["peak_rss_mb"], base["peak_rss_mb"], "MB",
                          higher_is_better=False,
-                         note=f"trainable params {ours['trainable_params']:,} vs {base['trainable_params']:,}"))
+                         note=f"trainable params {ours['default']['trainable_params']:,} vs "
+                              f"{base['trainable_params']:,}"))
+    for name, r in ((names["default"], ours["default"]), (ref, base)):
+        for op in (r.get("profile") or {}).get("top", [])[:5]:
+            rows.append(make_row("train_step", f"top op, {name}: {op['op']} ({op['kind']} {op['shape']})",
+                                 op["ms"], None, "ms", higher_is_better=False,
+                                 note=f"{op['calls']} calls in one traced step"))
     return rows

@@ -91,4 +91,6 @@ def _plan(args) -> int:
 
 
 if __name__ == "__main__":
+    from readme_jax.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()                             # malloc on huge pages (readme_jax/hugepages.py)
     sys.exit(main())
