@@ -1,4 +1,5 @@
-"""glibc's malloc on transparent huge pages for a CLI's process (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
+"""glibc's malloc on transparent huge pages for the training CLIs' processes (``python -m readme_jax.train`` and
+``python -m readme_jax.science``: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
 
 XLA CPU allocates each step's large buffers afresh (a SmolLM2 expert step: ~4 GB of residuals, gradients and
 logit chunks), and glibc serves allocations over its mmap threshold with fresh mappings whose 4 KiB pages

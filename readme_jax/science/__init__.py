@@ -12,6 +12,7 @@ Experiments (each registered in ``EXPERIMENTS`` by one decorator, with its setti
     mc              multiple-choice accuracy with paired tests (built-in task, MMLU-format folders)
     ablate_lr       expert learning rate and domain mixture
     ablate_quality  the down-projection refit, then distillation from the dense parent on top
+    ablate_budget   more expert steps on the parent's schedule
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability
     ablate_refit    closed-form down-projection refit (ridge, tied / fused) at the start of tuning
@@ -25,7 +26,7 @@ from readme_jax.science.dense_baseline import dense_baseline  # noqa: I001
 from readme_jax.science.layerwise import layerwise
 from readme_jax.science.bounds import bounds
 from readme_jax.science.mc import mc
-from readme_jax.science.ablations import ablate_lr, ablate_quality, ablate_split
+from readme_jax.science.ablations import ablate_budget, ablate_lr, ablate_quality, ablate_split
 from readme_jax.science.calib import ablate_calib
 from readme_jax.science.refit import ablate_refit
 from readme_jax.science.pool import ablate_pool

@@ -41,4 +41,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from readme_jax.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()                             # malloc on huge pages, as the train CLI
     sys.exit(main())
