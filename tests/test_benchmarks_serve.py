@@ -75,7 +75,8 @@ def test_breakdown_parts_add_up_to_the_step():
     w.prepare("m", 2, 16, 64)
     w.run("m", 2, [[list(range(100, 120)), 4], [list(range(200, 210)), 4]])
     free = w.engines[("m", 2)].pages.num_free
-    bd = w.breakdown("m", 2, context=24, experts=[1, 3], step_wall_s=0.01, repeats=5)
+    # 25 repeats: medians of ~8 ms pieces that hold while another test process shares the 2 cores (5 were not)
+    bd = w.breakdown("m", 2, context=24, experts=[1, 3], step_wall_s=0.01, repeats=25)
     ms = bd["ms"]
     runner = w.engines[("m", 2)].runner                         # 2 tokens: the first buckets, as the runner pads
     assert (bd["bucket"], bd["seq_bucket"]) == (runner.token_buckets[0], 2)
