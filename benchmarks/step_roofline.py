@@ -12,19 +12,25 @@ Limits measured in the same process: a [1024, 1024] x [1024, 1024] matmul (f32 G
 a 512 MB streaming reduction (GB/s). Rows: the step's achieved GFLOP/s vs the matmul peak (useful FLOPs:
 2 x params x tokens + attention + head) and its weight GB/s vs the stream. XLA CPU's dot paths are tried as
 variants (each in its own process, flag set before jax starts): default, ``--xla_cpu_use_xnnpack=true``,
-``--xla_cpu_use_onednn=true``; a row compares each with the default's step time.
+``--xla_cpu_use_onednn=true``; a row compares each with the default's step time. The same cases at another
+revision (``STEP_ROOFLINE_BASE``, default ``BASE``: the step before projection weights were held out-major),
+from a git worktree in its own process, give a row per case and part: this code vs that revision.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import tempfile
+from pathlib import Path
 
-from benchmarks.common import error_row, make_row, median, run_variant, time_calls
+from benchmarks.common import code_root, error_row, make_row, median, run_variant, time_calls
 
 CASES = {"decode8": (8, 1, 129), "decode32": (32, 1, 129), "prefill256": (1, 256, 256)}   # (seqs, q_len, kv_len)
 FLAG_VARIANTS = {"default": "", "xnnpack": "--xla_cpu_use_xnnpack=true", "onednn": "--xla_cpu_use_onednn=true"}
 PAGE = 16
+BASE = "91a3134"             # the revision the per-case "vs" rows compare against (STEP_ROOFLINE_BASE overrides)
 OVERLAP_TOLERANCE = 0.05     # parts over the step by more than this share: an error row, not a breakdown
 
 
@@ -44,9 +50,12 @@ def _batch(seqs: int, q_len: int, kv_len: int):
                      top_ps=np.ones(seqs, np.float32))
 
 
-def step_case(flags: str, repeats: int) -> dict:
-    """One flag variant, all cases, in this (child) process. Returns times (s) and the static counts."""
+def step_case(flags: str, repeats: int, root: str | None = None) -> dict:
+    """One flag variant, all cases, in this (child) process, with ``readme_jax`` from ``root`` (default this
+    checkout). Returns times (s) and the static counts."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    if root is not None:
+        sys.path.insert(0, root)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,6 +70,8 @@ def step_case(flags: str, repeats: int) -> dict:
     from readme_jax.model.rope import rope_sin_cos
     from readme_jax.sampling import sample_rows
     from readme_jax.serve.paged_runner import PagedRunner
+    if root is not None:
+        assert Path(sys.modules["readme_jax"].__file__).resolve().is_relative_to(Path(root).resolve()), root
 
     cfg = LlamaConfig()
     model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -143,6 +154,15 @@ def run(quick: bool = False) -> list[dict]:
             results[variant] = run_variant("benchmarks.step_roofline:step_case", {"flags": flags, "repeats": repeats})
         except Exception as e:  # noqa: BLE001
             rows.append(error_row("step_roofline", f"variant {variant} ({flags})", e))
+    ref = os.environ.get("STEP_ROOFLINE_BASE", BASE)
+    with tempfile.TemporaryDirectory(prefix="step_roofline_") as tmp:
+        try:
+            with code_root(ref, Path(tmp)) as root:
+                base = run_variant("benchmarks.step_roofline:step_case",
+                                   {"flags": "", "repeats": repeats, "root": str(root)})
+        except Exception as e:  # noqa: BLE001   (git cannot make the worktree, or the variant fails there)
+            base = None
+            rows.append(error_row("step_roofline", f"revision {ref}", getattr(e, "stderr", None) or e))
     if "default" not in results:
         return rows
     r = results["default"]
@@ -168,6 +188,11 @@ def run(quick: bool = False) -> list[dict]:
                              higher_is_better=False, note=f"30 layers, write K/V + paged attention, page size {PAGE}"))
         rows.append(make_row("step_roofline", f"{name} weight GB/s vs stream", wbytes / step / 1e9, bw, "GB/s",
                              higher_is_better=True, goal=None, note=f"{wbytes / 1e6:.0f} MB of weights per step"))
+        if base is not None:
+            for part in ("step", "gemms", "head"):
+                rows.append(make_row("step_roofline", f"{name} {part}, this code vs {ref}",
+                                     t[f"{name} {part}"] * 1e3, base["times"][f"{name} {part}"] * 1e3, "ms",
+                                     higher_is_better=False, note="the same case at that revision, its own process"))
         for variant, rv in results.items():
             if variant != "default":
                 rows.append(make_row("step_roofline", f"{name} step, {variant} vs default XLA dots",

@@ -19,10 +19,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.causal_attention import causal_attention
-from readme_jax.model.layers import attention_mask, gqa_attention, rms_norm, swiglu_hidden
+from readme_jax.model.layers import OutMajor, attention_mask, gqa_attention, rms_norm, swiglu_hidden
 from readme_jax.model.rope import apply_rope, rope_sin_cos
 
 FFNFn = Callable[[dict, jnp.ndarray], tuple[jnp.ndarray, Any]]
+PROJECTIONS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})   # a layer's [D_in, D_out] matmuls
 
 
 @flax.struct.dataclass
@@ -149,9 +150,13 @@ def unstack_layers(layers: dict) -> tuple[dict, ...]:
 
     Decode loops split the weights once, before the loop: a ``lax.scan`` over stacked weights slices (and
     on CPU copies) every layer's weights at every step, which costs as much memory traffic as the weights
-    themselves (measured 1.6x slower decode at B=1 and B=8 on SmolLM2, benchmarks/dense.py)."""
+    themselves (measured 1.6x slower decode at B=1 and B=8 on SmolLM2, benchmarks/dense.py). The 2-D
+    projections (``PROJECTIONS``) come out-major (``layers.OutMajor``: ``x @ w`` unchanged, XLA CPU's dot
+    faster at decode row counts); other entries (norms, biases, experts' [E, ...] weights, tied expert tables
+    that a call gathers) as they are."""
     n = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))
+    wrap = lambda k, v: k in PROJECTIONS and v.ndim == 3 and "channels" not in layers
+    return tuple({k: OutMajor.of(v[i]) if wrap(k, v) else v[i] for k, v in layers.items()} for i in range(n))
 
 
 def run_layers(layers: dict | tuple[dict, ...], x: jnp.ndarray, *, positions: jnp.ndarray,

@@ -19,7 +19,7 @@ from flax import nnx
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers, unstack_layers
 from readme_jax.model.head_loss import head_nll, weighted_nll
-from readme_jax.model.layers import rms_norm
+from readme_jax.model.layers import matmul_out_major, rms_norm
 
 
 def normal_param(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
@@ -81,8 +81,9 @@ class Embedding(nnx.Module):
     def decode(self, x: jnp.ndarray) -> jnp.ndarray:
         """[B, T, D] -> <float32>[B, T, V] logits."""
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return (x @ head.astype(x.dtype)).astype(jnp.float32)
+        if self.lm_head is None:                     # the embedding [V, D] is the head held out-major
+            return matmul_out_major(x, self.embed[...].astype(x.dtype)).astype(jnp.float32)
+        return (x @ self.lm_head[...].astype(x.dtype)).astype(jnp.float32)
 
     def head_input(self, x: jnp.ndarray) -> jnp.ndarray:
         """[..., D] decoder output -> the final-normed [..., D] the LM head reads."""

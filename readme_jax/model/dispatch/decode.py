@@ -8,7 +8,7 @@ weights (as many bytes as the matmuls read), which at N = 1 made a Read-ME decod
 one. Expert ids outside [0, E) (-1: an inactive slot) match no expert: their rows stay 0.
 
 Weights: one layer's w_gate/w_up [E, D, Fe], w_down [E, Fe, D], or the same already split per expert
-(sequences of E arrays [D, Fe] / [Fe, D], ``Decode.prepare_layer``). Inside a decode loop prefer the split
+(sequences of E out-major weights of logical shape [D, Fe] / [Fe, D], ``split_experts``). Inside a decode loop prefer the split
 form, made once before the loop: a static ``w[e]`` of a stacked array taken inside the loop is a copy too
 (only when its branch runs).
 
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan
+from readme_jax.model.layers import OutMajor
 from readme_jax.model.varying import vary_like
 from readme_jax.registry import SELF
 
@@ -47,7 +48,7 @@ class DecodePlan(Plan):
 
 
 def num_experts_of(w: jnp.ndarray | Sequence[jnp.ndarray]) -> int:
-    """E of one layer's expert weight: [E, ...] or a sequence of E arrays."""
+    """E of one layer's expert weight: [E, ...] or a sequence of E (out-major) weights."""
     return len(w) if isinstance(w, (tuple, list)) else w.shape[0]
 
 
@@ -70,13 +71,11 @@ class Decode(Dispatcher):
         return h
 
     def expert_ffn(self, plan: DecodePlan, x: jnp.ndarray, w_gate, w_up, w_down) -> jnp.ndarray:
-        """x [N, D] -> [N, D]; w_gate/w_up [E, D, Fe] (or E arrays [D, Fe]), w_down [E, Fe, D] (or E [Fe, D])."""
+        """x [N, D] -> [N, D]; w_gate/w_up [E, D, Fe] (or E out-major [D, Fe]), w_down [E, Fe, D] (or E [Fe, D])."""
         dt = x.dtype
         # the varying cast outside the branches (under shard_map its transpose is a psum over the devices,
         # which must not sit in a branch only some devices take); the dtype cast inside (used experts only)
-        vary = lambda w: vary_like(w, x)
-        w_gate, w_up, w_down = ((tuple(map(vary, w)) if isinstance(w, (tuple, list)) else vary(w))
-                                for w in (w_gate, w_up, w_down))
+        w_gate, w_up, w_down = (jax.tree.map(lambda a: vary_like(a, x), w) for w in (w_gate, w_up, w_down))
         out = jnp.zeros_like(x)
         with jax.named_scope("expert_ffn"):
             for e in range(plan.num_experts):
@@ -95,6 +94,12 @@ class Decode(Dispatcher):
         return y
 
     def prepare_layer(self, layer: dict) -> dict:
-        """One layer's params with w_gate/w_up/w_down [E, ...] split into tuples of E arrays (once, before a
-        decode loop, e.g. over ``decoder.unstack_layers``); other entries as they are."""
-        return {k: tuple(v[e] for e in range(v.shape[0])) if k in EXPERT_KEYS else v for k, v in layer.items()}
+        return split_experts(layer)
+
+
+def split_experts(layer: dict) -> dict:
+    """One layer's params with w_gate/w_up/w_down [E, ...] split into tuples of E out-major weights
+    (``layers.OutMajor``: static per-expert weights, XLA CPU's faster dot form; once, before a decode loop,
+    e.g. over ``decoder.unstack_layers``); other entries as they are."""
+    return {k: tuple(OutMajor.of(v[e]) for e in range(v.shape[0])) if k in EXPERT_KEYS else v
+            for k, v in layer.items()}

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan, gather_rows
-from readme_jax.model.dispatch.decode import EXPERT_KEYS
+from readme_jax.model.dispatch.decode import split_experts
 from readme_jax.model.dispatch.ragged import Ragged
 from readme_jax.model.varying import vary_like
 from readme_jax.registry import SELF
@@ -71,12 +71,10 @@ class Grouped(Dispatcher):
             return gather_rows(h, plan.sort_idx, plan.unsort_idx)
 
     def expert_ffn(self, plan: GroupedPlan, x: jnp.ndarray, w_gate, w_up, w_down) -> jnp.ndarray:
-        """x [N, D] sorted -> [N, D]; w_gate/w_up [E, D, Fe] (or E arrays [D, Fe]), w_down [E, Fe, D] (or E)."""
+        """x [N, D] sorted -> [N, D]; w_gate/w_up [E, D, Fe] (or E out-major [D, Fe]), w_down [E, Fe, D] (or E)."""
         N, D = x.shape
         dt = x.dtype
-        vary = lambda w: vary_like(w, x)
-        w_gate, w_up, w_down = ((tuple(map(vary, w)) if isinstance(w, (tuple, list)) else vary(w))
-                                for w in (w_gate, w_up, w_down))
+        w_gate, w_up, w_down = (jax.tree.map(lambda a: vary_like(a, x), w) for w in (w_gate, w_up, w_down))
         sizes = window_sizes(N)
         buf = jnp.concatenate([x, jnp.zeros_like(x)])                     # windows never run past the end
         out = jnp.zeros_like(buf)
@@ -103,6 +101,4 @@ class Grouped(Dispatcher):
             return gather_rows(y, plan.unsort_idx, plan.sort_idx)
 
     def prepare_layer(self, layer: dict) -> dict:
-        """One layer's params with w_gate/w_up/w_down [E, ...] split into tuples of E arrays (static per-expert
-        weights: no copy per step)."""
-        return {k: tuple(v[e] for e in range(v.shape[0])) if k in EXPERT_KEYS else v for k, v in layer.items()}
+        return split_experts(layer)
