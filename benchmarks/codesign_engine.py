@@ -70,7 +70,7 @@ def run(quick: bool = False, *, export: str | Path = DEFAULT_EXPORT, corpus: str
         slots, budget, n_out = 32, 8, (16 if quick else 48)
         prompts = requests(export, None if corpus is None else Path(corpus), slots, 8)
         engines = {name: Engine(model, None, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=budget,
-                                                          max_model_len=8 + n_out + 8, min_prefill_bucket=8,
+                                                          max_model_len=8 + n_out + 8, min_token_bucket=8,
                                                           max_queue=slots, scheduler=name,
                                                           scheduler_options=tuple(SCHEDULERS.own_options(name, {"max_wait": 8}).items())))
                    for name in ("decode-first", "expert-aware")}

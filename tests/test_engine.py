@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow(reason="warms up serving engines (compiles every t
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=256)
 ENGINE_CFG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, max_queue=64,
-                          min_prefill_bucket=16)
+                          min_token_bucket=16)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_readme_engine_routes_ahead_and_matches_generate():
 
     model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
                          overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6})
-    cfg = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64, min_prefill_bucket=16,
+    cfg = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=64, min_token_bucket=16,
                        scheduler="expert-aware", scheduler_options=(("max_wait", 1),))
     eng = Engine(model, None, cfg)
     eng.start()

@@ -45,7 +45,7 @@ def serve(model, slots: int, mesh=None):
     one step (a sequence bucket of 4: one padding row); 2 slots: the third request waits for a freed slot.
     Returns the tokens, the runner and the step log."""
     eng = Engine(model, None, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=16, max_model_len=16,
-                                           min_prefill_bucket=16, page_size=8, mesh=mesh))
+                                           min_token_bucket=16, page_size=8, mesh=mesh))
     eng.start(warmup=False)                             # compile only the buckets these requests use
     rng = np.random.default_rng(0)
     streams = []

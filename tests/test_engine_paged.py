@@ -40,7 +40,7 @@ CASES = [  # model, engine settings, shared prefix (2 full pages), tail, max_tok
                  dataclasses.replace(ENGINE_CFG, kv_cache_memory="12pages"), 32, 8, 40, id="dense"),
     pytest.param(lambda: random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3,
                                       overrides={"router.embed": 0.6, "router.embed_proj": 0.6, "router.head": 0.6}),
-                 EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, min_prefill_bucket=8,
+                 EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, min_token_bucket=8,
                               page_size=8, kv_cache_memory="12pages", scheduler="expert-aware"), 16, 4, 20,
                  id="readme"),
 ]
@@ -69,7 +69,7 @@ def test_preemption_takes_the_highest_priority_value():
     """Two sequences that arrive in one step outgrow the pool: the earlier one, of priority 1, is preempted
     (FCFS alone would preempt the later one, of priority 0); both still give ``generate``'s tokens."""
     model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
-    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=48, min_prefill_bucket=8,
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=48, min_token_bucket=8,
                        page_size=8, kv_cache_memory="8pages")
     prompts = [list(range(1, 9)), list(range(9, 17))]
     ref = [generate_ids(model, [p], 40)[0] for p in prompts]

@@ -67,7 +67,7 @@ class Engine(PagedScheduling):
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=config.max_model_len, expert_slots=config.expert_slots,
-                                  mesh=config.mesh, min_token_bucket=config.min_prefill_bucket,
+                                  mesh=config.mesh, min_token_bucket=config.min_token_bucket,
                                   dispatcher=config.dispatcher)
         self.pages = KVPages(num_pages, config.page_size, prefix_caching=config.prefix_caching)
         self.lookahead = 1 if is_routed(model) else 0   # Read-ME: the router's entry of the sampled token

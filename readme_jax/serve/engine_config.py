@@ -41,7 +41,9 @@ class EngineConfig:
     scheduler: a name of ``serve.schedulers.make_scheduler`` with its options; page_size: tokens per KV page;
     kv_cache_memory: the KV pools' size (``parse_kv_memory``: bytes or pages; None: every sequence at
     max_model_len, so nothing is ever preempted); prefix_caching: automatic prefix caching (vLLM's default);
-    min_prefill_bucket: the smallest token bucket a step is padded to."""
+    min_token_bucket: the smallest token bucket a step is padded to (8, not 16: an 8-slot decode step runs 8
+    rows; its full decode steps 1.21x faster on SmolLM2 f32, 4 more programs to compile per sequence bucket
+    up to 8)."""
 
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 256
@@ -50,7 +52,7 @@ class EngineConfig:
     default_max_tokens: int = 16
     scheduler: str = "decode-first"
     scheduler_options: tuple[tuple[str, object], ...] = ()
-    min_prefill_bucket: int = 16
+    min_token_bucket: int = 8
     page_size: int = 16
     kv_cache_memory: int | str | None = None
     prefix_caching: bool = True
@@ -63,7 +65,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue",
-                     "default_max_tokens", "min_prefill_bucket", "page_size"):
+                     "default_max_tokens", "min_token_bucket", "page_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name}: expected an integer >= 1, got {v!r}")
