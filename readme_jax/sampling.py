@@ -170,11 +170,22 @@ def _keep_from(scaled: jnp.ndarray, floor: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
 
 
+def greedy_tokens(logits: jnp.ndarray) -> jnp.ndarray:
+    """<f32>[R, V] -> <int32>[R], the first index of each row's largest logit (``jnp.argmax``'s answer on
+    rows without NaN). Two single-operand reductions (the max, then the least index holding it): XLA CPU runs
+    argmax as one variadic (value, index) reduction, 3.5x slower over a [32, 49152] head (3.5 vs 1.0 ms). A
+    row with a NaN gives its last index."""
+    V = logits.shape[-1]
+    hit = logits == jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1), V), axis=-1),
+                       V - 1)
+
+
 def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
     """One setting for the whole batch. logits <f32>[B, V], rng a key, temperature / top_p scalars
     -> <int32>[B]. Each mode (greedy / categorical / nucleus) runs behind one ``lax.switch``."""
     def greedy(scaled):
-        return jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+        return greedy_tokens(scaled)
 
     def categorical(scaled):
         return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
@@ -241,7 +252,7 @@ def sample_rows(logits: jnp.ndarray, seeds: jnp.ndarray, positions: jnp.ndarray,
     floor = on_rows(sampling & (top_p < 1), lambda rows: _nucleus_floor(scaled[rows], top_p[rows]),
                     jnp.full(scaled.shape[:1], -jnp.inf))
     scaled = _keep_from(scaled, floor)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     sampled = jax.lax.cond(jnp.any(sampling),       # an all-greedy batch draws nothing
                            lambda: jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32),
                            lambda: greedy)

@@ -8,7 +8,7 @@ import pytest
 
 from readme_jax.model.decoder import PROJECTIONS, unstack_layers
 from readme_jax.model.dispatch.decode import split_experts
-from readme_jax.model.layers import OUT_MAJOR_MAX_OUTPUT, OutMajor, matmul_out_major
+from readme_jax.model.layers import OUT_MAJOR_MAX_OUTPUT, OutMajor, matmul_out_major, swiglu, swiglu_hidden
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 33, 300])
@@ -64,3 +64,15 @@ def test_split_experts_gives_one_out_major_weight_per_expert():
     for e, w in enumerate(split["w_gate"]):
         assert isinstance(w, OutMajor)
         chex.assert_trees_all_equal(w.t, layer["w_gate"][e].T)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_swiglu_out_major_equals_the_in_major_ffn(rows):
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.standard_normal((16, 24)), jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.standard_normal((24, 16)), jnp.float32)
+    want = swiglu_hidden(x, wg, wu) @ wd
+    chex.assert_trees_all_close(swiglu(x, wg, wu, wd), want, rtol=1e-5, atol=1e-5)
+    got = jax.jit(swiglu)(x, *map(OutMajor.of, (wg, wu, wd)))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

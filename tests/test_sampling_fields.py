@@ -2,12 +2,13 @@
 definition (vLLM / OpenAI), on fixed logits with a different setting per row."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from readme_jax.errors import SamplingError
 from readme_jax.sampling import (SamplingParams, apply_logit_bias, apply_min_p, apply_penalties, apply_top_k,
-                                 sample_rows, token_counts, token_logprobs)
+                                 greedy_tokens, sample_rows, token_counts, token_logprobs)
 
 RNG = np.random.default_rng(0)
 B, V = 4, 11
@@ -151,3 +152,15 @@ def test_sample_rows_draws_inside_top_k_and_min_p():
     assert seen[1] == set(np.flatnonzero(np.isfinite(np_min_p(LOGITS[0] / 0.7, 0.2))))
     assert seen[2] == {int(LOGITS[0].argmax())}
     assert len(seen[3]) > max(len(seen[0]), len(seen[1]))
+
+
+def test_greedy_tokens_is_argmax_with_ties_and_masked_rows():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    logits[1, [4, 9, 30]] = 10.0                                   # a tie: the first index wins, as argmax
+    logits[2] = -np.inf                                            # everything masked: index 0, as argmax
+    logits[3, :] = 0.5                                             # a flat row
+    logits[4, 49] = 99.0                                           # the last index
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, logits.argmax(-1))
+    assert got.dtype == np.int32

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.causal_attention import causal_attention
-from readme_jax.model.layers import OutMajor, attention_mask, gqa_attention, rms_norm, swiglu_hidden
+from readme_jax.model.layers import OutMajor, attention_mask, gqa_attention, rms_norm, swiglu, swiglu_hidden
 from readme_jax.model.rope import apply_rope, rope_sin_cos
 
 FFNFn = Callable[[dict, jnp.ndarray], tuple[jnp.ndarray, Any]]
@@ -88,8 +88,10 @@ def dense_ffn_with_aux(aux_fn: Callable[[dict, jnp.ndarray], Any]) -> FFNFn:
 
 
 def dense_ffn(p: dict, h: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-    """The dense SwiGLU FFN: h [B, T, D] -> ([B, T, D], None); w_gate/w_up [D, F], w_down [F, D]."""
-    return dense_ffn_with_aux(lambda p, act: None)(p, h)
+    """The dense SwiGLU FFN: h [B, T, D] -> ([B, T, D], None); w_gate/w_up [D, F], w_down [F, D] (or
+    out-major, ``layers.swiglu``)."""
+    dt = h.dtype
+    return swiglu(h, *(p[k].astype(dt) for k in ("w_gate", "w_up", "w_down"))), None
 
 
 def positions_from_mask(attention_mask_: jnp.ndarray, start: jnp.ndarray | None = None) -> jnp.ndarray:

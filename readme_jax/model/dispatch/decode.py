@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan
-from readme_jax.model.layers import OutMajor
+from readme_jax.model.layers import OutMajor, swiglu
 from readme_jax.model.varying import vary_like
 from readme_jax.registry import SELF
 
@@ -83,7 +83,7 @@ class Decode(Dispatcher):
 
                 def run(o, e=e, rows=rows):
                     g, u, d = (w[e].astype(dt) for w in (w_gate, w_up, w_down))
-                    y = (jax.nn.silu(x @ g) * (x @ u)) @ d
+                    y = swiglu(x, g, u, d)
                     return jnp.where(rows[:, None], y, o)
 
                 out = jax.lax.cond(plan.group_sizes[e] > 0, run, lambda o: o, out)

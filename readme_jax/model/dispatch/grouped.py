@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan, gather_rows
 from readme_jax.model.dispatch.decode import split_experts
+from readme_jax.model.layers import swiglu
 from readme_jax.model.dispatch.ragged import Ragged
 from readme_jax.model.varying import vary_like
 from readme_jax.registry import SELF
@@ -85,7 +86,7 @@ class Grouped(Dispatcher):
                 def run(o, C, e=e, g=g, start=start):
                     wg, wu, wd = (w[e].astype(dt) for w in (w_gate, w_up, w_down))
                     xw = jax.lax.dynamic_slice_in_dim(buf, start, C, axis=0)
-                    y = (jax.nn.silu(xw @ wg) * (xw @ wu)) @ wd
+                    y = swiglu(xw, wg, wu, wd)
                     cur = jax.lax.dynamic_slice_in_dim(o, start, C, axis=0)
                     keep = (jnp.arange(C) < g)[:, None]
                     return jax.lax.dynamic_update_slice_in_dim(o, jnp.where(keep, y, cur), start, axis=0)
