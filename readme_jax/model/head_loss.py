@@ -53,6 +53,15 @@ def head_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, *, vocab_majo
     return _run(x, w, targets, None, None, vocab_major, chunk, 1.0, head_grad)[0]
 
 
+def _padded_to_chunks(chunk: int, *arrays):
+    """(c, arrays): the chunk size c = min(chunk, N) (>= 1) for arrays [N, ...] and each padded with zero rows to a
+    multiple of c (None passes through)."""
+    n = arrays[0].shape[0]
+    c = max(1, min(chunk, n))
+    pad = lambda a: None if a is None else jnp.pad(a, ((0, -n % c),) + ((0, 0),) * (a.ndim - 1))
+    return c, tuple(pad(a) for a in arrays)
+
+
 def weighted_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, vocab_major: bool,
                  chunk: int = DEFAULT_CHUNK, head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(sum_n weights_n NLL_n <float32>[], NLL <float32>[N]) with the sum's gradient computed in the forward.
@@ -60,12 +69,7 @@ def weighted_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, weights: 
     x, w, targets, ``head_grad`` as in :func:`head_nll`; weights <float>[N] get no gradient (a loss mask over
     a count), and neither does the returned per-token NLL (a metric: differentiate the sum)."""
     n = x.shape[0]
-    c = max(1, min(chunk, n))
-    pad = -n % c
-    if pad:
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
-        weights = jnp.pad(weights, (0, pad))
+    c, (x, targets, weights) = _padded_to_chunks(chunk, x, targets, weights)
     total, nll = _fused(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32),
                         jax.lax.stop_gradient(weights.astype(jnp.float32)), (vocab_major, c, head_grad))
     return total, jax.lax.stop_gradient(nll[:n])
@@ -133,12 +137,7 @@ def head_kd(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, x_teacher: jnp
 
 def _run(x, w, targets, xt, wt, vocab_major, chunk, tau, head_grad):
     n = x.shape[0]
-    c = max(1, min(chunk, n))
-    pad = -n % c
-    if pad:
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
-        xt = None if xt is None else jnp.pad(xt, ((0, pad), (0, 0)))
+    c, (x, targets, xt) = _padded_to_chunks(chunk, x, targets, xt)
     kd = xt is not None
     teacher = (jax.lax.stop_gradient(xt.astype(x.dtype)),
                jax.lax.stop_gradient(vary_like(wt.astype(x.dtype), x))) if kd else (x[:0], w[:0])
