@@ -97,3 +97,43 @@ def test_phase_done_reads_the_latest_meta_and_creates_nothing(tmp_path):
     assert not phase_done(tmp_path / "expert_0")
     ck.save(4, params, params, {"done": True})
     assert phase_done(tmp_path / "expert_0")
+
+
+@pytest.mark.slow(reason="compiles a distillation expert step of the tiny Read-ME")
+def test_distillation_expert_step_loss_is_the_mix_of_ce_and_kl_of_the_full_logits():
+    """train.expert_loss=mix: the step's loss (its gradient computed in the head loss's forward) equals
+    (1 - w) CE + w T^2 KL(parent || student) from the two models' full logits, and the backbone moves."""
+    from readme_jax.extract.experts import readme_from_dense
+    from readme_jax.model.router import RouterConfig
+    from readme_jax.train import steps
+    from readme_jax.train.optim import make_optimizer
+
+    dense = tiny_dense()
+    rcfg = RouterConfig(vocab_size=64, num_experts=3, dim=16, n_heads=2, mlp_dim=32, embed_rank=8)
+    model = readme_from_dense(dense, random_masks(3, 2, 40, 0.5, seed=4), rcfg, rngs=nnx.Rngs(0))
+    dense = tiny_dense(seed=1)                     # a teacher far from the student: a KL well above rounding
+    ids = jnp.asarray(np.random.default_rng(6).integers(0, 64, size=(2, 16)), jnp.int32)
+    mask = jnp.ones(ids.shape, jnp.float32).at[1, 10:].set(0.0)
+    targets = jnp.roll(ids, -1, 1)
+    w, tau = 0.4, 2.0
+    logq = jax.nn.log_softmax(model(ids) / tau)              # the step routes with the same frozen router
+    logp = jax.nn.log_softmax(dense(ids) / tau)
+    kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1) * tau * tau
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(model(ids)), targets[..., None], -1)[..., 0]
+    mean = lambda v: float(jnp.sum(v * mask) / jnp.sum(mask))
+    gd, tr, frozen = steps.split_for(model, "expert")
+    frozen = steps.ExpertStep.frozen_with_teacher(frozen, dense)
+    tx = make_optimizer(1.0, 4)
+    step = steps.ExpertStep(gd, tx, steps.StepShardings.of(tr, frozen, tx, make_mesh()), num_experts=3,
+                            loss=steps.ExpertLoss("mix", w, tau), teacher=nnx.split(dense))
+    batch = {"input_ids": ids, "targets": targets, "loss_mask": mask}
+    batch = {k: steps.microbatches(v, 1) for k, v in batch.items()}
+    before = np.asarray(tr["experts"]["w_up"][...]) if "w_up" in tr["experts"] else None
+    new_tr, _, m = step(tr, tx.init(tr), frozen, batch, jnp.float32(1e-2))
+    host = steps.check_finite(m, phase="expert_0", step=1)
+    np.testing.assert_allclose(host["nll"], mean(ce), rtol=1e-4)
+    np.testing.assert_allclose(host["kl"], mean(kl), rtol=1e-4)
+    np.testing.assert_allclose(host["loss"], (1 - w) * mean(ce) + w * mean(kl), rtol=1e-4)
+    assert host["grad_norm"] > 0 and host["kl"] > 1e-3
+    if before is not None:
+        assert not np.array_equal(before, np.asarray(new_tr["experts"]["w_up"][...]))

@@ -7,18 +7,19 @@ logits at a time (``softmax - onehot`` -> dx, and dW accumulated over chunks). A
 gradient, plus a scatter for ``take_along_axis``: with SmolLM2's 49k vocabulary that was ~6 s of a 20 s
 expert-tuning step on 2 CPU cores and ~1.6 GB of live buffers at 2048 tokens.
 
-Distillation (``head_kd``): the same chunked pass also gives each token's forward KL from a teacher's
-next-token distribution, ``T^2 KL(softmax(z_t / T) || softmax(z / T))``, the teacher's logits z_t = x_t @ w_t
-recomputed per chunk from its final hidden states x_t [N, D] (never [N, V]); its backward adds
-``g_kl T (softmax(z / T) - softmax(z_t / T))`` to dNLL/dlogits. ``head_grad=False`` skips the head weight
-gradient (a frozen embedding): one of the backward's three [C, D] x [D, V] matmuls per chunk.
+``head_grad=False`` skips the head weight gradient (a frozen embedding): one of the backward's three
+[C, D] x [D, V] matmuls per chunk.
 
-Training's LM loss (``weighted_nll``) is linear in the per-token NLL with weights known before the forward
-(``loss_mask / count``), so its gradient is computed *in the forward*, each chunk's logits once: dlogits =
-(softmax - onehot) * weight gives dx [C, D] and the dW contribution right away; the residuals are dx [N, D]
-and dW, and the backward only scales them by the incoming cotangent. That drops the logits' recomputation
-and a second softmax pass (3 instead of 4 [C, D] x [D, V] matmuls per chunk; measured on the SmolLM2 expert
-step, 2 cores: ~0.7 s of a 12.5 s step).
+Training's losses are linear in per-token terms with weights known before the forward (``loss_mask /
+count``), so their gradient is computed *in the forward*, each chunk's logits once (``weighted_loss``):
+  LM    sum_n a_n NLL_n: dlogits = a_n (softmax(z) - onehot);
+  KD    + sum_n b_n T^2 KL(softmax(z_t / T) || softmax(z / T)), the teacher's logits z_t = x_t @ w_t computed
+        per chunk from its final hidden states x_t [N, D] (never [N, V]): dlogits += b_n T (softmax(z / T) -
+        softmax(z_t / T)).
+dlogits give dx [C, D] and the dW contribution right away; the residuals are dx [N, D] and dW, and the
+backward only scales them by the incoming cotangent. That drops the logits' recomputation and a second
+softmax pass: LM 3 instead of 4 [C, D] x [D, V] matmuls per chunk (measured on the SmolLM2 expert step, 2
+cores: ~0.7 s of a 12.5 s step), KD 4 instead of 6 (the teacher's logits are not recomputed either).
 
 Dimension names: N tokens, D model, V vocab, C chunk (tokens per chunk).
 """
@@ -50,64 +51,87 @@ def head_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, *, vocab_majo
     Logits and the softmax are float32 whatever x's dtype. N need not divide by ``chunk`` (the tail chunk
     is zero-padded; its rows get no gradient). ``head_grad=False``: w gets a zero gradient (not computed).
     """
-    return _run(x, w, targets, None, None, vocab_major, chunk, 1.0, head_grad)[0]
+    return _run(x, w, targets, vocab_major, chunk, head_grad)
 
 
 def _padded_to_chunks(chunk: int, *arrays):
     """(c, arrays): the chunk size c = min(chunk, N) (>= 1) for arrays [N, ...] and each padded with zero rows to a
-    multiple of c (None passes through)."""
+    multiple of c."""
     n = arrays[0].shape[0]
     c = max(1, min(chunk, n))
-    pad = lambda a: None if a is None else jnp.pad(a, ((0, -n % c),) + ((0, 0),) * (a.ndim - 1))
+    pad = lambda a: jnp.pad(a, ((0, -n % c),) + ((0, 0),) * (a.ndim - 1))
     return c, tuple(pad(a) for a in arrays)
 
 
-def weighted_nll(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *, vocab_major: bool,
-                 chunk: int = DEFAULT_CHUNK, head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sum_n weights_n NLL_n <float32>[], NLL <float32>[N]) with the sum's gradient computed in the forward.
+def weighted_loss(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, nll_weights: jnp.ndarray, *,
+                  vocab_major: bool, teacher: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+                  kl_weights: jnp.ndarray | None = None, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                  head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(sum_n a_n NLL_n + b_n T^2 KL_n <float32>[], NLL <float32>[N], T^2 KL <float32>[N]) with the sum's
+    gradient computed in the forward (module doc); a = ``nll_weights``, b = ``kl_weights`` <float>[N].
 
-    x, w, targets, ``head_grad`` as in :func:`head_nll`; weights <float>[N] get no gradient (a loss mask over
-    a count), and neither does the returned per-token NLL (a metric: differentiate the sum)."""
+    x, w, targets, ``head_grad`` as in :func:`head_nll`; ``teacher`` = (x_t [N, D] the teacher's final-normed
+    hidden states, w_t its head in w's layout), neither differentiated; without it KL is 0 and b unused. The
+    weights get no gradient (a loss mask over a count), nor do the returned per-token terms (metrics:
+    differentiate the sum)."""
     n = x.shape[0]
-    c, (x, targets, weights) = _padded_to_chunks(chunk, x, targets, weights)
-    total, nll = _fused(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32),
-                        jax.lax.stop_gradient(weights.astype(jnp.float32)), (vocab_major, c, head_grad))
-    return total, jax.lax.stop_gradient(nll[:n])
+    kd = teacher is not None
+    if kd and kl_weights is None:
+        raise ValueError("weighted_loss: a teacher needs kl_weights")
+    xt, wt = teacher if kd else (x[:, :0], w)
+    b = kl_weights if kd else jnp.zeros((n,), jnp.float32)
+    c, (x, targets, a, xt, b) = _padded_to_chunks(chunk, x, targets, nll_weights, xt, b)
+    stop = lambda v: jax.lax.stop_gradient(v.astype(jnp.float32))
+    teach = (jax.lax.stop_gradient(xt.astype(x.dtype)), jax.lax.stop_gradient(vary_like(wt.astype(x.dtype), x)))
+    total, nll, kl = _fused(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32), stop(a), stop(b),
+                            teach, (vocab_major, c, head_grad, kd, float(temperature)))
+    return total, jax.lax.stop_gradient(nll[:n]), jax.lax.stop_gradient(kl[:n])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(x, w, targets, weights, opts):
-    return _fused_fwd(x, w, targets, weights, opts)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(x, w, targets, a, b, teacher, opts):
+    return _fused_fwd(x, w, targets, a, b, teacher, opts)[0]
 
 
-def _fused_fwd(x, w, targets, weights, opts):
-    vocab_major, c, head_grad = opts
+def _fused_fwd(x, w, targets, a, b, teacher, opts):
+    vocab_major, c, head_grad, kd, tau = opts
     V = w.shape[0] if vocab_major else w.shape[1]
+    wt = teacher[1]
 
     def body(dw, args):
-        xc, tc, wc = args
+        xc, tc, ac, bc, xtc = args
         z = _logits(xc, w, vocab_major)                                                  # [C, V]
         m = jnp.max(z, axis=-1, keepdims=True)
         e = jnp.exp(z - m)
         s = jnp.sum(e, axis=-1, keepdims=True)
         nll = (m + jnp.log(s))[:, 0] - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
         hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tc[:, None]
-        d = ((e * (1.0 / s) - hit) * wc[:, None]).astype(x.dtype)                       # dsum/dlogits
-        dx, dw = _head_grads(d, xc, w, dw, vocab_major, head_grad)
-        return dw, (nll, dx)
+        d = (e * (1.0 / s) - hit) * ac[:, None]                                          # dsum/dlogits
+        kl = jnp.zeros_like(nll)
+        if kd:
+            logq = z / tau - _lse(z / tau)[:, None] if tau != 1.0 else z - (m + jnp.log(s))
+            zt = _logits(xtc, wt, vocab_major) / tau
+            logp = zt - _lse(zt)[:, None]
+            p = jnp.exp(logp)
+            kl = jnp.sum(p * (logp - logq), axis=-1) * (tau * tau)
+            d = d + (jnp.exp(logq) - p) * (bc * tau)[:, None]
+        dx, dw = _head_grads(d.astype(x.dtype), xc, w, dw, vocab_major, head_grad)
+        return dw, (nll, kl, dx)
 
     dw0 = zeros_like_varying(w, jnp.float32) if head_grad else jnp.zeros((), jnp.float32)
     with jax.named_scope("head_loss_fused"):
-        dw, (nll, dx) = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(weights, c)))
+        dw, (nll, kl, dx) = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(a, c),
+                                                     _chunks(b, c), _chunks(teacher[0], c)))
     dw = dw.astype(w.dtype) if head_grad else zeros_like_varying(w)
-    nll = nll.reshape(-1)
-    return (jnp.sum(nll * weights), nll), (dx.reshape(x.shape), dw, weights)
+    nll, kl = nll.reshape(-1), kl.reshape(-1)
+    return (jnp.sum(nll * a) + jnp.sum(kl * b), nll, kl), (dx.reshape(x.shape), dw, a, b, teacher)
 
 
 def _fused_bwd(opts, res, g):
-    dx, dw, weights = res
+    dx, dw, a, b, teacher = res
     g_total = g[0]
-    return (g_total * dx).astype(dx.dtype), (g_total * dw).astype(dw.dtype), None, jnp.zeros_like(weights)
+    return ((g_total * dx).astype(dx.dtype), (g_total * dw).astype(dw.dtype), None, jnp.zeros_like(a),
+            jnp.zeros_like(b), jax.tree.map(jnp.zeros_like, teacher))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -125,25 +149,10 @@ def _head_grads(d, xc, w, dw, vocab_major, head_grad):
     return dx.astype(d.dtype), dw
 
 
-def head_kd(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, x_teacher: jnp.ndarray, w_teacher: jnp.ndarray,
-            *, vocab_major: bool, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
-            head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(NLL <float32>[N], T^2 KL(teacher || student) at temperature T <float32>[N]) per token.
-
-    x, w, targets as in :func:`head_nll`; x_teacher [N, D] the teacher's final-normed hidden states and
-    w_teacher its head (same layout, ``vocab_major``); neither gets a gradient."""
-    return _run(x, w, targets, x_teacher, w_teacher, vocab_major, chunk, float(temperature), head_grad)
-
-
-def _run(x, w, targets, xt, wt, vocab_major, chunk, tau, head_grad):
+def _run(x, w, targets, vocab_major, chunk, head_grad):
     n = x.shape[0]
-    c, (x, targets, xt) = _padded_to_chunks(chunk, x, targets, xt)
-    kd = xt is not None
-    teacher = (jax.lax.stop_gradient(xt.astype(x.dtype)),
-               jax.lax.stop_gradient(vary_like(wt.astype(x.dtype), x))) if kd else (x[:0], w[:0])
-    nll, kl = _head(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32), teacher,
-                    (vocab_major, c, tau, kd, head_grad))
-    return nll[:n], kl[:n]
+    c, (x, targets) = _padded_to_chunks(chunk, x, targets)
+    return _head(x, vary_like(w.astype(x.dtype), x), targets.astype(jnp.int32), (vocab_major, c, head_grad))[:n]
 
 
 def _dims(vocab_major: bool):
@@ -164,63 +173,43 @@ def _chunks(a, c):
     return a.reshape((a.shape[0] // c, c) + a.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head(x, w, targets, teacher, opts):
-    return _head_fwd(x, w, targets, teacher, opts)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head(x, w, targets, opts):
+    return _head_fwd(x, w, targets, opts)[0]
 
 
-def _head_fwd(x, w, targets, teacher, opts):
-    vocab_major, c, tau, kd, _ = opts
-    xt, wt = teacher
+def _head_fwd(x, w, targets, opts):
+    vocab_major, c, _ = opts
 
     def one(args):
-        xc, tc, xtc = args
+        xc, tc = args
         z = _logits(xc, w, vocab_major)
         lse = _lse(z)
-        nll = lse - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
-        if not kd:
-            return nll, jnp.zeros_like(nll), lse, lse, lse
-        lse_s = lse if tau == 1.0 else _lse(z / tau)
-        zt = _logits(xtc, wt, vocab_major) / tau
-        lse_t = _lse(zt)
-        logp_t = zt - lse_t[:, None]
-        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - (z / tau - lse_s[:, None])), axis=-1) * (tau * tau)
-        return nll, kl, lse, lse_s, lse_t
+        return lse - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0], lse
 
-    xts = _chunks(xt, c) if kd else jnp.zeros((x.shape[0] // c, 0), x.dtype)
     with jax.named_scope("head_loss"):
-        nll, kl, lse, lse_s, lse_t = jax.lax.map(one, (_chunks(x, c), _chunks(targets, c), xts))
-    flat = lambda a: a.reshape(-1)
-    return (flat(nll), flat(kl)), (x, w, targets, teacher, flat(lse), flat(lse_s), flat(lse_t))
+        nll, lse = jax.lax.map(one, (_chunks(x, c), _chunks(targets, c)))
+    return nll.reshape(-1), (x, w, targets, lse.reshape(-1))
 
 
 def _head_bwd(opts, res, g):
-    vocab_major, c, tau, kd, head_grad = opts
-    x, w, targets, teacher, lse, lse_s, lse_t = res
-    xt, wt = teacher
-    g_nll, g_kl = g
+    vocab_major, c, head_grad = opts
+    x, w, targets, lse = res
     V = w.shape[0] if vocab_major else w.shape[1]
 
     def body(dw, args):
-        xc, tc, lc, gc, xtc, lsc, ltc, gkc = args
+        xc, tc, lc, gc = args
         z = _logits(xc, w, vocab_major)
         hit = jnp.arange(V, dtype=jnp.int32)[None, :] == tc[:, None]
         d = (jnp.exp(z - lc[:, None]) - hit) * gc[:, None]                               # dNLL/dlogits [C, V]
-        if kd:
-            q = jnp.exp(z / tau - lsc[:, None])
-            p = jnp.exp(_logits(xtc, wt, vocab_major) / tau - ltc[:, None])
-            d = d + (q - p) * (gkc * tau)[:, None]
         dx, dw = _head_grads(d.astype(x.dtype), xc, w, dw, vocab_major, head_grad)
         return dw, dx
 
-    n = x.shape[0] // c
-    xts = _chunks(xt, c) if kd else jnp.zeros((n, 0), x.dtype)
     dw0 = zeros_like_varying(w, jnp.float32) if head_grad else jnp.zeros((), jnp.float32)
     with jax.named_scope("head_loss_bwd"):
-        dw, dx = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(lse, c), _chunks(g_nll, c),
-                                          xts, _chunks(lse_s, c), _chunks(lse_t, c), _chunks(g_kl, c)))
+        dw, dx = jax.lax.scan(body, dw0, (_chunks(x, c), _chunks(targets, c), _chunks(lse, c), _chunks(g, c)))
     dw = dw.astype(w.dtype) if head_grad else zeros_like_varying(w)
-    return dx.reshape(x.shape), dw, None, jax.tree.map(jnp.zeros_like, teacher)
+    return dx.reshape(x.shape), dw, None
 
 
 _head.defvjp(_head_fwd, _head_bwd)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.decoder import KVCache, dense_ffn, positions_from_mask, run_layers, unstack_layers
-from readme_jax.model.head_loss import head_nll, weighted_nll
+from readme_jax.model.head_loss import head_nll, weighted_loss
 from readme_jax.model.layers import matmul_out_major, rms_norm
 
 
@@ -104,16 +104,21 @@ class Embedding(nnx.Module):
                        head_grad=head_grad)
         return nll.reshape(targets.shape)
 
-    def weighted_nll(self, x: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray, *,
-                     head_grad: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """(sum of weights x NLL <float32>[], NLL <float32>[B, T] without gradient): x [B, T, D] decoder output,
-        targets <int32>[B, T], weights [B, T] (no gradient). The sum's gradient is computed in the forward,
-        each chunk's logits once (model/head_loss.weighted_nll): for training losses linear in the NLL."""
+    def weighted_loss(self, x: jnp.ndarray, targets: jnp.ndarray, nll_weights: jnp.ndarray, *,
+                      teacher: tuple[jnp.ndarray, jnp.ndarray] | None = None, kl_weights: jnp.ndarray | None = None,
+                      temperature: float = 1.0, head_grad: bool = True):
+        """(sum of a x NLL + b x T^2 KL <float32>[], NLL, KL <float32>[B, T] without gradient): x [B, T, D]
+        decoder output, targets <int32>[B, T], a = ``nll_weights`` / b = ``kl_weights`` [B, T] (no gradient);
+        ``teacher`` = (the teacher's final-normed hidden states [B, T, D], its head in this head's layout).
+        The sum's gradient is computed in the forward, each chunk's logits once (model/head_loss.weighted_loss):
+        for training losses linear in the per-token NLL and KL."""
         x = self.head_input(x)
         head, vocab_major = self.head()
-        total, nll = weighted_nll(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1), weights.reshape(-1),
-                                  vocab_major=vocab_major, head_grad=head_grad)
-        return total, nll.reshape(targets.shape)
+        flat = lambda a: None if a is None else a.reshape(-1, *a.shape[targets.ndim:])
+        total, nll, kl = weighted_loss(flat(x), head, flat(targets), flat(nll_weights), vocab_major=vocab_major,
+                                       teacher=None if teacher is None else (flat(teacher[0]), teacher[1]),
+                                       kl_weights=flat(kl_weights), temperature=temperature, head_grad=head_grad)
+        return total, nll.reshape(targets.shape), kl.reshape(targets.shape)
 
 
 class Llama(nnx.Module):

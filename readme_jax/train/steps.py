@@ -51,12 +51,11 @@ from jax.sharding import NamedSharding
 
 from readme_jax.errors import TrainingDivergedError
 from readme_jax.model import dispatch
-from readme_jax.model.head_loss import head_kd
 from readme_jax.model.router import top1_expert
 from readme_jax.parallel import expert_parallel as ep
 from readme_jax.parallel import sharding
 from readme_jax.parallel.mesh import EXPERT_AXIS, batch_size_of, batch_spec, replicated
-from readme_jax.train.losses import distill_loss, lm_loss, router_accuracy
+from readme_jax.train.losses import distill_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
 BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
@@ -283,7 +282,8 @@ class ExpertStep:
     hidden states [A, b, T, D] come from one more jitted call before the update (``teach``, a forward only),
     and its head weight is part of ``frozen``: ``frozen = (the model's frozen State, teacher head)``
     (:meth:`frozen_with_teacher`); the update recomputes the teacher's logits chunk by chunk inside the head
-    loss (model/head_loss.head_kd), so no [N, V] array is ever an input or a residual.
+    loss, with the loss's gradient, in its forward (model/head_loss.weighted_loss), so no [N, V] array is ever an
+    input or a residual.
     """
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, shardings: StepShardings, *, num_experts: int,
@@ -326,21 +326,17 @@ class ExpertStep:
         x, _, _ = model.backbone(mb["input_ids"], plan=plan)
         aux = {"load": load, "dropped": plan.dropped.astype(jnp.float32)}
         lf = self.loss
+        mask = mb["loss_mask"].astype(jnp.float32)
+        w = mask / jnp.maximum(jnp.sum(mask), 1.0)             # lm_loss's mean, its gradient fused into the forward
         if not lf.teacher:
-            w = mb["loss_mask"].astype(jnp.float32)     # lm_loss's mean, its gradient fused into the forward
-            loss, _ = model.tok.weighted_nll(x, mb["targets"], w / jnp.maximum(jnp.sum(w), 1.0),
-                                             head_grad=lf.head_grad)
+            loss, _, _ = model.tok.weighted_loss(x, mb["targets"], w, head_grad=lf.head_grad)
             return loss, {**aux, "nll": loss}
-        head, vocab_major = model.tok.head()
+        a = (0.0 if lf.kind == "kd" else 1.0 - lf.kd_weight) * w
+        b = (1.0 if lf.kind == "kd" else lf.kd_weight) * w
         head_t = next(iter(frozen[1]["tok"].values()))
-        xs = model.tok.head_input(x)
-        D = xs.shape[-1]
-        nll, kl = head_kd(xs.reshape(-1, D), head, mb["targets"].reshape(-1), mb["teacher_x"].reshape(-1, D), head_t,
-                          vocab_major=vocab_major, temperature=lf.temperature, head_grad=lf.head_grad)
-        ce, _ = lm_loss(nll.reshape(mb["targets"].shape), mb["loss_mask"])
-        kd, _ = lm_loss(kl.reshape(mb["targets"].shape), mb["loss_mask"])
-        loss = kd if lf.kind == "kd" else (1.0 - lf.kd_weight) * ce + lf.kd_weight * kd
-        return loss, {**aux, "nll": ce, "kl": kd}
+        loss, nll, kl = model.tok.weighted_loss(x, mb["targets"], a, teacher=(mb["teacher_x"], head_t), kl_weights=b,
+                                                temperature=lf.temperature, head_grad=lf.head_grad)
+        return loss, {**aux, "nll": jnp.sum(nll * w), "kl": jnp.sum(kl * w)}
 
     def __call__(self, trainable, opt_state, frozen, batch, peak_lr):
         ids, counts = self.route(trainable, frozen, batch["input_ids"])
