@@ -114,9 +114,9 @@ def measure(code_root: str, quick: bool, steps: int, variant: str) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     # model FLOPs per token (PaLM's 6 N + 12 L H Q T, train/throughput.py), from this checkout's model only:
-    # the base's code may predate active_params, and both sides have the same architecture
+    # the base's code may predate active_params or throughput.py, and both sides have the same architecture
     fpt = None
-    if hasattr(model, "active_params"):
+    if variant != "base":
         from readme_jax.train.throughput import flops_per_token
         fpt = flops_per_token(model.active_params(), layers=cfg.num_layers, heads=cfg.num_heads,
                               head_dim=cfg.head_dim, seq_len=T)
