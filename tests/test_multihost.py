@@ -20,7 +20,7 @@ from flax import nnx
 from tests.tiny_run import REPO, cli_env
 
 STEPS = ["train.router_steps=3", "train.expert_steps=3", "train.router_batch=16", "train.expert_batch=16",
-         "train.checkpoint_every=3"]
+         "train.checkpoint_every=3", "train.async_checkpoint=true"]      # both processes write in the background
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]
 WORKER = str(REPO / "tests" / "multihost_worker.py")
 

@@ -126,7 +126,9 @@ class TrainConfig:
     dtype: str = "float32"          # compute dtype of the steps (bfloat16: f32 master weights)
     target_abs: bool = True         # router targets from |feat| (docs/architecture.md) or signed feat (authors' code)
     seed: int = 0
-    checkpoint_every: int = 4       # optimizer steps between mid-round checkpoints (and one at round end)
+    checkpoint_every: int | None = None       # optimizer steps between mid-round checkpoints (null: by time)
+    checkpoint_seconds: float | None = 300.0  # training seconds between mid-round checkpoints (null: by steps)
+    async_checkpoint: bool = True   # write checkpoints in a background thread while the next steps run
     remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
     mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)
@@ -141,7 +143,14 @@ class TrainConfig:
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,
                   router_batch=self.router_batch, expert_batch=self.expert_batch, seq_len=self.seq_len,
                   router_pool_seqs=self.router_pool_seqs,
-                  grad_accum=self.grad_accum, checkpoint_every=self.checkpoint_every)
+                  grad_accum=self.grad_accum)
+        if self.checkpoint_every is not None:
+            _positive("train", checkpoint_every=self.checkpoint_every)
+        if self.checkpoint_seconds is not None and not (isinstance(self.checkpoint_seconds, (int, float))
+                                                        and math.isfinite(self.checkpoint_seconds)
+                                                        and self.checkpoint_seconds > 0):
+            raise ConfigError(f"train.checkpoint_seconds: expected a number of seconds > 0 or null, got "
+                              f"{self.checkpoint_seconds!r}")
         for name in ("router_batch", "expert_batch"):
             if getattr(self, name) % self.grad_accum:
                 raise ConfigError(f"train.{name}={getattr(self, name)} is not a multiple of "

@@ -18,15 +18,23 @@ containers, and a structure mismatch is an error naming the missing / extra keys
 Atomicity (orbax 0.12, local filesystem, verified by ``tests/test_train_steps.py``): a save is written into
 ``<phase>/<step>.orbax-checkpoint-tmp-*`` and renamed to ``<phase>/<step>`` only once every item is
 finalised; ``all_steps()`` / ``latest_step()`` ignore tmp folders, so a crash mid-save leaves the previous
-checkpoint as the latest. Old steps are deleted only after the new one is final (``max_to_keep``). Saves are
-synchronous here: the step after ``save`` never overlaps a write that could still fail.
+checkpoint as the latest. Old steps are deleted only after the new one is final (``max_to_keep``).
+
+Asynchronous writes (``async_write=True``, ``train.async_checkpoint``): ``save`` returns once orbax holds the
+arrays (they stay alive, so the next step cannot donate them into its outputs: that step allocates anew, ~one
+copy of the saved state more while the write runs) and the files are written in a background thread. The
+next ``save`` or ``wait()`` blocks until the previous write is final and raises its error, if it had one.
+A kill mid-write leaves the tmp folder, never a half step. When to save: ``Cadence`` (every n steps and / or
+every s seconds of training, ``train.checkpoint_every`` / ``train.checkpoint_seconds``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -83,12 +91,13 @@ class PhaseCheckpoints:
     One step is kept: orbax finalises the new step before it deletes the old one, so a crash never leaves
     a phase without a complete checkpoint, and a 135M backbone with its Adam state is ~2.7 GB per step."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 1):
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 1, async_write: bool = False):
         self.directory = Path(directory).absolute()
+        self.async_write = async_write
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
+                                                 enable_async_checkpointing=async_write),
             item_names=("params", "opt_state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -107,11 +116,17 @@ class PhaseCheckpoints:
         return bool(m and m.get("done"))
 
     def save(self, step: int, params, opt_state, meta: dict) -> None:
-        """Write one checkpoint (synchronously; atomically, see the module docstring)."""
+        """Write one checkpoint, atomically; with ``async_write`` return before the files are written (the
+        previous write is finished first). See the module docstring."""
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(flatten(params)),
             opt_state=ocp.args.StandardSave(flatten(opt_state)),
             meta=ocp.args.JsonSave(dict(meta, step=step))), force=True)
+        if not self.async_write:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the last save is final on disk; raises its error if the write failed."""
         self.manager.wait_until_finished()
 
     def restore(self, params_template, opt_template=None, step: int | None = None):
@@ -134,6 +149,28 @@ class PhaseCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@dataclasses.dataclass
+class Cadence:
+    """When a phase checkpoints mid-way: every ``every_steps`` updates and / or once ``every_seconds`` have
+    passed since the last save (or the phase's start); None turns a clock off. ``clock``: seconds (monotonic)."""
+
+    every_steps: int | None
+    every_seconds: float | None
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self):
+        self.last = self.clock()
+
+    def due(self, step: int) -> bool:
+        """Whether to save after update ``step`` (1-based)."""
+        by_steps = self.every_steps is not None and step % self.every_steps == 0
+        by_time = self.every_seconds is not None and self.clock() - self.last >= self.every_seconds
+        return by_steps or by_time
+
+    def saved(self) -> None:
+        self.last = self.clock()
 
 
 def phase_done(directory: str | Path) -> bool:

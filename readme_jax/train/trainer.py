@@ -10,9 +10,10 @@ One phase = one round of one kind:
 
 Expert phases train on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``), router phases
 on the pool, each phase with its own seed. Each checkpoints (``checkpointing.PhaseCheckpoints``) every
-``train.checkpoint_every`` updates and at its end (``done``). Rerunning resumes a phase from its latest
-checkpoint: params, optimizer state, step, the data position (grain iterator state for expert phases, the
-pool sample position for router phases) and the RNG are restored, and the metrics log is cut back to that
+``train.checkpoint_seconds`` of training and / or ``train.checkpoint_every`` updates (``checkpointing.Cadence``),
+written in the background with ``train.async_checkpoint``, and at its end (``done``, waited for). Rerunning
+resumes a phase from its latest checkpoint: params, optimizer state, step, the data position (grain iterator
+state for expert phases, the pool sample position for router phases) and the RNG are restored, and the metrics log is cut back to that
 step, so a resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an
 uninterrupted one.
 
@@ -39,7 +40,7 @@ from readme_jax.errors import CheckpointError
 from readme_jax.parallel.mesh import replicated, shard_batch
 from readme_jax.parallel.sharding import place
 from readme_jax.train import steps as steps_lib
-from readme_jax.train.checkpointing import PhaseCheckpoints, phase_done, remove_tmp_dirs
+from readme_jax.train.checkpointing import Cadence, PhaseCheckpoints, phase_done, remove_tmp_dirs
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.optim import make_optimizer, round_lr
@@ -114,7 +115,7 @@ class Trainer:
         return self._steps[phase.kind]
 
     def checkpoints(self, phase: Phase) -> PhaseCheckpoints:
-        return PhaseCheckpoints(phase_dir(self.run_dir, phase))
+        return PhaseCheckpoints(phase_dir(self.run_dir, phase), async_write=self.cfg.train.async_checkpoint)
 
     def is_done(self, phase: Phase) -> bool:
         return phase_done(phase_dir(self.run_dir, phase))
@@ -200,53 +201,68 @@ class Trainer:
         tokens_per_step = phase.batch * t.seq_len
         rate = Throughput.of(self.model, seq_len=t.seq_len, dtype=t.dtype, devices=self.mesh.devices.size) \
             if phase.kind == "expert" else None
-        for step in bar:
-            batch = next(it)
-            t0 = time.perf_counter()
-            scale = hooks.lr_scale(phase.name, step + 1)
-            peak_lr = phase.peak_lr if scale == 1.0 else phase.peak_lr * scale
-            step_peak = peak if scale == 1.0 else place(jnp.asarray(peak_lr, jnp.float32), replicated(self.mesh))
-            profiler.before(step)
-            new_tr, new_opt, metrics = run_step(trainable, opt_state, batch, step_peak)
-            host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
-            trainable, opt_state = new_tr, new_opt
-            rng, _ = jax.random.split(rng)
-            dt = time.perf_counter() - t0
-            record = {"event": "step", "phase": phase.name, "kind": phase.kind, "round": phase.round,
-                      "step": step + 1, "lr": steps_lib.lr_at(peak_lr, phase.steps, step),
-                      **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3),
-                      "tokens_per_s": round(tokens_per_step / max(dt, 1e-9), 2)}
-            if rate is not None:
-                record.update(rate.of_step(tokens=tokens_per_step, seconds=dt))
-            if "domain" in batch and phase.kind == "expert":
-                record["domains"] = np.bincount(np.asarray(batch["domain"]).ravel(),
-                                                minlength=self.specific.shape[0]).tolist()
-            self.log.write(record)
-            bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **({"mfu": f"{record['mfu']:.2f}"} if rate is not None else {}))
-            done = step + 1 == phase.steps
-            if done or (step + 1) % t.checkpoint_every == 0:
-                try:
-                    hooks.before_checkpoint(phase.name, step + 1)
-                    ck.save(step + 1, trainable, opt_state, {
-                        **self._layout(phase),
-                        "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
-                        "done": done, "data_state": _jsonable(it.get_state()),
-                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]})
-                except OSError as e:      # a full disk, ...: the previous checkpoint is still the latest
-                    remove_tmp_dirs(ckdir)
-                    kept = ck.latest_step()
-                    raise CheckpointError(
-                        f"{ckdir}/{step + 1}: writing the checkpoint failed ({e.strerror or e}"
-                        f"{': ' + str(e.filename) if e.filename else ''}); "
-                        + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
-                           "from it" if kept is not None else "rerunning the same command restarts the phase")
-                    ) from e
-            profiler.after(step, new_tr)
-            hooks.on_step(phase.name, step + 1)
+        cadence = Cadence(t.checkpoint_every, t.checkpoint_seconds)
+        try:
+            for step in bar:
+                batch = next(it)
+                t0 = time.perf_counter()
+                scale = hooks.lr_scale(phase.name, step + 1)
+                peak_lr = phase.peak_lr if scale == 1.0 else phase.peak_lr * scale
+                step_peak = peak if scale == 1.0 else place(jnp.asarray(peak_lr, jnp.float32), replicated(self.mesh))
+                profiler.before(step)
+                new_tr, new_opt, metrics = run_step(trainable, opt_state, batch, step_peak)
+                host = steps_lib.check_finite(metrics, phase=phase.name, step=step + 1)   # raises before adopting
+                trainable, opt_state = new_tr, new_opt
+                rng, _ = jax.random.split(rng)
+                dt = time.perf_counter() - t0
+                record = {"event": "step", "phase": phase.name, "kind": phase.kind, "round": phase.round,
+                          "step": step + 1, "lr": steps_lib.lr_at(peak_lr, phase.steps, step),
+                          **{k: v for k, v in host.items()}, "tokens": tokens_per_step, "seconds": round(dt, 3),
+                          "tokens_per_s": round(tokens_per_step / max(dt, 1e-9), 2)}
+                if rate is not None:
+                    record.update(rate.of_step(tokens=tokens_per_step, seconds=dt))
+                if "domain" in batch and phase.kind == "expert":
+                    record["domains"] = np.bincount(np.asarray(batch["domain"]).ravel(),
+                                                    minlength=self.specific.shape[0]).tolist()
+                self.log.write(record)
+                bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"mfu": f"{record['mfu']:.2f}"} if rate is not None else {}))
+                done = step + 1 == phase.steps
+                if done or cadence.due(step + 1):
+                    meta = {**self._layout(phase),
+                            "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
+                            "done": done, "data_state": _jsonable(it.get_state()),
+                            "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]}
+                    def write():
+                        hooks.before_checkpoint(phase.name, step + 1)
+                        ck.save(step + 1, trainable, opt_state, meta)
+                    _guarded(ck, step + 1, write)
+                    if done:                  # the phase's last write is final before the phase counts as done
+                        _guarded(ck, step + 1, ck.wait)
+                    cadence.saved()
+                profiler.after(step, new_tr)
+                hooks.on_step(phase.name, step + 1)
+        finally:          # a pending asynchronous write ends (or fails) before the phase returns or raises
+            ck.close()
         profiler.stop()
         bar.close()
         nnx.update(self.model, trainable)
+
+
+def _guarded(ck: PhaseCheckpoints, step: int, write: Callable[[], None]) -> None:
+    """Run a checkpoint ``write`` (a save, or the wait for an asynchronous one); an OSError (a full disk, ...)
+    becomes a CheckpointError naming the last good checkpoint, which is still the latest (module doc)."""
+    try:
+        write()
+    except OSError as e:
+        remove_tmp_dirs(ck.directory)
+        kept = ck.latest_step()
+        raise CheckpointError(
+            f"{ck.directory}/{step}: writing the checkpoint failed ({e.strerror or e}"
+            f"{': ' + str(e.filename) if e.filename else ''}); "
+            + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
+               "from it" if kept is not None else "rerunning the same command restarts the phase")
+        ) from e
 
 
 def phase_dir(run_dir: str | Path, phase: Phase) -> Path:
