@@ -134,6 +134,11 @@ def test_mixture_key_checked_and_records_made_before_it_still_match(tmp_path):
     (tmp_path / "stages.json").write_text(json.dumps({"rounds": old}))
     assert StageRecords(tmp_path).changed(rounds, cfg) == []
     assert StageRecords(tmp_path).changed(rounds, load_config(None, ["train.mixture=balanced"])) == ["train.mixture"]
+    # how checkpoints are written (or a profile taken) never makes the rounds stale: a resumed run may change it
+    old["train"]["checkpoint_every"] = 4                            # a folder made when that was the default
+    (tmp_path / "stages.json").write_text(json.dumps({"rounds": old}))
+    ops = ["train.checkpoint_seconds=60", "train.async_checkpoint=false", "train.profile_steps=2"]
+    assert StageRecords(tmp_path).changed(rounds, load_config(None, ops)) == []
 
 
 def test_ablate_refit_rows_and_the_ridge_limit(tiny_run, tmp_path):

@@ -28,6 +28,10 @@ RECORDS_FILE = "stages.json"
 # Keys added after run folders existed whose default is not what those folders did: the value a stage ran
 # with before the key existed. A record without the key is compared with this value, not the new default.
 BEFORE_KEY: dict[str, Any] = {"train.experts": "fused", "extract.refit": False}
+# Keys of how a stage runs, not of what it computes (checkpoint cadence and writes, profiling): a resumed run
+# may change them, and they never make a stage stale.
+OPERATIONAL = frozenset({"train.checkpoint_every", "train.checkpoint_seconds", "train.async_checkpoint",
+                         "train.profile_steps"})
 
 
 def key_value(cfg_dict: dict, key: str) -> Any:
@@ -86,7 +90,8 @@ class StageRecords:
         for key, value in BEFORE_KEY.items():
             section, _, name = key.partition(".")
             defaults[section][name] = value
-        return [d for k in stage.keys for d in changed_keys(k, old.get(k), now[k], key_value(defaults, k))]
+        return [d for k in stage.keys for d in changed_keys(k, old.get(k), now[k], key_value(defaults, k))
+                if d not in OPERATIONAL]
 
     def plan(self, stages, run) -> set[str]:
         """The names of the evaluation stages to re-run (their outputs come from other settings); raises
