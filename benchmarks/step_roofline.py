@@ -189,7 +189,7 @@ def run(quick: bool = False) -> list[dict]:
         rows.append(make_row("step_roofline", f"{name} weight GB/s vs stream", wbytes / step / 1e9, bw, "GB/s",
                              higher_is_better=True, goal=None, note=f"{wbytes / 1e6:.0f} MB of weights per step"))
         if base is not None:
-            for part in ("step", "gemms", "head"):
+            for part in ("step", "gemms", "attention", "head"):
                 rows.append(make_row("step_roofline", f"{name} {part}, this code vs {ref}",
                                      t[f"{name} {part}"] * 1e3, base["times"][f"{name} {part}"] * 1e3, "ms",
                                      higher_is_better=False, note="the same case at that revision, its own process"))

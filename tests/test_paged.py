@@ -12,7 +12,7 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.layers import gqa_attention
 from readme_jax.model.llama import Llama
 from readme_jax.model.packed import backbone_packed, head_rows, packed_layers, route_packed, router_layers
-from readme_jax.model.paged import init_pages, pack_meta, paged_attention, write_kv
+from readme_jax.model.paged import init_pages, pack_meta, paged_attention, pool_layout, write_kv
 from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from tests.tiny_models import random_model
@@ -41,6 +41,11 @@ def meta_for(q_lens, kv_lens, tables, N=None, **kw):
                      block_q=kw.pop("block_q", 4), **kw)
 
 
+def in_pool_layout(kv):
+    """A pool built tokens-major [P, ps, 2K, hd] (the TPU kernel's layout) in this backend's ``pool_layout()``."""
+    return jnp.transpose(kv, (0, 2, 1, 3)) if pool_layout() == "heads" else jnp.asarray(kv)
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_paged_attention_equals_contiguous(window):
     """Ragged batch (decode rows, prefill chunks, a chunk continuing a cached prefix): every query row equals
@@ -66,7 +71,8 @@ def test_paged_attention_equals_contiguous(window):
     v_new[:len(rows)] = [vs[s][t] for s, t in zip(seq, rows)]
     q = rng.standard_normal((N, H, hd)).astype(np.float32)
     out = jax.jit(lambda q, kv, k, v, m: paged_attention(q, write_kv(kv, k, v, m), m, chunk_pages=2,
-                                                         sliding_window=window))(q, kv, k_new, v_new, meta)
+                                                         sliding_window=window))(q, in_pool_layout(kv), k_new,
+                                                                                 v_new, meta)
     start = np.cumsum(q_lens) - q_lens
     for s, (ql, n) in enumerate(zip(q_lens, kv_lens)):
         qpos = np.arange(n - ql, n)
@@ -79,15 +85,16 @@ def test_paged_attention_equals_contiguous(window):
 
 
 def test_pool_layout_is_the_tpu_kernels():
-    """The pool and the ragged metadata are what jax's TPU ragged paged attention reads: its pure-JAX
-    reference over our pool equals our attention (so the TPU seam passes the same arrays)."""
+    """The ragged metadata are what jax's TPU ragged paged attention reads, and the tokens-major pool is its
+    layout: its pure-JAX reference over the pool equals our attention over the same pool in this backend's
+    layout (on TPU the very same arrays, so the TPU seam passes them as they are)."""
     rng = np.random.default_rng(1)
     q_lens, kv_lens = [3, 1, 6], [3, 8, 11]
     tables = tables_for(kv_lens, rng)
     meta = meta_for(q_lens, kv_lens, tables, N=10)
     kv = jnp.asarray(rng.standard_normal((P, PS, 4, 8)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((10, 4, 8)), jnp.float32)
-    ours = jax.jit(paged_attention)(q, kv, meta)
+    ours = jax.jit(paged_attention)(q, in_pool_layout(kv), meta)
     ref = ref_ragged_paged_attention(q, kv, meta.kv_lens, meta.page_tables, meta.cu_q_lens, meta.num_seqs,
                                      sm_scale=8 ** -0.5)
     chex.assert_trees_all_close(ours[:10], ref[:10], atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@
     runner.copy_page(src, dst)                        # copy-on-write of a shared, partly filled page
 
 Pages: one page id names the same page in the backbone's pool and (Read-ME) the router's: each is L arrays
-[P, ps, 2K, hd] (``model/paged.py``), page 0 the null page. The host owns allocation (page tables). A step's
+in the attention backend's layout (``model/paged.py``: ``pool_layout``), page 0 the null page. The host owns allocation (page tables). A step's
 tokens must sit on pages its tables name; a ``route_next`` row also writes the router's entry of the sampled
 token at position kv_len, so its table must cover kv_len + 1 tokens.
 
