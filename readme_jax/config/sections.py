@@ -128,7 +128,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int | None = None       # optimizer steps between mid-round checkpoints (null: by time)
     checkpoint_seconds: float | None = 300.0  # training seconds between mid-round checkpoints (null: by steps)
-    async_checkpoint: bool = True   # write checkpoints in a background thread while the next steps run
+    async_checkpoint: bool = False  # write checkpoints in a background thread (+ a copy of the state meanwhile)
     remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
     mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)

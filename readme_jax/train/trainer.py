@@ -11,7 +11,7 @@ One phase = one round of one kind:
 Expert phases train on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``), router phases
 on the pool, each phase with its own seed. Each checkpoints (``checkpointing.PhaseCheckpoints``) every
 ``train.checkpoint_seconds`` of training and / or ``train.checkpoint_every`` updates (``checkpointing.Cadence``),
-written in the background with ``train.async_checkpoint``, and at its end (``done``, waited for). Rerunning
+written in the background with ``train.async_checkpoint`` (off by default), and at its end (``done``, waited for). Rerunning
 resumes a phase from its latest checkpoint: params, optimizer state, step, the data position (grain iterator
 state for expert phases, the pool sample position for router phases) and the RNG are restored, and the metrics log is cut back to that
 step, so a resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an
