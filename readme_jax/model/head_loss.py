@@ -78,7 +78,7 @@ def weighted_loss(x: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, nll_weig
     kd = teacher is not None
     if kd and kl_weights is None:
         raise ValueError("weighted_loss: a teacher needs kl_weights")
-    xt, wt = teacher if kd else (x[:, :0], w)
+    xt, wt = teacher if kd else (x[:, :0], w[:0])          # without a teacher: empty stand-ins
     b = kl_weights if kd else jnp.zeros((n,), jnp.float32)
     c, (x, targets, a, xt, b) = _padded_to_chunks(chunk, x, targets, nll_weights, xt, b)
     stop = lambda v: jax.lax.stop_gradient(v.astype(jnp.float32))
