@@ -184,9 +184,6 @@ def greedy_tokens(logits: jnp.ndarray) -> jnp.ndarray:
 def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
     """One setting for the whole batch. logits <f32>[B, V], rng a key, temperature / top_p scalars
     -> <int32>[B]. Each mode (greedy / categorical / nucleus) runs behind one ``lax.switch``."""
-    def greedy(scaled):
-        return greedy_tokens(scaled)
-
     def categorical(scaled):
         return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
@@ -195,7 +192,7 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature: jnp.ndarray, 
 
     scaled = logits / jnp.maximum(temperature, 1e-6)
     mode = jnp.where(temperature <= 0, 0, jnp.where(top_p < 1, 2, 1))
-    return jax.lax.switch(mode, (greedy, categorical, nucleus), scaled)
+    return jax.lax.switch(mode, (greedy_tokens, categorical, nucleus), scaled)
 
 
 def row_keys(seeds: jnp.ndarray, positions: jnp.ndarray) -> jax.Array:

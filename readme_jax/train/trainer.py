@@ -10,12 +10,12 @@ One phase = one round of one kind:
 
 Expert phases train on the mixed-domain stream (``readme_jax.data.pipeline.mixed_dataset``), router phases
 on the pool, each phase with its own seed. Each checkpoints (``checkpointing.PhaseCheckpoints``) every
-``train.checkpoint_seconds`` of training and / or ``train.checkpoint_every`` updates (``checkpointing.Cadence``),
-written in the background with ``train.async_checkpoint`` (off by default), and at its end (``done``, waited for). Rerunning
-resumes a phase from its latest checkpoint: params, optimizer state, step, the data position (grain iterator
-state for expert phases, the pool sample position for router phases) and the RNG are restored, and the metrics log is cut back to that
-step, so a resumed run ends with the same ``metrics.jsonl`` (timings aside) and the same weights as an
-uninterrupted one.
+``train.checkpoint_seconds`` of training and / or ``train.checkpoint_every`` updates
+(``checkpointing.Cadence``), written in the background with ``train.async_checkpoint`` (off by default), and at
+its end (``done``, waited for). Rerunning resumes a phase from its latest checkpoint: params, optimizer state,
+step, the data position (grain iterator state for expert phases, the pool sample position for router phases)
+and the RNG are restored, and the metrics log is cut back to that step, so a resumed run ends with the same
+``metrics.jsonl`` (timings aside) and the same weights as an uninterrupted one.
 
 Faults are injected through :class:`readme_jax.train.hooks.TrainHooks` (``Trainer(hooks=...)``): a learning-
 rate scale per update, a call before each checkpoint write and one after each update.
@@ -233,12 +233,7 @@ class Trainer:
                             "phase": phase.name, "round": phase.round, "kind": phase.kind, "steps": phase.steps,
                             "done": done, "data_state": _jsonable(it.get_state()),
                             "rng": np.asarray(jax.random.key_data(rng)).tolist(), "loss": host["loss"]}
-                    def write():
-                        hooks.before_checkpoint(phase.name, step + 1)
-                        ck.save(step + 1, trainable, opt_state, meta)
-                    _guarded(ck, step + 1, write)
-                    if done:                  # the phase's last write is final before the phase counts as done
-                        _guarded(ck, step + 1, ck.wait)
+                    self._checkpoint(ck, phase, step + 1, trainable, opt_state, meta)
                     cadence.saved()
                 profiler.after(step, new_tr)
                 hooks.on_step(phase.name, step + 1)
@@ -248,21 +243,24 @@ class Trainer:
         bar.close()
         nnx.update(self.model, trainable)
 
-
-def _guarded(ck: PhaseCheckpoints, step: int, write: Callable[[], None]) -> None:
-    """Run a checkpoint ``write`` (a save, or the wait for an asynchronous one); an OSError (a full disk, ...)
-    becomes a CheckpointError naming the last good checkpoint, which is still the latest (module doc)."""
-    try:
-        write()
-    except OSError as e:
-        remove_tmp_dirs(ck.directory)
-        kept = ck.latest_step()
-        raise CheckpointError(
-            f"{ck.directory}/{step}: writing the checkpoint failed ({e.strerror or e}"
-            f"{': ' + str(e.filename) if e.filename else ''}); "
-            + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
-               "from it" if kept is not None else "rerunning the same command restarts the phase")
-        ) from e
+    def _checkpoint(self, ck: PhaseCheckpoints, phase: Phase, step: int, trainable, opt_state, meta: dict) -> None:
+        """Save update ``step``'s checkpoint; at the phase's end (``meta["done"]``) wait until it is final, so
+        the phase counts as done only on disk. An OSError (a full disk, ...) becomes a CheckpointError naming
+        the last good checkpoint, which is still the latest (checkpointing's module doc)."""
+        try:
+            self.hooks.before_checkpoint(phase.name, step)
+            ck.save(step, trainable, opt_state, meta)
+            if meta["done"]:
+                ck.wait()
+        except OSError as e:
+            remove_tmp_dirs(ck.directory)
+            kept = ck.latest_step()
+            raise CheckpointError(
+                f"{ck.directory}/{step}: writing the checkpoint failed ({e.strerror or e}"
+                f"{': ' + str(e.filename) if e.filename else ''}); "
+                + (f"the last good checkpoint is step {kept}, and rerunning the same command resumes "
+                   "from it" if kept is not None else "rerunning the same command restarts the phase")
+            ) from e
 
 
 def phase_dir(run_dir: str | Path, phase: Phase) -> Path:
