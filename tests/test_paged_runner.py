@@ -11,7 +11,7 @@ from readme_jax.model.readme import ReadMe, ReadMeConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.serve import paged_runner as pr
 from readme_jax.serve.paged_runner import PagedRunner, StepBatch
-from tests.tiny_models import random_model
+from tests.tiny_models import random_model, random_tied_readme
 
 pytestmark = pytest.mark.slow(reason="compiles every bucket of the packed step, dense and Read-ME")
 
@@ -80,17 +80,22 @@ def compiles() -> int:
     return pr._step._cache_size() + pr._route._cache_size()
 
 
-@pytest.mark.parametrize("kind", ["dense", "readme"])
-def test_packed_steps_equal_generate_alone(kind):
+@pytest.mark.parametrize("kind", ["dense", "readme", "readme-tied"])
+def test_packed_steps_equal_generate_alone(kind, monkeypatch):
     """Staggered arrivals, prompts chunked past the budget, several prompts in one step, decode mixed with
     prefill: each request's greedy tokens equal generate's for it alone; warm-up compiles every bucket.
     Read-ME runs on the resident expert pool (every step's experts from the [L, k, ...] slots; k = E here,
-    the pool's accounting is tests/test_resident.py's), routing prompts and sampled tokens itself."""
+    the pool's accounting is tests/test_resident.py's), routing prompts and sampled tokens itself; tied
+    Read-ME on its channel tables, each step's kernel picked by its experts (masked from 2 distinct experts
+    here: Fe = F / 2), both kernels used."""
     if kind == "dense":
         model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
         vocab = CFG.vocab_size
-    else:
+    elif kind == "readme":
         model = random_model(lambda rngs: ReadMe(RCFG, rngs=rngs), seed=2, std=0.3, overrides={"router.head": 1.0})
+        vocab = RCFG.base.vocab_size
+    else:
+        model = random_tied_readme(RCFG, seed=2, std=0.3, overrides={"router.head": 1.0})
         vocab = RCFG.base.vocab_size
     runner = PagedRunner(model, num_pages=64, page_size=PS, max_num_seqs=4, max_num_batched_tokens=16,
                          max_model_len=32, min_token_bucket=16, expert_slots=3 if kind == "readme" else None)
@@ -98,11 +103,19 @@ def test_packed_steps_equal_generate_alone(kind):
         runner.pool.sync([2, 0, 1])
     runner.warmup()
     before = compiles()
+    used = []
+    if kind == "readme-tied":
+        assert runner.dispatcher(16, [0, 0, -1]).name == "grouped" and runner.dispatcher(16, [2, 0, 2]).name == "masked"
+        assert [d.name for d in runner.kernels(16)] == ["grouped", "masked"]
+        pick = runner.dispatcher
+        monkeypatch.setattr(runner, "dispatcher", lambda n, e=None: used.append(pick(n, e).name) or pick(n, e))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 19, 1, 9)]
     got = drive(runner, prompts, new_tokens=6, budget=16, arrivals=[0, 0, 2, 3])
     assert compiles() == before
     assert got == generate_ids(model, prompts, 6)       # left-padded rows equal each prompt alone
+    if kind == "readme-tied":
+        assert {"grouped", "masked"} <= set(used)
     if kind == "readme":
         assert runner.page_bytes > runner.cfg.num_layers * PS * 2 * 8 * 4
 

@@ -143,9 +143,12 @@ def test_backbone_never_routes_and_equals_the_routed_call(model):
     np.testing.assert_allclose(by_ids, full, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(by_plan, full, atol=1e-5, rtol=1e-5)
     inactive = routed.at[0, 3:6].set(-1)
+    # every registered dispatcher that runs per-expert weights (the masked kernel reads tied experts' tables:
+    # tests/test_masked_dispatch.py compares it on a tied model)
+    names = [n for n in dispatch.DISPATCHERS.names() if not dispatch.get(n).takes_tables]
     x = {name: np.asarray(jax.jit(lambda i, e, d=dispatch.get(name): model.backbone(i, expert_ids=e, dispatcher=d)[0])(
-        ids, inactive)) for name in dispatch.DISPATCHERS.names()}
-    for name in dispatch.DISPATCHERS.names():                 # every registered dispatcher agrees
+        ids, inactive)) for name in names}
+    for name in names:                                        # every one of them agrees
         np.testing.assert_allclose(x[name], x["blocked"], atol=1e-5, rtol=1e-5, err_msg=name)
     with pytest.raises(ValueError, match="exactly one of plan= or expert_ids="):
         model.backbone(ids)

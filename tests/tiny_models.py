@@ -69,3 +69,15 @@ def greedy_by_recompute(model, prompts, n: int, *, length: int = 64, rows: int =
         for i, r in enumerate(seqs):
             r.append(int(np.argmax(logits[i, len(r) - 1])))
     return [r[len(p):] for r, p in zip(seqs, prompts)]
+
+
+def random_tied_readme(cfg: ReadMeConfig, *, seed: int = 0, std: float = 0.02, overrides: dict | None = None):
+    """A random Read-ME with tied experts (``ReadMe(..., tied=True)``): random channel tables, and each
+    expert's channels a random sorted subset of expert_dim of the F channels (the subsets overlap)."""
+    from readme_jax.model.readme import ExpertChannels, ReadMe
+    model = random_model(lambda rngs: ReadMe(cfg, rngs=rngs, tied=True), seed=seed, std=std, overrides=overrides)
+    rng = np.random.default_rng(seed + 1)
+    L, E, F, Fe = cfg.base.num_layers, cfg.num_experts, cfg.base.intermediate_size, cfg.expert_dim
+    channels = [[np.sort(rng.choice(F, Fe, replace=False)) for _ in range(E)] for _ in range(L)]
+    model.experts.channels = ExpertChannels(jnp.asarray(np.array(channels), jnp.int32))
+    return model

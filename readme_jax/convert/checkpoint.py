@@ -3,7 +3,8 @@
 Layout of ``OUT/``::
 
     config.json    the model config's ``to_dict()`` plus {"readme_jax": {"kind": "dense", "version": 1}}
-    params/        orbax StandardCheckpointer of the model's params (``nnx.to_pure_dict`` tree)
+    params/        orbax StandardCheckpointer of the model's variables (``nnx.to_pure_dict`` tree): its params and
+                   any index they need (a tied Read-ME's expert channels)
     tokenizer/     the tokenizer's own files (``Tokenizer.save``), when the model has one
 
 The whole directory is written atomically (temp sibling + ``os.replace``). Other model kinds (the Read-ME
@@ -38,7 +39,7 @@ def save_checkpoint(out: str | os.PathLike, model: nnx.Module, *, tokenizer=None
 
     config = dict(model.config.to_dict() if config is None else config)
     config[MARKER] = {"kind": kind, "version": FORMAT_VERSION}
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(model))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         with ocp.StandardCheckpointer() as ckptr:
@@ -90,7 +91,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]
 
 
 def restore_params(path: str | os.PathLike, abstract_model: nnx.Module) -> nnx.Module:
-    """Fill the params of an abstract model (``nnx.eval_shape``) from ``path/params``.
+    """Fill the variables (params and indices) of an abstract model (``nnx.eval_shape``) from ``path/params``.
 
     Arrays are restored in the abstract model's dtypes (orbax casts), so the dtype chosen at load time wins.
     """
@@ -100,7 +101,7 @@ def restore_params(path: str | os.PathLike, abstract_model: nnx.Module) -> nnx.M
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (expected the orbax params of the checkpoint)")
-    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    graphdef, state = nnx.split(abstract_model)
     target = nnx.to_pure_dict(state)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])    # each process restores its own copy
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), target)

@@ -25,7 +25,7 @@ _OURS = {"vocab_size": "pos", "hidden_size": "pos", "intermediate_size": "pos", 
          "num_heads": "pos", "num_kv_heads": "pos", "head_dim": "pos", "max_position_embeddings": "pos",
          "rms_norm_eps": "real+", "rope_theta": "real+", "tie_word_embeddings": "bool", "bos_token_id": "id?",
          "eos_token_id": "id?", "pad_token_id": "id?", "sliding_window": "pos?"}
-_READ_ME = {"num_experts": "pos", "expert_dim": "pos"}
+_READ_ME = {"num_experts": "pos", "expert_dim": "pos", "tied": "bool?"}
 _EXPECTED = {"pos": "an integer >= 1", "id": "an integer >= 0", "ids": "an integer >= 0 or a list of them",
              "real+": "a finite number > 0", "bool": "true or false"}
 

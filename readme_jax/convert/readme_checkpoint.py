@@ -23,9 +23,11 @@ CHECKPOINT_KIND = "readme"
 
 def save_readme(model: ReadMe, out: str | os.PathLike, tokenizer=None, *, overwrite: bool = False):
     """Write ``model`` (orbax params + config.json with {"readme_jax": {"kind": "readme", "version": 1}})
-    and ``tokenizer`` to the directory ``out``, atomically. Returns the path."""
+    and ``tokenizer`` to the directory ``out``, atomically. Returns the path. Tied experts are written as
+    they are (channel tables + each expert's channels, ``"tied": true`` in config.json): the serving runner's
+    masked kernel reads the tables; every other path gathers the per-expert layout from them."""
     return save_checkpoint(out, model, tokenizer=tokenizer, kind=CHECKPOINT_KIND,
-                           config=model.config.to_dict(), overwrite=overwrite)
+                           config={**model.config.to_dict(), "tied": model.tied}, overwrite=overwrite)
 
 
 def load_readme_checkpoint(path: str | os.PathLike, config: dict[str, Any], *, dtype=None,
@@ -46,5 +48,6 @@ def load_readme_checkpoint(path: str | os.PathLike, config: dict[str, Any], *, d
             cfg = cfg.replace(base=cfg.base.replace(**overrides))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: invalid Read-ME config ({e})") from e
-    abstract = nnx.eval_shape(lambda: ReadMe(cfg, rngs=nnx.Rngs(0)))
+    tied = bool(config.get("tied", False))              # absent: written before tied exports (fused)
+    abstract = nnx.eval_shape(lambda: ReadMe(cfg, rngs=nnx.Rngs(0), tied=tied))
     return restore_params(path, abstract)

@@ -90,9 +90,10 @@ def fused_layer(p: dict) -> dict:
 
 def moe_ffn_fn(plan) -> Callable:
     """ffn_fn for ``run_layers``: (layer_params, h [B, T, D]) -> (y [B, T, D], None), reading the layer's
-    w_gate/w_up [E, D, Fe] and w_down [E, Fe, D] (or tied tables + ``channels``, gathered here)."""
+    w_gate/w_up [E, D, Fe] and w_down [E, Fe, D] (or tied tables + ``channels``: gathered here, or laid out by
+    the plan's dispatcher when it ``takes_tables``)."""
     def run(p: dict, h: jnp.ndarray):
-        p = fused_layer(p)
+        p = plan.dispatcher.prepare_layer(p) if plan.dispatcher.takes_tables and "channels" in p else fused_layer(p)
         return moe_ffn(plan, h, p["w_gate"], p["w_up"], p["w_down"])
 
     def ffn(p: dict, h: jnp.ndarray):

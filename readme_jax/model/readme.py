@@ -115,6 +115,10 @@ class Experts(nnx.Module):
     def arrays(self) -> dict:
         return {"w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
 
+    def fused(self) -> dict:
+        """The per-expert layout (these arrays; ``TiedExperts.fused`` gathers it)."""
+        return self.arrays()
+
 
 class ExpertChannels(nnx.Variable):
     """The channel lists of tied experts (an index, never trained): <int32>[L, E, Fe]."""
@@ -189,7 +193,8 @@ class ReadMe(nnx.Module):
         tokens plans with, ``dispatch.default_dispatcher``), split once before a decode loop (see
         ``decoder.unstack_layers``)."""
         d = dispatcher or dispatch.default_dispatcher(num_tokens)
-        return tuple(d.prepare_layer(moe.fused_layer(p)) for p in unstack_layers(self.layer_arrays()))
+        return tuple(d.prepare_layer(p if d.takes_tables else moe.fused_layer(p))
+                     for p in unstack_layers(self.layer_arrays()))
 
     def init_backbone_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """The backbone's KVCache [L, B, S, K, hd] (``backbone(cache=...)``)."""

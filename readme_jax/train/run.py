@@ -207,10 +207,10 @@ class Run:
         """Record ``model`` as the model after the last round (stage 'rounds' just trained it)."""
         self._model = model
 
-    def model_after(self, phase: Phase):
+    def model_after(self, phase: Phase, *, fused: bool = True):
         """The model right after ``phase``: the extracted model with the last router and the last backbone
         params of the schedule up to ``phase`` (each from its phase's final checkpoint), experts in the fused
-        per-expert layout (tied tables materialised)."""
+        per-expert layout (tied tables materialised; ``fused=False``: experts as trained)."""
         sched = phases(self.cfg)
         upto = sched[:sched.index(phase) + 1]
         model = self.fresh_model()
@@ -220,7 +220,7 @@ class Run:
             raise PipelineError(f"{self.dir}/checkpoints: phases {missing} are not finished; run stage 'rounds'")
         for p in {p.kind: p for p in upto}.values():
             trainer.load_done(p)
-        return model.untied()
+        return model.untied() if fused else model
 
     def trained_model(self):
         """The model after the last round (every phase must be done)."""

@@ -274,12 +274,13 @@ def stage_final_eval(run: Run) -> None:
 
 
 def stage_export(run: Run) -> None:
-    """Write the Read-ME checkpoint beside ``export/``, reload it with ``load_pretrained``, compare logits on a
-    held-out batch, then rename it into place (a failed check leaves ``export/`` as it was)."""
+    """Write the Read-ME checkpoint beside ``export/`` (experts as trained: tied tables when tied, which the
+    serving runner's masked kernel reads), reload it with ``load_pretrained``, compare logits on a held-out
+    batch, then rename it into place (a failed check leaves ``export/`` as it was)."""
     from readme_jax.convert.load import load_pretrained
     from readme_jax.eval.perplexity import heldout_windows
     from readme_jax.convert.readme_checkpoint import save_readme
-    model = run.trained_model()
+    model = run.model_after(phases(run.cfg)[-1], fused=False)
     ev = run.cfg.eval
     ids, _ = heldout_windows(run.corpus, run.corpus.domains[0], run.tokenizer, seq_len=ev.seq_len,
                              max_tokens=ev.seq_len * ev.batch)

@@ -17,6 +17,7 @@ from readme_jax.model.dispatch.base import DISPATCHERS, Dispatcher, Plan
 from readme_jax.model.dispatch.blocked import Blocked, BlockedPlan
 from readme_jax.model.dispatch.decode import Decode, DecodePlan
 from readme_jax.model.dispatch.grouped import Grouped, GroupedPlan
+from readme_jax.model.dispatch.masked import Masked, MaskedGate
 from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
 
 #: On CPU the grouped dispatcher is the default up to this many tokens per call (decode steps, small packed
@@ -26,7 +27,8 @@ from readme_jax.model.dispatch.ragged import Ragged, RaggedPlan
 GROUPED_MAX_TOKENS = 32
 
 __all__ = ["Dispatcher", "Plan", "Blocked", "BlockedPlan", "Ragged", "RaggedPlan", "Decode", "DecodePlan",
-           "Grouped", "GroupedPlan", "GROUPED_MAX_TOKENS", "DISPATCHERS", "default_dispatcher", "get"]
+           "Grouped", "GroupedPlan", "Masked", "MaskedGate", "GROUPED_MAX_TOKENS", "DISPATCHERS",
+           "default_dispatcher", "get"]
 
 
 def default_dispatcher(num_tokens: int | None = None, name: str | None = None) -> Dispatcher:

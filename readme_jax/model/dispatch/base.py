@@ -32,6 +32,8 @@ The dispatchers behind this interface, each registered in :data:`DISPATCHERS` by
              on those rows; no sort, no dynamic weight slice.
   "grouped"  grouped.py: sorted by expert, each used expert's static weights on a power-of-two window of its
              own rows (FLOPs follow tokens, weight bytes distinct experts).
+  "masked"   masked.py: tied experts only (``takes_tables``): every token through the channel tables, masked
+             to its expert's channels (weight bytes one table whatever the experts; inference only).
 How the later ones fit:
   resident slots (expert cache): the cache remaps expert ids to the k slots of its [k, D, Fe] pool (-1 for
     a token whose expert is not resident) and passes the pool as the weights; any dispatcher above then
@@ -47,6 +49,7 @@ Dimension names: N tokens, D model, Fe expert width, E experts, P rows of the ke
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -62,6 +65,9 @@ class Dispatcher(abc.ABC):
     """One way to run the routed FFN (see the module docstring). Subclasses are frozen dataclasses."""
 
     name: str = ""            # set by DISPATCHERS.register
+    #: Whether ``prepare_layer`` takes a tied layer's channel tables as they are (the masked kernel) instead of
+    #: the per-expert layout ``moe.fused_layer`` gathers from them.
+    takes_tables: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan(self, expert_ids: jnp.ndarray, num_experts: int):

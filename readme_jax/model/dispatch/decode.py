@@ -48,7 +48,10 @@ class DecodePlan(Plan):
 
 
 def num_experts_of(w: jnp.ndarray | Sequence[jnp.ndarray]) -> int:
-    """E of one layer's expert weight: [E, ...] or a sequence of E (out-major) weights."""
+    """E of one layer's expert weight: [E, ...], a sequence of E (out-major) weights, or a masked kernel's gate
+    (``masked.MaskedGate``: its ``num_experts``)."""
+    if hasattr(w, "num_experts"):
+        return w.num_experts
     return len(w) if isinstance(w, (tuple, list)) else w.shape[0]
 
 
