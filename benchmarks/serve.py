@@ -32,12 +32,14 @@ batching and its static ``generate`` in batches of C (see :mod:`benchmarks.serve
 - token identity vs transformers greedy (f32 both; near-ties can flip an argmax and then the rest):
   the share of requests whose tokens are identical, and over the others the mean index of the first token
   that differs.
-- Read-ME vs its dense parent on the same engine at 1 and 8 slots (the first 16 requests): ms per output
+- Read-ME vs its dense parent on the same engine at 1, 8 and 32 slots (``--pair-slots``; the first max(16,
+  2 x slots) requests, decode-first both): ms per output
   token over the decode-only steps (sum of their wall seconds / tokens they produced); the Read-ME model is
   a default-run export (``--export``, default ``runs/default/export``) whose parent is SmolLM2; without one
   a random tiny Read-ME and a random tiny dense model stand in (labelled; their ratio means nothing).
   Step breakdown (attention, FFN, head, router, other, host) as defined in :mod:`benchmarks.serve_ours`.
-  Goals: Read-ME <= 0.8x dense at 1 slot (ratio dense / Read-ME >= 1.25); router < 2% of a step.
+  Goals: Read-ME <= 0.8x dense at 1 slot (ratio dense / Read-ME >= 1.25), >= 1.15x at 32 slots (8: reported);
+  router < 2% of a step. ``--phases readme`` runs this phase alone.
 
 Output: the runner's table (rows), ``OUT/serve.json`` (settings, setup times, every run's summary) and
 ``OUT/serve.png`` (tokens/s per system and concurrency; stacked step breakdown), OUT default
@@ -63,24 +65,21 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, VariantError, error_row, make_row, thread_env
+from benchmarks.common import REPO_ROOT, VariantError, thread_env
+from benchmarks.serve_report import SYSTEMS, plot, rows_of
 
-NAME = "serve"
-FULL = dict(requests=64, concurrencies=(8, 32), budget=256, max_len=320, rounds=2, pair_slots=(1, 8),
+FULL = dict(requests=64, concurrencies=(8, 32), budget=256, max_len=320, rounds=2, pair_slots=(1, 8, 32),
             pair_requests=16, breakdown_repeats=5)
 QUICK = dict(requests=16, concurrencies=(8,), budget=64, max_len=320, rounds=1, pair_slots=(1, 8),
              pair_requests=8, breakdown_repeats=2)
 SCALE, PROMPT_RANGE, OUTPUT_RANGE = 1 / 8, (16, 256), (8, 64)
-GOAL_TPS, GOAL_EFFICIENCY, GOAL_READM_1, GOAL_ROUTER_SHARE = 1.3, 0.85, 1 / 0.8, 0.02
+PHASES = ("serving", "readme")
 TRACE_FILE = "AzureLLMInferenceTrace_conv.csv"
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "azure_llm_inference_2023"
 DEFAULT_CORPUS = REPO_ROOT / "runs" / "default" / "corpus"
 DEFAULT_EXPORT = REPO_ROOT / "runs" / "default" / "export"
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench" / "serve"
 OURS, PEERS = "benchmarks.serve_ours:EngineWorker", "benchmarks.serve_peers:TransformersWorker"
-SYSTEMS = ("ours", "hf_cb", "hf_static")
-LABELS = {"ours": "ours (engine)", "hf_cb": "transformers continuous", "hf_static": "transformers static"}
-PIECES = ("launch", "embed", "upload", "attention", "ffn", "head", "router", "other", "host")
 CALL_TIMEOUT_S = 1800.0
 
 
@@ -164,8 +163,9 @@ class Worker:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
+            tail = self._tail()                            # before close() closes the stderr file
             self.close()
-            raise VariantError(f"{self.target}: {'timed out' if not ready else 'exited'}; stderr:\n{self._tail()}")
+            raise VariantError(f"{self.target}: {'timed out' if not ready else 'exited'}; stderr:\n{tail}")
         reply = json.loads(line)
         if not reply["ok"]:
             raise VariantError(f"{self.target}: {reply['error']}")
@@ -269,55 +269,65 @@ def serving_phase(cfg: dict, ours: Worker, requests: list, out: dict) -> None:
 
 
 def readme_phase(cfg: dict, ours: Worker, requests: list, export: Path, out: dict) -> None:
-    """Read-ME vs its dense parent on the same engine at each of cfg["pair_slots"]; fills ``out``. If the
-    Read-ME model cannot be served, the dense half is still measured and out["error"] says why."""
+    """Read-ME vs its dense parent on the same engine at each of cfg["pair_slots"]: the dense arm in ``ours``,
+    the Read-ME arm in a worker of its own (each compiled step program holds ~800 memory mappings on XLA CPU:
+    a 32-slot engine of each model in one process passes vm.max_map_count, 65,530 by default, and crashed it),
+    one slot count at a time (its two engines prepared, run over the rounds, broken down, then released);
+    fills ``out``. If the Read-ME model cannot be served, the dense half is still measured and out["error"]
+    says why."""
     pair = ({"dense": "smollm2", "readme": str(export)} if export.is_dir() else
             {"dense": "tiny-dense", "readme": "tiny-readme"})
     out["models"] = pair
-    ours.call("release", keep=[["smollm2", s] for s in cfg["pair_slots"]])      # the serving phase's other engines
-    out["setup"] = ours.call("load", models={"readme": pair["readme"]} | ({} if pair["dense"] == "smollm2" else
-                                                                         {"tiny-dense": pair["dense"]}))
-    names = {"dense": "smollm2" if pair["dense"] == "smollm2" else "tiny-dense", "readme": "readme"}
-    out["prepare"] = {}
-    for s in cfg["pair_slots"]:
-        out["prepare"][f"dense@{s}"] = _prepare(ours, cfg, names["dense"], s)
-        try:
-            if "readme" in names:
-                out["prepare"][f"readme@{s}"] = _prepare(ours, cfg, names["readme"], s)
-        except VariantError as e:
-            out["error"] = str(e)
-            del names["readme"]
-    reqs = requests[: cfg["pair_requests"]]
-    runs: dict = {f"{m}@{s}": [] for s in cfg["pair_slots"] for m in names}
-    for rnd in range(cfg["rounds"]):
+    ours.call("release", keep=[])                                        # the serving phase's engines
+    with Worker(OURS) as rm:
+        out["setup"] = rm.call("load", models={"readme": pair["readme"]})
+        if pair["dense"] != "smollm2":
+            ours.call("load", models={"tiny-dense": pair["dense"]})
+        arms = {"dense": (ours, "smollm2" if pair["dense"] == "smollm2" else "tiny-dense"), "readme": (rm, "readme")}
+        out["prepare"], out["runs"] = {}, {}
         for s in cfg["pair_slots"]:
-            for m in rotate(tuple(names), rnd):
-                res = ours.call("run", model=names[m], slots=s, requests=reqs)
-                runs[f"{m}@{s}"].append(res)
-                _log(f"round {rnd + 1}: {m} {s} slots: {ms_per_output_token(res['steps']) or float('nan'):.1f} "
-                     f"ms/token")
-    context = int(statistics.median(len(p) + n / 2 for p, n in reqs))
-    out["runs"] = {}
-    for key, rs in runs.items():
-        m, s = key.split("@")
-        steps = [st for r in rs for st in r["steps"]]
-        full, width = full_steps(steps, int(s))
-        moe = bool(full) and full[0]["distinct_experts"] is not None
-        experts = []
-        if moe:
-            target = statistics.median_low(st["distinct_experts"] for st in full)
-            experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
-        try:
-            bd = ours.call("breakdown", model=names[m], slots=int(s), width=width or None, context=context,
-                           experts=experts, repeats=cfg["breakdown_repeats"],
-                           step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"))
-        except VariantError as e:                       # e.g. parts that do not add up to the step
-            bd = {"error": str(e)}
-        per_token = [x for x in (ms_per_output_token(r["steps"]) for r in rs) if x is not None]
-        out["runs"][key] = {"ms_per_token": statistics.median(per_token) if per_token else None,
-                            "full_step_width": width, "breakdown": bd,
-                            "distinct_experts_mean": statistics.fmean(st["distinct_experts"] for st in full)
-                            if moe else None}
+            for m in list(arms):
+                try:
+                    out["prepare"][f"{m}@{s}"] = _prepare(arms[m][0], cfg, arms[m][1], s)
+                except VariantError as e:
+                    if m == "dense":
+                        raise
+                    out["error"] = str(e)
+                    del arms[m]
+            reqs = requests[: max(cfg["pair_requests"], 2 * s)]          # at least 2 requests per slot
+            runs: dict = {m: [] for m in arms}
+            for rnd in range(cfg["rounds"]):
+                for m in rotate(tuple(arms), rnd):
+                    res = arms[m][0].call("run", model=arms[m][1], slots=s, requests=reqs)
+                    runs[m].append(res)
+                    _log(f"round {rnd + 1}: {m} {s} slots: {ms_per_output_token(res['steps']) or float('nan'):.1f} "
+                         f"ms/token")
+            context = int(statistics.median(len(p) + n / 2 for p, n in reqs))
+            for m, rs in runs.items():
+                out["runs"][f"{m}@{s}"] = _pair_run(cfg, arms[m][0], arms[m][1], s, rs, context)
+            for w, _ in arms.values():
+                w.call("release", keep=[])
+
+
+def _pair_run(cfg: dict, ours: Worker, model: str, slots: int, rs: list, context: int) -> dict:
+    """One (model, slots) arm of the Read-ME phase from its rounds ``rs``: ms per token and the step breakdown."""
+    steps = [st for r in rs for st in r["steps"]]
+    full, width = full_steps(steps, slots)
+    moe = bool(full) and full[0]["distinct_experts"] is not None
+    experts = []
+    if moe:
+        target = statistics.median_low(st["distinct_experts"] for st in full)
+        experts = next(st["decode_experts"] for st in full if st["distinct_experts"] == target)
+    try:
+        bd = ours.call("breakdown", model=model, slots=slots, width=width or None, context=context,
+                       experts=experts, repeats=cfg["breakdown_repeats"],
+                       step_wall_s=statistics.median(st["seconds"] for st in full) if full else float("nan"))
+    except VariantError as e:                       # e.g. parts that do not add up to the step
+        bd = {"error": str(e)}
+    per_token = [x for x in (ms_per_output_token(r["steps"]) for r in rs) if x is not None]
+    return {"ms_per_token": statistics.median(per_token) if per_token else None, "full_step_width": width,
+            "breakdown": bd, "requests": len(rs[0]["tokens"]) if rs else 0,
+            "distinct_experts_mean": statistics.fmean(st["distinct_experts"] for st in full) if moe else None}
 
 
 def resolve_trace(trace: Path) -> Path:
@@ -342,126 +352,20 @@ def resolve_corpus(corpus: Path | None, out_dir: Path) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- rows
-def rows_of(result: dict) -> list[dict]:
-    rows: list[dict] = []
-    cfg, s = result["config"], result.get("serving", {})
-    quick = " --quick: smoke only;" if result["quick"] else ""
-    prep = {**s.get("prepare", {}), **result.get("readme", {}).get("prepare", {})}
-    hf = s.get("setup", {}).get("transformers", {})
-    rows.append(make_row(NAME, "setup, excluded from every timing", result["elapsed_s"], None, "s total",
-                         higher_is_better=False,
-                         note=f"ours: load {result['setup']['load_s']:.0f} s; compile + warm-up per engine: " +
-                              ", ".join(f"{k} {v['compile_s']:.0f}+{v['warmup_s']:.0f} s" for k, v in prep.items()
-                                        if not v["reused"]) +
-                              (f"; transformers load {hf['load_s']:.0f} s" if hf else "")))
-    if "error" in s:
-        rows.append(error_row(NAME, "serving (ours vs transformers)", s["error"]))
-    for c in cfg["concurrencies"] if "runs" in s else ():
-        ours = s["runs"][f"ours@{c}"]
-        budget = f"C={c}, {cfg['budget']} tokens/step, {cfg['requests']} requests"
-        for peer in ("hf_cb", "hf_static"):
-            theirs = s["runs"][f"{peer}@{c}"]
-            note = f"{quick} {budget}; {cfg['rounds']} interleaved rounds"
-            if peer == "hf_cb":
-                cb = theirs["config"]
-                note += (f"; {theirs['attn_implementation']}, max_requests_per_batch={cb['max_requests_per_batch']}, "
-                         f"max_batch_tokens={cb['max_batch_tokens']}, page {cb['page_size']} x {cb['num_blocks']} blocks")
-            rows.append(make_row(NAME, f"output tok/s C={c} vs {LABELS[peer]}", ours["tokens_per_s"],
-                                 theirs["tokens_per_s"], "tok/s", higher_is_better=True, goal=GOAL_TPS,
-                                 note=note.strip()))
-        eff = [e for e in ours["efficiency"] if e["efficiency"] is not None]
-        if eff:
-            e = statistics.median(x["efficiency"] for x in eff)
-            rows.append(make_row(NAME, f"engine efficiency C={c}", e, 1.0, "fraction", higher_is_better=True,
-                                 goal=GOAL_EFFICIENCY,
-                                 note=f"(tok/s / {eff[0]['width']} slots) x full decode step "
-                                      f"{1e3 * statistics.median(x['t_decode_s'] for x in eff):.1f} ms; "
-                                      f"{ours['compiles_during_runs']} compiles in timed runs"))
-        for peer in ("hf_static", "hf_cb"):
-            ident = s["identity"][str(c)][peer]
-            div = ident["mean_first_divergence"]
-            rows.append(make_row(NAME, f"greedy tokens identical C={c} vs {LABELS[peer]}", 100 * ident["identical"],
-                                 None, "% requests", higher_is_better=True,
-                                 note=f"{ident['diverging']} differ" + (f", first at token {div:.1f} on average"
-                                                                         if div is not None else "")))
-    rm = result.get("readme", {})
-    if "error" in rm:
-        rows.append(error_row(NAME, "Read-ME vs dense (same engine)", rm["error"]))
-    stand_in = "random tiny stand-ins (no export); " if rm.get("models", {}).get("readme") == "tiny-readme" else ""
-    for slots in cfg["pair_slots"] if "runs" in rm else ():
-        label = f"{slots} slot{'s' * (slots > 1)}"
-        d, r = rm["runs"][f"dense@{slots}"], rm["runs"].get(f"readme@{slots}")
-        broken = [f"{m}: {x['breakdown']['error']}" for m, x in (("dense", d), ("Read-ME", r))
-                  if x is not None and "error" in x["breakdown"]]
-        if broken:
-            rows.append(error_row(NAME, f"step breakdown, {label}", "; ".join(broken)))
-            continue
-        db = d["breakdown"]["ms"]
-        rows.append(make_row(NAME, f"dense step breakdown, {label}", db["engine_step"], None, "ms/step",
-                             higher_is_better=False, note=stand_in + ", ".join(f"{k} {db[k]:.1f}" for k in PIECES)
-                             + f" ms; {d['ms_per_token']:.1f} ms/token over decode-only steps"))
-        if r is None:
-            continue
-        bd = r["breakdown"]["ms"]
-        note = f"{stand_in}decode-only steps; Read-ME step: " + ", ".join(f"{k} {bd[k]:.1f}" for k in PIECES) + " ms"
-        if r["distinct_experts_mean"] is not None:
-            note += f"; {r['distinct_experts_mean']:.1f} distinct experts per full step"
-        rows.append(make_row(NAME, f"Read-ME vs dense parent, {label}", r["ms_per_token"], d["ms_per_token"],
-                             "ms/token", higher_is_better=False, goal=GOAL_READM_1 if slots == 1 else None, note=note))
-        if bd["engine_step"] > 0:
-            share = bd["router"] / bd["engine_step"]
-            rows.append(make_row(NAME, f"router share of a Read-ME step, {label}", 100 * share,
-                                 100 * GOAL_ROUTER_SHARE, "% of step", higher_is_better=False, goal=1.0,
-                                 note=f"router {bd['router']:.2f} of {bd['engine_step']:.1f} ms; ratio = 2% / share"))
-    return rows
-
-
-def plot(result: dict, path: Path) -> Path | None:
-    """tokens/s per system and concurrency; stacked step breakdown per model and slots."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    s, rm, cfg = result.get("serving", {}), result.get("readme", {}), result["config"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    if "runs" in s:
-        cs = cfg["concurrencies"]
-        width = 0.8 / len(SYSTEMS)
-        for k, system in enumerate(SYSTEMS):
-            xs = [i + (k - 1) * width for i in range(len(cs))]
-            a.bar(xs, [s["runs"][f"{system}@{c}"]["tokens_per_s"] for c in cs], width, label=LABELS[system])
-        a.set_xticks(range(len(cs)))
-        a.set_xticklabels([f"C = {c}" for c in cs])
-        a.set_ylabel("output tokens / s")
-        a.legend(fontsize=8)
-    a.set_title(f"{cfg['requests']} Azure-conv requests at t=0, SmolLM2-135M f32, 2 threads")
-    if "runs" in rm:
-        keys = [f"{m}@{sl}" for sl in cfg["pair_slots"] for m in ("dense", "readme")
-                if f"{m}@{sl}" in rm["runs"] and "ms" in rm["runs"][f"{m}@{sl}"]["breakdown"]]
-        bottom = [0.0] * len(keys)
-        for piece in PIECES:
-            vals = [max(rm["runs"][k]["breakdown"]["ms"][piece], 0.0) for k in keys]
-            b.bar(range(len(keys)), vals, bottom=bottom, label=piece)
-            bottom = [x + y for x, y in zip(bottom, vals)]
-        b.set_xticks(range(len(keys)))
-        b.set_xticklabels([k.replace("@", "\n") + " slots" for k in keys], fontsize=8)
-        b.set_ylabel("ms per decode step")
-        b.legend(fontsize=8)
-    b.set_title("decode step breakdown (same engine)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------- entry
 def measure(quick: bool = False, *, corpus: Path | None = None, trace: Path = DEFAULT_TRACE,
-            export: Path = DEFAULT_EXPORT, out: Path = DEFAULT_OUT) -> dict:
-    """Both phases; writes OUT/serve.json and OUT/serve.png; returns the result (with its rows)."""
+            export: Path = DEFAULT_EXPORT, out: Path = DEFAULT_OUT, phases: tuple[str, ...] = PHASES,
+            pair_slots: tuple[int, ...] | None = None) -> dict:
+    """The ``phases`` (default both); writes OUT/serve.json and OUT/serve.png; returns the result (with its
+    rows). ``pair_slots``: the Read-ME phase's slot counts (default the config's)."""
     from readme_jax.serve.workload import read_azure_csv
     cfg = dict(QUICK if quick else FULL)
+    if pair_slots:
+        cfg["pair_slots"] = tuple(pair_slots)
+    if set(phases) - set(PHASES) or not phases:
+        raise ValueError(f"serve: phases must be some of {list(PHASES)}, got {list(phases)}")
+    if max(cfg["pair_slots"]) * 2 > cfg["requests"] and "readme" in phases:
+        raise ValueError(f"serve: {max(cfg['pair_slots'])} slots need {2 * max(cfg['pair_slots'])} requests, the "
+                         f"workload has {cfg['requests']}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -477,6 +381,8 @@ def measure(quick: bool = False, *, corpus: Path | None = None, trace: Path = DE
         requests = ours.call("workload", corpus=str(corpus), lengths=lengths)["requests"]
         for phase, fn in (("serving", lambda o: serving_phase(cfg, ours, requests, o)),
                           ("readme", lambda o: readme_phase(cfg, ours, requests, Path(export), o))):
+            if phase not in phases:
+                continue
             try:
                 fn(result[phase])
             except Exception as e:  # noqa: BLE001 - a failed phase becomes an error row; the other still runs
@@ -501,11 +407,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help=f"folder holding {TRACE_FILE} (or the CSV)")
     ap.add_argument("--export", type=Path, default=DEFAULT_EXPORT, help="a Read-ME export (default-run layout)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated, some of: " + ", ".join(PHASES))
+    ap.add_argument("--pair-slots", help="the Read-ME phase's slot counts, comma-separated (default: the "
+                                         "config's, 1,8,32; --quick 1,8)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    r = measure(args.quick, corpus=args.corpus, trace=args.trace, export=args.export, out=args.out)
+    try:
+        phases = tuple(p for p in args.phases.split(",") if p)
+        slots = tuple(int(x) for x in args.pair_slots.split(",")) if args.pair_slots else None
+        if slots is not None and min(slots) < 1:
+            raise ValueError("--pair-slots: expected integers >= 1")
+        r = measure(args.quick, corpus=args.corpus, trace=args.trace, export=args.export, out=args.out,
+                    phases=phases, pair_slots=slots)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from benchmarks.runner import print_table
     print_table(r["rows"], title="serve (ratio > 1: ours / Read-ME better)")
     print(f"wrote {args.out / 'serve.json'} and {r['png']} ({r['elapsed_s']:.0f}s)")

@@ -22,7 +22,7 @@ round-robin (``common.time_calls``) in this process with the engine idle:
   attention  the L attention blocks over the pages: q/k/v (``decoder.project_qkv``), ``paged.write_kv``,
              ``paged.paged_attention``, the o projection
   ffn        the L FFNs with their norms: ``decoder.dense_ffn``, or the routed ``moe.moe_ffn_fn`` planned by
-             the runner's dispatcher of N on the expert ids of a real full step of the run
+             the dispatcher the runner picks for N tokens with the expert ids of a real full step of the run
   head       the final norm + tied LM head on the S sampling rows + per-row sampling (greedy)
   router     one router step on the S sampled tokens (``packed.route_packed``, Read-ME only)
   step       the whole ``runner.step(StepBatch).result()`` as the engine makes it (``engine_step.build_batch``)
@@ -93,6 +93,8 @@ class EngineWorker:
     """Ops called by ``benchmarks.serve.Worker`` (each returns a JSON-able dict)."""
 
     def __init__(self):
+        from readme_jax import assets
+        assets.enable_compilation_cache()          # as the server: engines of the same shapes load their buckets
         self.models, self.engines, self.prepared, self._tiny = {}, {}, {}, {}
 
     def load(self, models: dict) -> dict:
@@ -162,10 +164,18 @@ class EngineWorker:
         return {**self.prepared[(model, slots)], "reused": False}
 
     def release(self, keep: list) -> dict:
-        """Shut down every engine but those of ``keep`` = [[model, slots], ...] (frees their caches)."""
+        """Shut down every engine but those of ``keep`` = [[model, slots], ...] (frees their caches; with none
+        kept, the compiled steps too)."""
         keep = {(m, s) for m, s in keep}
         for key in [k for k in self.engines if k not in keep]:
             self.engines.pop(key).shutdown(drain_timeout=5)
+            self.prepared.pop(key, None)
+        if not self.engines:
+            # and their compiled steps: each program holds ~800 memory mappings on XLA CPU, and a process may
+            # hold vm.max_map_count (65,530 by default) of them (a later engine loads its programs from the
+            # persistent compilation cache)
+            import jax
+            jax.clear_caches()
         return {"engines": [list(k) for k in self.engines]}
 
     def run(self, model: str, slots: int, requests: list) -> dict:
@@ -237,12 +247,12 @@ def _breakdown(eng, seqs: list[str], ctx: int, experts: list, step_wall_s: float
     cfg, graphdef, n = r.cfg, r.graphdef, len(seqs)
     S = _bucket(n, r.seq_buckets, "sequences")
     N = max(_bucket(n, r.token_buckets, "tokens"), _bucket(S, r.token_buckets, "tokens"))
-    d = r.dispatcher(N)
-    layers = r.layers(d)
     rng = np.random.default_rng(0)
     ex = np.full(n, -1, np.int32)
     if r.is_moe:
         ex[:] = (list(experts) + [0] * n)[:n]
+    d = r.dispatcher(N, ex)                     # the kernel the runner picks for these experts
+    layers = r.layers(d)
     prompt = rng.integers(100, 1000, ctx + 1).tolist()
     rows = [Row(s, prompt, [int(e)] * (ctx + 1), ctx, 1, True, 0, 0.0, 1.0) for s, e in zip(seqs, ex)]
     batch = build_batch(rows, eng.pages.table, r.max_pages_per_seq, r.is_moe)    # the engine's full decode step

@@ -87,7 +87,7 @@ def test_packed_steps_equal_generate_alone(kind, monkeypatch):
     Read-ME runs on the resident expert pool (every step's experts from the [L, k, ...] slots; k = E here,
     the pool's accounting is tests/test_resident.py's), routing prompts and sampled tokens itself; tied
     Read-ME on its channel tables, each step's kernel picked by its experts (masked from 2 distinct experts
-    here: Fe = F / 2), both kernels used."""
+    here: Fe = F / 2, else grouped), both kernels used."""
     if kind == "dense":
         model = random_model(lambda rngs: Llama(CFG, rngs=rngs), seed=1, std=0.3)
         vocab = CFG.vocab_size

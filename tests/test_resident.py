@@ -64,7 +64,7 @@ def test_step_reads_only_the_pool(monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(runner_mod, "_step", spy)
     r.pool.sync({0})
-    r._warm_step(r.token_buckets[0], 1)
+    r._warm_step(r.token_buckets[0], 1, r.dispatcher(r.token_buckets[0]))
     args, kwargs = seen["args"]
     compiled = real.lower(*args, **kwargs).compile()
     leaves = jax.tree.leaves((r.params, r.layers(None), r.pool.fast))

@@ -10,7 +10,7 @@ run: Fe = F / 2, so from 2). Its FLOPs are F per token instead of Fe. Outputs eq
 to the order of the down projection's sum (its extra terms are exact zeros).
 
 The serving runner picks it per step from the experts it knows before the step runs (the pre-gating
-router's lookahead, ``serve/paged_runner.py``). Measured on CPU (30 layers, D 576, F 1536, Fe 768, E 5,
+router's lookahead, ``serve/paged_runner.py``; "decode" when the step's experts hold fewer channels). Measured on CPU (30 layers, D 576, F 1536, Fe 768, E 5,
 2 cores): 8 rows over 5 / 2 / 1 experts 22.6 / 22.3 / 22.6 ms vs grouped 52.9 / 27.8 / 17.8; 32 rows 39.1 /
 37.6 / 37.2 vs 80.0 / 42.4 / 24.8; 64 rows over 5 experts 50.3 vs blocked 119; 256 rows over 5 / 2 158 / 156
 vs blocked 192 / 155; the dense FFN 22.0 / 37.4 / 47.0 / 157.6 at 8 / 32 / 64 / 256 rows.
