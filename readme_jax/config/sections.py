@@ -119,7 +119,7 @@ class TrainConfig:
     router_pool_seqs: int = 16      # router-training sequences per domain whose targets are precomputed once
     grad_accum: int = 1             # micro-batches per step (batch % grad_accum == 0)
     router_lr: float = 1e-3
-    expert_lr: float = 1e-4
+    expert_lr: float = 2e-4
     lr_decay: float = 0.8           # lr x lr_decay per round
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0   # global-norm clipping; null = off

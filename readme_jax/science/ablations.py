@@ -53,12 +53,12 @@ def variant_name(overrides) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AblateLrSettings:
-    """Expert learning rate (and the domain mixture at the best one), on a probe schedule every variant shares:
-    ``base`` overrides (default: one round, router_0 + one expert phase of train.expert_steps; with the
-    parent's settings that phase is the parent's own expert_0, reused), then each variant's overrides."""
-    base: tuple[str, ...] = ("train.rounds=1",)
+    """Expert learning rate, on a schedule every variant shares: ``base`` overrides (default: none, the
+    parent's schedule; a variant with the parent's settings reuses its expert phase), then each variant's
+    overrides (default: the former 1e-4, today's 2e-4 and 3e-4)."""
+    base: tuple[str, ...] = ()
     variants: tuple[tuple[str, ...], ...] = (
-        ("train.expert_lr=1e-4",), ("train.expert_lr=1e-3",), ("train.expert_lr=1e-3", "train.mixture=balanced"))
+        ("train.expert_lr=1e-4",), ("train.expert_lr=2e-4",), ("train.expert_lr=3e-4",))
 
 
 def _variants(name: str, parent: Run, settings, progress: bool) -> dict:
