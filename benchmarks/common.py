@@ -222,3 +222,14 @@ def code_root(rev: str, where: Path):
         yield path
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT, capture_output=True)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

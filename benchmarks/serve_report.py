@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.common import error_row, make_row
+from benchmarks.common import error_row, make_row, pyplot
 
 NAME = "serve"
 SYSTEMS = ("ours", "hf_cb", "hf_static")
@@ -92,11 +92,8 @@ def rows_of(result: dict) -> list[dict]:
 
 def plot(result: dict, path: Path) -> Path | None:
     """tokens/s per system and concurrency; stacked step breakdown per model and slots."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     s, rm, cfg = result.get("serving", {}), result.get("readme", {}), result["config"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.common import error_row, make_row
+from benchmarks.common import error_row, make_row, pyplot
 
 NAME = "serve_vllm"
 GOAL_TPS = {8: 1.2, 32: 0.9}
@@ -144,12 +144,9 @@ def rows_of(result: dict) -> list[dict]:
 
 def plot(result: dict, path: Path) -> Path | None:
     """CDFs of TTFT and of per-request TPOT, float32 fixed-length arms, every round pooled."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
+    import numpy as np
+    plt = pyplot()
+    if plt is None:
         return None
     runs = result["phases"].get("float32", {}).get("runs", {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
