@@ -12,11 +12,13 @@ from readme_jax.atomic import atomic_write_text
 
 class MetricsLog:
     """Append-only JSONL of step / eval / stage records (``<run_dir>/metrics.jsonl``); one JSON object a line,
-    each appended and fsynced (a kill mid-write tears at most the last line, which :meth:`records` skips)."""
+    each appended and fsynced (a kill mid-write tears at most the last line, which :meth:`records` skips).
+    ``mirror(record)``, when given, is called after each write (the run's TensorBoard event files)."""
 
-    def __init__(self, path: str | Path, *, enabled: bool = True):
+    def __init__(self, path: str | Path, *, enabled: bool = True, mirror: Callable[[dict], None] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.mirror = mirror
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -26,6 +28,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.mirror is not None:
+            self.mirror(record)
 
     def records(self) -> list[dict]:
         if not self.path.exists():

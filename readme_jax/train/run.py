@@ -27,6 +27,7 @@ from readme_jax.train.checkpointing import phase_done
 from readme_jax.train.hooks import TrainHooks
 from readme_jax.train.metrics_log import MetricsLog
 from readme_jax.train.targets import RouterPool
+from readme_jax.train.tensorboard import TensorBoardMirror
 from readme_jax.train.trainer import Phase, Trainer, phase_dir, phases
 
 
@@ -43,7 +44,8 @@ class Run:
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, hooks: TrainHooks | None = None):
         self.cfg, self.dir, self.progress, self.hooks = cfg, Path(run_dir), progress, hooks
-        self.log = MetricsLog(self.dir / "metrics.jsonl", enabled=jax.process_index() == 0)
+        self.log = MetricsLog(self.dir / "metrics.jsonl", enabled=jax.process_index() == 0,
+                              mirror=TensorBoardMirror(self.dir / "tensorboard", cfg))
         self._model = None
 
     # ------------------------------------------------------------------------------------ paths
@@ -207,10 +209,11 @@ class Run:
         """Record ``model`` as the model after the last round (stage 'rounds' just trained it)."""
         self._model = model
 
-    def model_after(self, phase: Phase, *, fused: bool = True):
+    def model_after(self, phase: Phase, *, fused: bool = True, step: int | None = None):
         """The model right after ``phase``: the extracted model with the last router and the last backbone
-        params of the schedule up to ``phase`` (each from its phase's final checkpoint), experts in the fused
-        per-expert layout (tied tables materialised; ``fused=False``: experts as trained)."""
+        params of the schedule up to ``phase`` (each from its phase's final checkpoint; ``phase``'s own from its
+        kept checkpoint ``step`` when given), experts in the fused per-expert layout (tied tables materialised;
+        ``fused=False``: experts as trained)."""
         sched = phases(self.cfg)
         upto = sched[:sched.index(phase) + 1]
         model = self.fresh_model()
@@ -219,7 +222,7 @@ class Run:
         if missing:
             raise PipelineError(f"{self.dir}/checkpoints: phases {missing} are not finished; run stage 'rounds'")
         for p in {p.kind: p for p in upto}.values():
-            trainer.load_done(p)
+            trainer.load_done(p, step if p == phase else None)
         return model.untied() if fused else model
 
     def trained_model(self):
