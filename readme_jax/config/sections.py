@@ -129,6 +129,7 @@ class TrainConfig:
     checkpoint_every: int | None = None       # optimizer steps between mid-round checkpoints (null: by time)
     checkpoint_seconds: float | None = 300.0  # training seconds between mid-round checkpoints (null: by steps)
     async_checkpoint: bool = False  # write checkpoints in a background thread (+ a copy of the state meanwhile)
+    keep_checkpoints: int | None = 1  # checkpoints kept per phase (null: every one, for `science curve`)
     remat: str = "none"             # activation rematerialisation per layer (REMAT_POLICIES, model/config.py)
     profile_steps: int = 0          # > 0: a profiler trace of that many steps after the first -> <run>/profile
     mixture: str = "natural"        # expert-tuning domain mix: natural (by size) | balanced (equal shares)
@@ -146,6 +147,8 @@ class TrainConfig:
                   grad_accum=self.grad_accum)
         if self.checkpoint_every is not None:
             _positive("train", checkpoint_every=self.checkpoint_every)
+        if self.keep_checkpoints is not None:
+            _positive("train", keep_checkpoints=self.keep_checkpoints)
         if self.checkpoint_seconds is not None and not (isinstance(self.checkpoint_seconds, (int, float))
                                                         and math.isfinite(self.checkpoint_seconds)
                                                         and self.checkpoint_seconds > 0):

@@ -17,6 +17,7 @@ Experiments (each registered in ``EXPERIMENTS`` by one decorator, with its setti
     ablate_calib    calibration size and mask stability
     ablate_refit    closed-form down-projection refit (ridge, tied / fused) at the start of tuning
     ablate_pool     router pool size
+    curve           held-out perplexity at every kept checkpoint against the main job's wall clock
     evaluate        the evaluation suite (readme_jax.eval.suite): perplexity with paired CIs, MC, cloze
 """
 
@@ -31,6 +32,7 @@ from readme_jax.science.calib import ablate_calib
 from readme_jax.science.refit import ablate_refit
 from readme_jax.science.pool import ablate_pool
 from readme_jax.science.evaluate import evaluate
+from readme_jax.science.curve import curve
 from readme_jax.science.settings import EXPERIMENTS
 
 __all__ = ["EXPERIMENTS", *EXPERIMENTS.names()]

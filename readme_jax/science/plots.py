@@ -75,6 +75,27 @@ def lines(xs: Sequence[float], ys: Mapping[str, Sequence[float]], path: Path, *,
     return _save(fig, path)
 
 
+def domain_curves(curves: Mapping[str, Sequence[Mapping]], dense: Mapping[str, float], path: Path, *,
+                  goal_ratio: float) -> Path:
+    """One panel per domain: each series' perplexity over wall clock (``curves[series]`` = points
+    ``{"seconds", "ppl": {domain: ppl}}``), the dense parent's perplexity solid and ``goal_ratio`` x it dashed."""
+    plt = _plt()
+    domains = list(dense)
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for name, pts in curves.items():
+            ax.plot([p["seconds"] / 60 for p in pts], [p["ppl"][d] for p in pts], marker="o", label=name)
+        ax.axhline(dense[d], color="k", linewidth=0.8, label="dense parent")
+        ax.axhline(goal_ratio * dense[d], color="k", linestyle="--", linewidth=0.8, label=f"{goal_ratio}x dense")
+        ax.set_yscale("log")
+        ax.set_title(d, fontsize=10)
+        ax.set_xlabel("main job wall clock (min)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def heatmaps(mats: Mapping[str, np.ndarray], path: Path, *, title: str, labels: Sequence[str] | None = None) -> Path:
     """A row of row-normalised heatmaps (e.g. P(expert at l+1 | expert at l) for a few depths)."""
     plt = _plt()

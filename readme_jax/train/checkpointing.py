@@ -88,10 +88,11 @@ def unflatten(template, flat: dict[str, Any], what: str):
 class PhaseCheckpoints:
     """Checkpoints of one phase (one CheckpointManager directory).
 
-    One step is kept: orbax finalises the new step before it deletes the old one, so a crash never leaves
-    a phase without a complete checkpoint, and a 135M backbone with its Adam state is ~2.7 GB per step."""
+    ``max_to_keep`` steps are kept (default one; ``train.keep_checkpoints``, None: all, which ``science curve``
+    evaluates): orbax finalises the new step before it deletes the old one, so a crash never leaves a phase
+    without a complete checkpoint, and a 135M backbone with its Adam state is ~1.4 GB per step (tied experts)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 1, async_write: bool = False):
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = 1, async_write: bool = False):
         self.directory = Path(directory).absolute()
         self.async_write = async_write
         self.manager = ocp.CheckpointManager(
@@ -102,6 +103,10 @@ class PhaseCheckpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every kept step, ascending (``max_to_keep`` None keeps them all)."""
+        return sorted(self.manager.all_steps())
 
     def meta(self, step: int | None = None) -> dict | None:
         """The JSON meta of ``step`` (default: latest), or None when there is no checkpoint."""

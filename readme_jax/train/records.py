@@ -31,6 +31,7 @@ BEFORE_KEY: dict[str, Any] = {"train.experts": "fused", "extract.refit": False}
 # Keys of how a stage runs, not of what it computes (checkpoint cadence and writes, profiling): a resumed run
 # may change them, and they never make a stage stale.
 OPERATIONAL = frozenset({"train.checkpoint_every", "train.checkpoint_seconds", "train.async_checkpoint",
+                         "train.keep_checkpoints",
                          "train.profile_steps"})
 
 

@@ -52,7 +52,7 @@ class Stage:
 
 
 # ------------------------------------------------------------------------------------- evaluations
-def _perplexity(run: Run, model) -> dict:
+def heldout_perplexity(run: Run, model) -> dict:
     from readme_jax.eval.perplexity import evaluate_perplexity
     ev = run.cfg.eval
     return evaluate_perplexity(model, run.tokenizer, run.corpus, seq_len=ev.seq_len, max_tokens=ev.max_tokens,
@@ -74,7 +74,7 @@ def heldout_routing(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def moe_metrics(run: Run, model) -> dict:
     """Perplexity per domain, plus the routing metrics of :func:`readme_jax.eval.routing.routing_metrics` on
     the same held-out windows (only the router runs; the targets are cached)."""
-    out = {"ppl": _perplexity(run, model)}
+    out = {"ppl": heldout_perplexity(run, model)}
     routed = {d: (route_windows(model.router, inputs, batch=run.cfg.eval.batch), target)
               for d, (inputs, target) in heldout_routing(run).items()}
     out.update(routing_metrics(routed, num_experts=run.masks.num_experts))
@@ -142,7 +142,7 @@ def stage_corpus(run: Run) -> None:
 
 
 def stage_dense_eval(run: Run) -> None:
-    record_eval(run, "dense", {"ppl": _perplexity(run, run.dense)})
+    record_eval(run, "dense", {"ppl": heldout_perplexity(run, run.dense)})
 
 
 def _train_sequences(run: Run, domain: str, seq_len: int, count: int, what: str, fix: str):

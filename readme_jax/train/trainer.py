@@ -115,7 +115,9 @@ class Trainer:
         return self._steps[phase.kind]
 
     def checkpoints(self, phase: Phase) -> PhaseCheckpoints:
-        return PhaseCheckpoints(phase_dir(self.run_dir, phase), async_write=self.cfg.train.async_checkpoint)
+        t = self.cfg.train
+        return PhaseCheckpoints(phase_dir(self.run_dir, phase), async_write=t.async_checkpoint,
+                                max_to_keep=t.keep_checkpoints)
 
     def is_done(self, phase: Phase) -> bool:
         return phase_done(phase_dir(self.run_dir, phase))
@@ -138,12 +140,13 @@ class Trainer:
                 f"{' (written before train.experts existed)' if 'experts' not in meta else ''}, this run asks "
                 f"for train.experts={want}; rerun with train.experts={have} to resume it, or use another --run-dir")
 
-    def load_done(self, phase: Phase) -> None:
-        """Put a completed phase's final trainable params into the model."""
+    def load_done(self, phase: Phase, step: int | None = None) -> None:
+        """Put a completed phase's final trainable params (or those of its kept checkpoint ``step``) into the
+        model."""
         _, trainable, _ = self._split(phase)
         ck = self.checkpoints(phase)
         self._check_layout(phase, ck)
-        params, _, _ = ck.restore(trainable)
+        params, _, _ = ck.restore(trainable, step=step)
         nnx.update(self.model, params)
 
     def _dataset(self, phase: Phase):
