@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from readme_jax.extract.masks import build_masks
-from readme_jax.extract.refit import refit_fused, refit_tied
+from readme_jax.extract.refit import refit_fused, refit_pruned, refit_tied
 
 E, L, F, D, N, RIDGE = 3, 2, 12, 5, 40, 0.05
 
@@ -64,6 +64,29 @@ def test_tied_refit_is_joint_lstsq_over_domains(problem):
         np.testing.assert_allclose(got[l][used], want, rtol=1e-4, atol=1e-5)
         unused = np.flatnonzero(~masks.domain[:, l].any(0))
         np.testing.assert_array_equal(got[l][unused], w_down[l][unused].astype(np.float32))
+
+
+def test_pruned_refit_is_lstsq_over_the_pooled_domains(problem):
+    """The equal-size dense baseline's refit: one channel set for all tokens; each domain's rows weighted by
+    its token share (sqrt(w_e) on its rows = w_e in the normal equations), the ridge on the pooled Gram."""
+    _, acts, w_down, grams = problem
+    rng = np.random.default_rng(1)
+    channels = np.sort(np.stack([rng.permutation(F)[:F // 2] for _ in range(L)]), axis=1)
+    weights = np.array([5.0, 1.0, 2.0])
+    got = refit_pruned(w_down, grams, weights, channels, ridge=RIDGE)
+    w = weights / weights.sum()
+    for l in range(L):
+        ch = channels[l]
+        a = np.vstack([np.sqrt(w[e]) * acts[e, l][:, ch] for e in range(E)])
+        y = np.vstack([np.sqrt(w[e]) * acts[e, l] @ w_down[l] for e in range(E)])
+        g = sum(w[e] * grams[e, l] for e in range(E))
+        lam = RIDGE * np.mean(np.diag(g[np.ix_(ch, ch)]))
+        a = np.vstack([a, np.sqrt(lam * N) * np.eye(len(ch))])
+        y = np.vstack([y, np.sqrt(lam * N) * w_down[l][ch]])
+        want = np.linalg.lstsq(a, y, rcond=None)[0]
+        np.testing.assert_allclose(got[l], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="disagree"):
+        refit_pruned(w_down, grams, weights[:2], channels, ridge=RIDGE)
 
 
 def test_refit_rejects_bad_input(problem):

@@ -160,3 +160,74 @@ def test_ablate_refit_rows_and_the_ridge_limit(tiny_run, tmp_path):
         assert rows[f"{form}, ridge 0.001"] != rows["no refit"]
     folder = run_dir / "science" / "ablate_refit"
     assert (folder / "grams.npy").is_file() and (folder / "table.md").is_file() and (folder / "ppl.png").is_file()
+
+
+def test_curve_evaluates_every_kept_checkpoint(tiny_run, tmp_path):
+    """The tiny run keeps every checkpoint (``train.keep_checkpoints=null``; the default keeps one) and
+    ``science curve`` puts one point per kept step between router_0 and the final evaluation, on the run's wall
+    clock; a ``compare`` run without its curve is refused."""
+    import shutil
+    import numpy as onp
+    from readme_jax.errors import PipelineError
+    from readme_jax.science.curve import CurveSettings, curve
+    from readme_jax.science.folder import parent_run
+    from readme_jax.train.checkpointing import PhaseCheckpoints
+    from readme_jax.train.trainer import phases
+    for keep, want in ((1, [3]), (None, [1, 2, 3])):
+        ck = PhaseCheckpoints(tmp_path / f"keep{keep}", max_to_keep=keep)
+        for s in (1, 2, 3):
+            ck.save(s, {"w": onp.zeros(2)}, {"m": onp.zeros(2)}, {"done": s == 3})
+        assert ck.steps() == want
+        ck.close()
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    child = parent_run(run_dir, progress=False)
+    experts = [p for p in phases(child.cfg) if p.kind == "expert"]
+    every = child.cfg.train.checkpoint_every
+    kept = {p.name: PhaseCheckpoints(child.phase_dir(p)).steps() for p in experts}
+    assert all(k == list(range(every, p.steps + 1, every)) for p, k in zip(experts, kept.values()))
+    res = curve(child, CurveSettings(), progress=False)
+    pts = res["curves"]["run"]
+    mids = [f"{p.name} step {s}" for p in experts for s in kept[p.name] if p != experts[-1] or s != p.steps]
+    assert [p["label"] for p in pts] == ["router_0", *mids, "final"]
+    secs = [p["seconds"] for p in pts]
+    assert all(a < b for a, b in zip(secs, secs[1:])) and secs[0] > 0
+    final = json.loads(child.eval_path("final").read_text())["ppl"]
+    assert pts[-1]["ppl"] == {d: v["ppl"] for d, v in final.items()}
+    mid = [tuple(p["ppl"].values()) for p in pts[1:-1]]
+    assert len(set(mid)) == len(mid) and all(np.isfinite(m).all() for m in mid)
+    assert pts[1]["ppl"] != pts[0]["ppl"]
+    assert (child.dir / "science" / "curve" / "ppl_vs_time.png").stat().st_size > 0
+    with pytest.raises(PipelineError, match="run python -m readme_jax.science curve"):
+        curve(child, CurveSettings(compare=(str(tmp_path / "none"),)), progress=False)
+
+
+def test_dense_baseline_refit_and_equal_wall_time(tiny_run, tmp_path):
+    """The equal-size dense baseline on the tiny run: its down-projections refit as the parent's experts were,
+    its steps scaled by the measured step-time ratio (kept as a part, so a rerun reuses it), evaluated; a parent
+    tuned with distillation is refused."""
+    import shutil
+    from readme_jax.errors import PipelineError
+    from readme_jax.science.dense_baseline import DenseBaselineSettings, dense_baseline
+    from readme_jax.science.folder import parent_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    parent = parent_run(run_dir, progress=False)
+    res = dense_baseline(parent, DenseBaselineSettings(), progress=False)
+    t = parent.cfg.train
+    timing = json.loads((run_dir / "science" / "dense_baseline" / "parts" / "wall_time.json").read_text())
+    assert timing["readme_step_seconds"] > 0 and timing["baseline_step_seconds"] > 0
+    ratio = timing["readme_step_seconds"] / timing["baseline_step_seconds"]
+    assert res["steps"] == t.rounds * max(1, round(t.expert_steps * ratio))
+    assert res["refit"] == parent.cfg.extract.refit and res["wall_time"] == timing
+    losses = json.loads((run_dir / "science" / "dense_baseline" / "parts" / "losses.json").read_text())
+    assert len(losses) == res["steps"]
+    for d, v in res["ppl"]["equal-size dense (tuned)"].items():
+        assert np.isfinite(v["ppl"])
+    again = dense_baseline(parent, DenseBaselineSettings(), progress=False)      # resumed from its parts
+    assert again["ppl"] == res["ppl"] and again["steps"] == res["steps"]
+    from readme_jax.config import load_config
+    from readme_jax.train.run import Run
+    kd = Run(load_config(run_dir / "config.yaml", ["train.expert_loss=kd"]), run_dir, progress=False)
+    with pytest.raises(PipelineError, match="expert_loss=kd"):
+        dense_baseline(kd, DenseBaselineSettings(), progress=False)

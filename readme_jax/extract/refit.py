@@ -11,6 +11,8 @@ tokens, G = aᵀa / N [F, F], the dense output is y = a W, W = w_down [F, D], an
 s = mean diagonal of G_SS (so ``ridge`` is scale-free); the ridge pulls towards the dense rows, not to 0.
 
 * ``fused`` experts: one solve per (layer, expert) over its domain's Gram -> [L, E, Fe, D].
+* ``pruned`` dense FFN (the equal-size dense baseline, ``science dense_baseline``): one channel set per layer
+  for every token, fitted on the Gram of all domains together (the token-weighted mean of theirs) -> [L, Fe, D].
 * ``tied`` channel tables: every channel has one row, shared by the experts that hold it, so the rows are
   fitted jointly: the sum over domains of each domain's error with its own expert,
   (sum_e P_e (G_e,SS + ridge s_e I) P_eᵀ) V = sum_e P_e (G_e,S: W + ridge s_e W_S) -> [L, F, D] (a channel no
@@ -78,6 +80,27 @@ def refit_tied(w_down: np.ndarray, grams: np.ndarray, masks: ExpertMasks, *, rid
         used = masks.domain[:, l].any(0)
         idx = np.flatnonzero(used)
         out[l, idx] = np.linalg.solve(a_all[np.ix_(idx, idx)], b_all[idx])
+    return out
+
+
+def refit_pruned(w_down: np.ndarray, grams: np.ndarray, weights: np.ndarray, channels: np.ndarray, *,
+                 ridge: float) -> np.ndarray:
+    """w_down [L, F, D] (dense), grams [E, L, F, F] (per domain), weights [E] (each domain's share of the
+    tokens), channels <int>[L, Fe] (kept per layer) -> the pruned FFN's w_down [L, Fe, D], each layer solved on
+    the pooled Gram sum_e weights[e] grams[e, l]."""
+    w_down, channels = np.asarray(w_down), np.asarray(channels)
+    w = np.asarray(weights, np.float64)
+    E, L, F = grams.shape[0], w_down.shape[0], w_down.shape[1]
+    if grams.shape != (E, L, F, F) or w.shape != (E,) or channels.ndim != 2 or channels.shape[0] != L:
+        raise ValueError(f"refit_pruned: w_down {w_down.shape}, grams {grams.shape}, weights {w.shape} and channels "
+                         f"{channels.shape} disagree (want [L, F, D], [E, L, F, F], [E], [L, Fe])")
+    if not (np.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"refit: ridge must be a finite value > 0, got {ridge}")
+    w = w / w.sum()
+    out = np.empty((L, channels.shape[1], w_down.shape[-1]), np.float32)
+    for l in range(L):
+        g = sum(w[e] * np.asarray(grams[e, l], np.float64) for e in range(E))
+        out[l] = np.linalg.solve(*_system(g, w_down[l], channels[l], ridge))
     return out
 
 
