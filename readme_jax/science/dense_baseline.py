@@ -120,7 +120,8 @@ def step_seconds(model: nnx.Module, run: Run, phase, *, steps: int = 3) -> float
     """Median seconds of one tuning update of ``model`` (``phase``'s batch), over ``steps`` updates after the
     one that compiles, on a copy of its params (``model`` is not changed)."""
     mesh = train_mesh(run.cfg)
-    step, trainable, opt_state, peak, batches = _phase_step(nnx.clone(model), run, phase, mesh)
+    step, trainable, opt_state, peak, batches = _phase_step(model, run, phase, mesh)
+    trainable = jax.tree.map(jnp.copy, trainable)          # the step donates its inputs: never the model's own
     times = []
     for _ in range(steps + 1):
         b = next(batches)
