@@ -80,7 +80,8 @@ def run_curve(run: Run, part) -> list[dict]:
         if len(ticks) < p.steps:
             raise PipelineError(f"{run.dir}/metrics.jsonl: phase {p.name} records {len(ticks)} of its {p.steps} steps")
         if p.kind == "router" and p.round == 0:
-            points.append(_point("router_0", elapsed + ticks[-1], json.loads(run.eval_path("router_0").read_text())["ppl"]))
+            r0 = json.loads(run.eval_path("router_0").read_text())["ppl"]
+            points.append(_point("router_0", elapsed + ticks[-1], r0))
         if p.kind == "expert":
             last = p == sched[-1]
             for s in PhaseCheckpoints(run.phase_dir(p)).steps():

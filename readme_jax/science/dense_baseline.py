@@ -96,7 +96,8 @@ def _phase_step(model: nnx.Module, run: Run, phase, mesh):
 
 def _update(step, trainable, opt_state, peak, batch, run: Run, mesh):
     from readme_jax.parallel.mesh import shard_batch
-    micro = {k: steps_lib.microbatches(batch[k], run.cfg.train.grad_accum) for k in ("input_ids", "targets", "loss_mask")}
+    micro = {k: steps_lib.microbatches(batch[k], run.cfg.train.grad_accum)
+             for k in ("input_ids", "targets", "loss_mask")}
     return step(trainable, opt_state, nnx.State({}), shard_batch(micro, mesh, axis=1), peak)
 
 
