@@ -50,3 +50,14 @@ def test_eval_steps_follow_the_schedule():
     cfg = load_config(None, ["train.rounds=2", "train.expert_steps=5"])
     assert [expert_steps_before(cfg, t) for t in ("dense", "router_0", "expert_0", "router_1", "final")] == \
         [0, 0, 5, 5, 10]
+
+
+def test_mirrors_of_one_folder_share_one_event_file(tmp_path):
+    from readme_jax.train.tensorboard import TensorBoardMirror
+    cfg = load_config(None)
+    for i in (1, 2):                                            # e.g. one Run per stage of a science variant
+        TensorBoardMirror(tmp_path / "tb", cfg)({"event": "step", "phase": "expert_0", "step": i, "loss": 1.0 / i,
+                                                 "ok": True})
+    TensorBoardMirror(tmp_path / "tb", cfg)({"event": "other"})            # no scalars: nothing written
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    assert read_scalars(tmp_path / "tb") == {"expert_0/loss": {1: 1.0, 2: 0.5}}

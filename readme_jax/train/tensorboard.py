@@ -9,15 +9,27 @@ Scalars, from each record :class:`~readme_jax.train.metrics_log.MetricsLog` writ
          the evaluated model was taken (router_0: 0; final: all), so they draw a curve; the dense parent's
          as ``dense/ppl_<domain>`` (step 0)
   stage  ``stage_seconds/<stage>``
-The writer is opened at the first record (a folder only read, e.g. a science parent, gets none) and flushed
-after every record (a few a minute).
+The event file is opened at the first record (a folder only read, e.g. a science parent, gets none), shared
+by every mirror of that folder in the process (the pipeline builds a ``Run`` per stage in science variants: one
+event file per folder and process, not per ``Run``), and each record is written and flushed synchronously
+(tensorboardX's ``EventsWriter``: its ``SummaryWriter`` queues events for a background thread, so a record
+could still be in memory when a run is killed; here a few records a minute).
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 from readme_jax.config import Config
+
+
+@functools.cache
+def _writer(directory: Path):
+    from tensorboardX.event_file_writer import EventsWriter
+    directory.mkdir(parents=True, exist_ok=True)
+    return EventsWriter(str(directory / "events"))
 
 
 def expert_steps_before(cfg: Config, tag: str) -> int:
@@ -38,19 +50,19 @@ class TensorBoardMirror:
     """A callable that writes one metrics record's scalars to ``directory`` (see the module docstring)."""
 
     def __init__(self, directory: str | Path, cfg: Config):
-        self.directory, self.cfg = Path(directory), cfg
-        self._writer = None
+        self.directory, self.cfg = Path(directory).absolute(), cfg
 
     def __call__(self, record: dict) -> None:
         scalars = self.scalars(record)
         if not scalars:
             return
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(self.directory))
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        writer, now = _writer(self.directory), time.time()
         for tag, value, step in scalars:
-            self._writer.add_scalar(tag, value, step)
-        self._writer.flush()
+            writer.write_event(Event(wall_time=now, step=step,
+                                     summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
+        writer.flush()
 
     def scalars(self, record: dict) -> list[tuple[str, float, int]]:
         """[(tag, value, step)] of one record."""
@@ -66,8 +78,3 @@ class TensorBoardMirror:
         if event == "stage":
             return [(f"stage_seconds/{record['stage']}", float(record["seconds"]), 0)]
         return []
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
