@@ -112,7 +112,7 @@ class TrainConfig:
 
     rounds: int = 1
     router_steps: int = 100         # optimizer steps per router round
-    expert_steps: int = 64          # optimizer steps per expert round
+    expert_steps: int = 40          # optimizer steps per expert round
     router_batch: int = 16          # sequences per router step (all micro-batches together)
     expert_batch: int = 4           # sequences per expert step
     seq_len: int = 512

@@ -100,11 +100,11 @@ def ablate_quality(parent: Run, settings, *, progress: bool = True) -> dict:
 @dataclasses.dataclass(frozen=True)
 class AblateBudgetSettings:
     """Where a faster expert step's freed time goes: the parent's schedule with more expert steps (default
-    variant: 90, 1.4x the default's 64), each variant a fork that reuses everything before its expert phase.
-    Measured on a 28-step parent with the variant 40, then on a 40-step parent with 72: lower final perplexity
-    on every domain each time (README); the default is 64 since (the 20-minute budget with a margin)."""
+    variant: 56, 1.4x the default's 40), each variant a fork that reuses everything before its expert phase.
+    Measured on a 28-step parent with the variant 40: lower final perplexity on every domain (README), the
+    default since."""
     base: tuple[str, ...] = ()
-    variants: tuple[tuple[str, ...], ...] = (("train.expert_steps=90",),)
+    variants: tuple[tuple[str, ...], ...] = (("train.expert_steps=56",),)
 
 
 @EXPERIMENTS.register("ablate_budget", AblateBudgetSettings)
