@@ -32,7 +32,6 @@ from readme_jax.science.folder import Experiment, markdown_table
 from readme_jax.science.plots import grouped_bars
 from readme_jax.science.settings import EXPERIMENTS
 from readme_jax.train import steps as steps_lib
-from readme_jax.train.losses import lm_loss
 from readme_jax.train.optim import make_optimizer
 from readme_jax.train.preflight import train_mesh
 from readme_jax.train.run import Run, say
@@ -70,16 +69,19 @@ def prune_ffn(dense: Llama, channels: np.ndarray) -> Llama:
 
 def _phase_step(model: nnx.Module, run: Run, phase, mesh):
     """(step, trainable, opt_state, peak lr, batches) of LM-loss tuning of every param of ``model`` for one
-    expert Phase (steps, batch, peak lr, seed), with the run's data stream, mixture and optimizer settings."""
+    expert Phase (steps, batch, peak lr, seed), with the run's data stream, mixture and optimizer settings; the
+    loss as Read-ME's expert step computes it (``tok.weighted_loss``), so equal wall time compares like with like."""
     from readme_jax.data.pipeline import mixed_dataset
     from readme_jax.parallel.mesh import replicated
     from readme_jax.parallel.sharding import place
     t = run.cfg.train
     graphdef, trainable = nnx.split(model, nnx.Param)
 
-    def loss_fn(tr, frozen, mb):
-        nll = nnx.merge(graphdef, tr).token_nll(mb["input_ids"], mb["targets"])
-        loss, _ = lm_loss(nll, mb["loss_mask"])
+    def loss_fn(tr, frozen, mb):                  # as Read-ME's expert step: the head's gradient in its forward
+        model = nnx.merge(graphdef, tr)
+        x, _, _ = model.hidden_states(mb["input_ids"])
+        mask = mb["loss_mask"].astype(jnp.float32)
+        loss, _, _ = model.tok.weighted_loss(x, mb["targets"], mask / jnp.maximum(jnp.sum(mask), 1.0))
         return loss, {}
 
     weights = None if t.mixture == "natural" else [1.0] * len(run.corpus.domains)
