@@ -75,6 +75,17 @@ def run_curve(run: Run, part) -> list[dict]:
     sched = phases(run.cfg)
     points, elapsed = [], t0
     final = json.loads(run.eval_path("final").read_text())
+    built = {}             # phase -> the extracted model with that phase's router, built once per phase; each
+                           # of its checkpoints is loaded into it (an expert phase trains every backbone param)
+
+    def model_at(p, s):
+        if p.name not in built:
+            built.clear()
+            built[p.name] = run.model_after(p, fused=False, step=s)
+        else:
+            run.trainer(built[p.name]).load_done(p, s)
+        return built[p.name].untied()
+
     for p in sched:
         ticks = clock.get(p.name, [])
         if len(ticks) < p.steps:
@@ -88,7 +99,7 @@ def run_curve(run: Run, part) -> list[dict]:
                 if last and s == p.steps:
                     continue                            # the final evaluation below
                 say(f"[curve] {run.dir.name}: {p.name} step {s}")
-                ppl = part(f"{p.name}_{s}", lambda p=p, s=s: heldout_perplexity(run, run.model_after(p, step=s)))
+                ppl = part(f"{p.name}_{s}", lambda p=p, s=s: heldout_perplexity(run, model_at(p, s)))
                 points.append(_point(f"{p.name} step {s}", elapsed + ticks[s - 1], ppl))
         elapsed += ticks[-1]
     points.append(_point("final", elapsed, final["ppl"]))
