@@ -36,9 +36,10 @@ def thread_env(base: dict[str, str] | None = None, threads: int = NUM_THREADS) -
     """An environment for a child process: XLA and torch/OpenMP/MKL limited to ``threads`` threads."""
     env = dict(os.environ if base is None else base)
     flags = env.get("XLA_FLAGS", "")
-    # A parent under pytest may simulate 8 devices and turn LLVM's optimisation off (tests/conftest.py); a
-    # benchmark measures one real CPU device compiled as users compile.
-    test_only = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level")
+    # A parent under pytest may simulate 8 devices and turn LLVM's optimisation and the fusion emitters off
+    # (tests/conftest.py); a benchmark measures one real CPU device compiled as users compile.
+    test_only = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level",
+                 "--xla_cpu_use_fusion_emitters")
     flags = " ".join(f for f in flags.split() if not f.startswith(test_only))
     env["XLA_FLAGS"] = (flags + " " + XLA_THREAD_FLAGS).strip()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

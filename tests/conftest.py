@@ -16,11 +16,12 @@ test module is collected (see tests/test_registries.py).
 import os
 
 # 8 simulated CPU devices; LLVM's optimisation passes off (~25% less compile time: the suite is mostly compiling tiny
-# models; the same checks run). The CLIs the tests start keep that flag (tests/tiny_run.cli_env: a run in a fresh
-# process equals one in-process bit for bit, which the pipeline tests check); the benchmarks' children
-# (benchmarks.common.thread_env) drop both flags and compile as users do.
+# models; the same checks run) and XLA CPU's fusion emitters off (its older loop emitters: a tiny Read-ME engine's
+# packed step compiles in half the time, 1.5 s vs 3.0 s). The CLIs the tests start keep those flags
+# (tests/tiny_run.cli_env: a run in a fresh process equals one in-process bit for bit, which the pipeline tests
+# check); the benchmarks' children (benchmarks.common.thread_env) drop them and compile as users do.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+                           " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 #: A folder the whole session shares, made by its first process (the xdist controller; its workers inherit the
 #: variable) and removed when that process exits: the tiny run (built by whichever worker asks first) and the
