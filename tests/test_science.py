@@ -231,3 +231,29 @@ def test_dense_baseline_refit_and_equal_wall_time(tiny_run, tmp_path):
     kd = Run(load_config(run_dir / "config.yaml", ["train.expert_loss=kd"]), run_dir, progress=False)
     with pytest.raises(PipelineError, match="expert_loss=kd"):
         dense_baseline(kd, DenseBaselineSettings(), progress=False)
+
+
+@pytest.mark.slow(reason="compiles the tiny baseline's tuning step twice")
+@pytest.mark.parametrize("freeze", [False, True])
+def test_dense_baseline_tunes_what_the_parents_expert_step_tunes(tiny_run, freeze):
+    """``tune_lm`` follows ``train.freeze_embedding`` as Read-ME's expert step does: a frozen tied embedding (the
+    head) is left exactly as it was, every other weight moves; unfrozen, the embedding moves too."""
+    import dataclasses
+    from readme_jax.config import load_config
+    from readme_jax.science.dense_baseline import tune_lm
+    from readme_jax.train.run import Run
+    from readme_jax.train.trainer import phases
+    run_dir = tiny_run[0]
+    run = Run(load_config(run_dir / "config.yaml", [f"train.freeze_embedding={str(freeze).lower()}"]), run_dir,
+              progress=False)
+    model = run.dense
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    schedule = [dataclasses.replace(p, steps=2) for p in phases(run.cfg) if p.kind == "expert"][:1]
+    logged = []
+    tune_lm(model, run, schedule, log=logged.append, progress=False)
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert len(logged) == 2 and all(np.isfinite(r["loss"]) for r in logged)
+    moved = {"/".join(map(str, k)): not np.array_equal(before[k], after[k]) for k in before}
+    embed = [k for k in moved if "embed" in k]
+    assert embed and all(moved[k] != freeze for k in embed), moved
+    assert all(moved[k] for k in moved if "embed" not in k), moved

@@ -68,51 +68,55 @@ def prune_ffn(dense: Llama, channels: np.ndarray) -> Llama:
 
 
 def _phase_step(model: nnx.Module, run: Run, phase, mesh):
-    """(step, trainable, opt_state, peak lr, batches) of LM-loss tuning of every param of ``model`` for one
-    expert Phase (steps, batch, peak lr, seed), with the run's data stream, mixture and optimizer settings; the
-    loss as Read-ME's expert step computes it (``tok.weighted_loss``), so equal wall time compares like with like."""
+    """(step, trainable, frozen, opt_state, peak lr, batches) of LM-loss tuning of ``model`` for one expert Phase
+    (steps, batch, peak lr, seed), with the run's data stream, mixture and optimizer settings; what Read-ME's
+    expert step trains (every param, the tied embedding / head kept as it is with ``train.freeze_embedding``)
+    and its loss as that step computes it (``tok.weighted_loss``), so equal wall time compares like with like."""
     from readme_jax.data.pipeline import mixed_dataset
     from readme_jax.parallel.mesh import replicated
     from readme_jax.parallel.sharding import place
     t = run.cfg.train
-    graphdef, trainable = nnx.split(model, nnx.Param)
+    graphdef, trainable, frozen = nnx.split(
+        model, steps_lib.trainable_filter("expert", freeze_embedding=t.freeze_embedding), ...)
 
-    def loss_fn(tr, frozen, mb):                  # as Read-ME's expert step: the head's gradient in its forward
-        model = nnx.merge(graphdef, tr)
+    def loss_fn(tr, fr, mb):                      # as Read-ME's expert step: the head's gradient in its forward
+        model = nnx.merge(graphdef, tr, fr)
         x, _, _ = model.hidden_states(mb["input_ids"])
         mask = mb["loss_mask"].astype(jnp.float32)
-        loss, _, _ = model.tok.weighted_loss(x, mb["targets"], mask / jnp.maximum(jnp.sum(mask), 1.0))
+        loss, _, _ = model.tok.weighted_loss(x, mb["targets"], mask / jnp.maximum(jnp.sum(mask), 1.0),
+                                             head_grad=not t.freeze_embedding)
         return loss, {}
 
     weights = None if t.mixture == "natural" else [1.0] * len(run.corpus.domains)
     tx = make_optimizer(1.0, phase.steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
-    sh = steps_lib.StepShardings.of(trainable, nnx.State({}), tx, mesh)
+    sh = steps_lib.StepShardings.of(trainable, frozen, tx, mesh)
     step = steps_lib.TrainStep(loss_fn, tx, sh)
-    trainable = place(trainable, sh.trainable)
+    trainable, frozen = place(trainable, sh.trainable), place(frozen, sh.frozen)
     opt_state = sh.init_opt_state(tx, trainable)
     peak = place(jnp.asarray(phase.peak_lr, jnp.float32), replicated(mesh))
     batches = iter(mixed_dataset(run.corpus, run.tokenizer, t.seq_len, phase.batch, phase.seed, split="train",
                                  weights=weights))
-    return step, trainable, opt_state, peak, batches
+    return step, trainable, frozen, opt_state, peak, batches
 
 
-def _update(step, trainable, opt_state, peak, batch, run: Run, mesh):
+def _update(step, trainable, frozen, opt_state, peak, batch, run: Run, mesh):
     from readme_jax.parallel.mesh import shard_batch
     micro = {k: steps_lib.microbatches(batch[k], run.cfg.train.grad_accum)
              for k in ("input_ids", "targets", "loss_mask")}
-    return step(trainable, opt_state, nnx.State({}), shard_batch(micro, mesh, axis=1), peak)
+    return step(trainable, opt_state, frozen, shard_batch(micro, mesh, axis=1), peak)
 
 
 def tune_lm(model: nnx.Module, run: Run, schedule: list, *, log, progress: bool = True) -> None:
-    """LM-loss tuning of every param of ``model`` (in place) over ``schedule`` (expert Phases: steps, batch,
-    peak lr, seed), with the run's data stream, mixture, optimizer settings and mesh."""
+    """LM-loss tuning of ``model`` (in place; what Read-ME's expert step trains, see ``_phase_step``) over
+    ``schedule`` (expert Phases: steps, batch, peak lr, seed), with the run's data stream, mixture, optimizer
+    settings and mesh."""
     mesh = train_mesh(run.cfg)
     for phase in schedule:
-        step, trainable, opt_state, peak, batches = _phase_step(model, run, phase, mesh)
+        step, trainable, frozen, opt_state, peak, batches = _phase_step(model, run, phase, mesh)
         for i in tqdm(range(phase.steps), desc=f"dense baseline {phase.name}", disable=not progress):
             b = next(batches)
             t0 = time.perf_counter()
-            trainable, opt_state, metrics = _update(step, trainable, opt_state, peak, b, run, mesh)
+            trainable, opt_state, metrics = _update(step, trainable, frozen, opt_state, peak, b, run, mesh)
             host = steps_lib.check_finite(metrics, phase=f"dense baseline {phase.name}", step=i + 1)
             log({"phase": phase.name, "step": i + 1, "loss": float(host["loss"]),
                  "seconds": round(time.perf_counter() - t0, 3)})
@@ -123,13 +127,13 @@ def step_seconds(model: nnx.Module, run: Run, phase, *, steps: int = 3) -> float
     """Median seconds of one tuning update of ``model`` (``phase``'s batch), over ``steps`` updates after the
     one that compiles, on a copy of its params (``model`` is not changed)."""
     mesh = train_mesh(run.cfg)
-    step, trainable, opt_state, peak, batches = _phase_step(model, run, phase, mesh)
+    step, trainable, frozen, opt_state, peak, batches = _phase_step(model, run, phase, mesh)
     trainable = jax.tree.map(jnp.copy, trainable)          # the step donates its inputs: never the model's own
     times = []
     for _ in range(steps + 1):
         b = next(batches)
         t0 = time.perf_counter()
-        trainable, opt_state, metrics = _update(step, trainable, opt_state, peak, b, run, mesh)
+        trainable, opt_state, metrics = _update(step, trainable, frozen, opt_state, peak, b, run, mesh)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
