@@ -1,6 +1,8 @@
 """Expert-step benchmark: the expert step when issue 19 was filed (the code of a base commit, run from a git
 worktree of it: fused per-expert weights, LM loss) vs this checkout's default step (tied experts, LM loss, the
-configured default) and its distillation variant (tied, ``train.expert_loss=kd``); same model shape, same batch.
+configured default), its distillation variant (tied, ``train.expert_loss=kd``) and its frozen-embedding variant
+(tied, LM loss, ``train.freeze_embedding=true``: no gradient or optimizer state for the tied embedding / head);
+same model shape, same batch.
 
     python -m benchmarks train_step            # SmolLM2-135M shapes, 4 x 512 tokens, E = 5, f32, 2 threads
     python -m benchmarks train_step --quick    # a tiny model (smoke)
@@ -37,8 +39,9 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
             head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
 #: the expert step as issue 19 found it: main before the branch that added tied experts and distillation
 BASE = "6c533fa^1"
-#: variant -> (tied experts, expert loss); "base" runs the base commit's code
-VARIANTS = {"base": (False, "lm"), "default": (True, "lm"), "kd": (True, "kd")}
+#: variant -> (tied experts, expert loss, frozen embedding); "base" runs the base commit's code
+VARIANTS = {"base": (False, "lm", False), "default": (True, "lm", False), "kd": (True, "kd", False),
+            "frozen": (True, "lm", True)}
 
 
 def _matmul_peak(jax, jnp, n: int) -> float:
@@ -87,17 +90,19 @@ def measure(code_root: str, quick: bool, steps: int, variant: str) -> dict:
     masks = build_masks(rng.random((E, cfg.num_layers, cfg.intermediate_size)), 0.5)
     rcfg = RouterConfig(vocab_size=cfg.vocab_size, num_experts=E, **({"dim": 32, "n_heads": 2, "mlp_dim": 32,
                                                                         "embed_rank": 8} if quick else {}))
-    tied, loss = VARIANTS[variant]
+    tied, loss, freeze = VARIANTS[variant]
     new = loss == "kd"
     kw = {"tied": True} if tied else {}
     model = readme_from_dense(dense, masks, rcfg, rngs=nnx.Rngs(0), **kw)
-    gd, trainable, frozen = steps_lib.split_for(model, "expert")
+    gd, trainable, frozen = steps_lib.split_for(model, "expert", **({"freeze_embedding": True} if freeze else {}))
     mesh = make_mesh()
     tx = make_optimizer(1.0, 100, weight_decay=0.01, grad_clip=1.0)
     if new:
         frozen = steps_lib.ExpertStep.frozen_with_teacher(frozen, dense)
     sh = steps_lib.StepShardings.of(trainable, frozen, tx, mesh)
     extra = {"loss": steps_lib.ExpertLoss("kd"), "teacher": nnx.split(dense)} if new else {}
+    if freeze:
+        extra = {"loss": steps_lib.ExpertLoss("lm", head_grad=False)}
     step = steps_lib.ExpertStep(gd, tx, sh, num_experts=E, **extra)
     opt = sh.init_opt_state(tx, trainable)
     ids = rng.integers(0, cfg.vocab_size, (1, b, T + 1)).astype(np.int32)
@@ -159,11 +164,11 @@ def run(quick: bool) -> list[dict]:
             return [error_row("train_step", f"worktree of {ref}", e.stderr.strip() or str(e))]
         ours = {v: run_variant("benchmarks.train_step:measure",
                                {"code_root": str(REPO_ROOT), "quick": quick, "steps": steps, "variant": v})
-                for v in ("default", "kd")}
+                for v in ("default", "kd", "frozen")}
     tps = lambda r: r["tokens"] / r["step_s"]
     case = "tiny" if quick else (f"smollm2_135m L={os.environ.get('TRAIN_STEP_LAYERS', '30')} "
                                  f"{os.environ.get('TRAIN_STEP_BATCH', '4')}x512 E=5")
-    names = {"default": "tied+lm (the default)", "kd": "tied+kd"}
+    names = {"default": "tied+lm (the default)", "kd": "tied+kd", "frozen": "tied+lm, frozen embedding"}
     for v, r in ours.items():
         rows.append(make_row("train_step", f"tokens/s, {names[v]} vs {ref} ({case})", tps(r), tps(base), "tok/s",
                              higher_is_better=True, goal=3.0,
@@ -173,7 +178,7 @@ def run(quick: bool) -> list[dict]:
                              higher_is_better=True, goal=3.0,
                              note="process CPU time (all threads): steadier than wall time on a shared machine"))
     fpt = ours["default"]["model_flops_per_token"]
-    for name, r in ((names["default"], ours["default"]), (names["kd"], ours["kd"]), (ref, base)):
+    for name, r in [*((names[v], r) for v, r in ours.items()), (ref, base)]:
         tf = fpt * r["tokens"] / r["step_s"] / 1e12
         rows.append(make_row("train_step", f"model TFLOP/s vs the f32 matmul peak, {name}", tf,
                              r["peak_flops"] / 1e12, "TFLOP/s", higher_is_better=True,
