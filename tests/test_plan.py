@@ -44,13 +44,15 @@ def test_tiny_plan_through_the_cli(tmp_path, capsys):
     for kind in ("router", "expert"):
         s = d["steps"][kind]
         a, c = s["analytic"], s["compiled"]
-        assert set(a) == {"params", "trainable_params", "frozen_params", "gradients", "optimizer_state", "batch",
-                          "arguments"}
+        assert set(a) == {"params", "trainable_params", "frozen_params", "frozen_params_read", "gradients",
+                          "optimizer_state", "batch", "arguments"}
         assert set(c) == {"arguments", "outputs", "aliased", "temporaries", "generated_code", "total", "activations"}
         assert abs(a["arguments"] - c["arguments"]) <= 0.01 * c["arguments"] and s["argument_check"]
         assert a["params"] == a["trainable_params"] + a["frozen_params"] and a["gradients"] == a["trainable_params"]
         assert c["aliased"] > 0.9 * (a["trainable_params"] + a["optimizer_state"])     # donated state reused
-        assert c["total"] >= c["arguments"] + a["frozen_params"] and s["fits"]
+        assert c["total"] >= c["arguments"] + a["frozen_params"] - a["frozen_params_read"] and s["fits"]
+        # the expert step reads the frozen tied embedding (the tiny config keeps the default freeze_embedding)
+        assert (a["frozen_params_read"] > 0) == (kind == "expert")
         assert s["collectives"]["total_bytes"] > 0 and s["rows_per_micro_batch"] == 8
     expert = d["steps"]["expert"]
     assert expert["capacity"] == 64                       # 8 rows x 64 tokens / 8 devices: every token to one

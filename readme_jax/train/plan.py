@@ -20,10 +20,12 @@ of the gradients = the trainable params, of the optimizer state under ``opt_stat
 batch) and the compiled ``memory_analysis()`` (arguments, outputs, the outputs aliased to the donated
 inputs, temporaries - gradients and activations -, generated code). Neither step reads its frozen params
 (the router step runs only the router; the expert step takes the routing as an input), so jit leaves them
-out of the executable's arguments; they stay resident, so the per-device total = arguments + outputs -
-aliased + temporaries + code + frozen params, checked against an 80 GB device. The analytic trainable
-params + optimizer state + batch must equal the compiled argument size within 1% (the check that the
-step's shardings are the ones planned); the exit status says whether they do.
+out of the executable's arguments, except the token embedding / LM head that a frozen embedding
+(``train.freeze_embedding``) keeps out of the expert step's trainable params while its forward reads them;
+the rest stay resident, so the per-device total = arguments + outputs - aliased + temporaries + code + frozen
+params not read, checked against an 80 GB device. The analytic trainable params + frozen params read +
+optimizer state + batch must equal the compiled argument size within 1% (the check that the step's shardings
+are the ones planned); the exit status says whether they do.
 
 Collective bytes per step: the compiled (optimised, partitioned) HLO text is parsed per computation; every
 all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute op adds the bytes of its result
@@ -114,8 +116,9 @@ def plan_step(kind: str, model: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh
     """Lower and compile the ``kind`` step ('router' | 'expert') of ``model`` (abstract) on ``mesh``; its
     figures (bytes per device, collectives, compile seconds)."""
     t, rcfg = cfg.train, model.config
-    graphdef = steps_lib.compute_graphdef(model, t.dtype, (steps_lib.trainable_filter(kind), ...), remat=t.remat)
-    _, trainable, frozen = steps_lib.split_for(model, kind)
+    filt = steps_lib.trainable_filter(kind, freeze_embedding=t.freeze_embedding)
+    graphdef = steps_lib.compute_graphdef(model, t.dtype, (filt, ...), remat=t.remat)
+    _, trainable, frozen = steps_lib.split_for(model, kind, freeze_embedding=t.freeze_embedding)
     tx = make_optimizer(1.0, t.router_steps if kind == "router" else t.expert_steps,
                         weight_decay=t.weight_decay, grad_clip=t.grad_clip)
     sh = steps_lib.StepShardings.of(trainable, frozen, tx, mesh)
@@ -130,8 +133,8 @@ def plan_step(kind: str, model: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh
     else:
         n_local = b * t.seq_len // batch_size_of(mesh)
         static["capacity"] = ep.capacity_buckets(n_local, mesh.shape[EXPERT_AXIS])[-1]
-        fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=rcfg.num_experts,
-                                  dispatcher=t.dispatcher).update
+        fn = steps_lib.ExpertStep(graphdef, tx, sh, num_experts=rcfg.num_experts, dispatcher=t.dispatcher,
+                                  loss=steps_lib.ExpertLoss(head_grad=not t.freeze_embedding)).update
     args = (_placed(trainable, sh.trainable), _placed(opt_state, sh.opt_state), _placed(frozen, sh.frozen),
             _placed(batch, batch_sh), jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh)))
     # The plan never runs: on CPU the LLVM backend's optimisation is skipped (the memory plan and the
@@ -143,16 +146,19 @@ def plan_step(kind: str, model: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh
     ma = compiled.memory_analysis()
 
     trainable_b, frozen_b = bytes_per_device(trainable, sh.trainable), bytes_per_device(frozen, sh.frozen)
+    read = steps_lib.BACKBONE_PARAMS if kind == "expert" else (lambda *_: False)   # frozen params the step reads
+    read_b = bytes_per_device(*(nnx.filter_state(s, read) for s in (frozen, sh.frozen)))
     analytic = {"params": trainable_b + frozen_b, "trainable_params": trainable_b, "frozen_params": frozen_b,
+                "frozen_params_read": read_b,
                 "gradients": trainable_b, "optimizer_state": bytes_per_device(opt_state, sh.opt_state),
                 "batch": bytes_per_device(batch, batch_sh) + 4}               # + the f32 peak lr
-    # frozen params: not read by either step, so not arguments (module docstring); resident all the same
-    analytic["arguments"] = trainable_b + analytic["optimizer_state"] + analytic["batch"]
+    # frozen params: not read by either step (but a frozen embedding), so not arguments (module docstring)
+    analytic["arguments"] = trainable_b + read_b + analytic["optimizer_state"] + analytic["batch"]
     comp = {"arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
             "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes),
             "generated_code": int(ma.generated_code_size_in_bytes)}
     comp["total"] = (comp["arguments"] + comp["outputs"] - comp["aliased"] + comp["temporaries"]
-                     + comp["generated_code"] + frozen_b)
+                     + comp["generated_code"] + frozen_b - read_b)
     comp["activations"] = comp["temporaries"] - analytic["gradients"]   # temporaries less the gradient buffers
     rel = (analytic["arguments"] - comp["arguments"]) / max(comp["arguments"], 1)
     return {"kind": kind, "micro_batches": A, "rows_per_micro_batch": b, "seq_len": t.seq_len,
@@ -246,14 +252,16 @@ def format_step(step: dict) -> str:
             + (f", all_to_all capacity {step['capacity']}" if "capacity" in step else "")
             + f"; compiled in {step['compile_seconds']:.0f} s")
     rows = [("params (trainable + frozen)", a["params"], None),
-            ("  trainable", a["trainable_params"], None), ("  frozen (resident, not read)", a["frozen_params"], None),
+            ("  trainable", a["trainable_params"], None),
+            ("  frozen, read by the step (a frozen embedding)", a["frozen_params_read"], None),
+            ("  frozen (resident, not read)", a["frozen_params"] - a["frozen_params_read"], None),
             ("optimizer state", a["optimizer_state"], None), ("batch", a["batch"], None),
-            ("arguments (trainable + opt + batch)", a["arguments"], c["arguments"]),
+            ("arguments (trainable + frozen read + opt + batch)", a["arguments"], c["arguments"]),
             ("outputs", None, c["outputs"]), ("  aliased to donated inputs", None, c["aliased"]),
             ("gradients", a["gradients"], None), ("temporaries (gradients, activations)", None, c["temporaries"]),
             ("  activations etc. (temp - gradients)", None, c["activations"]),
             ("generated code", None, c["generated_code"]),
-            ("total (args + out - aliased + temp + code + frozen)", None, c["total"])]
+            ("total (args + out - aliased + temp + code + frozen not read)", None, c["total"])]
     lines = [head, f"  {'per device':52s} {'analytic':>10s} {'compiled':>10s}"]
     for label, x, y in rows:
         lines.append(f"  {label:52s} {_size(x) if x is not None else '':>10s} {_size(y) if y is not None else '':>10s}")

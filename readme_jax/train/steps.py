@@ -59,7 +59,10 @@ from readme_jax.train.losses import distill_loss, router_accuracy
 
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("router"))
 BACKBONE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("router")))
-BACKBONE_PARAMS_FROZEN_EMBEDDING = nnx.All(BACKBONE_PARAMS, nnx.Not(nnx.PathContains("embed")))
+# the token embedding and, untied, the LM head: the head loss gives the head no gradient (``head_grad=False``),
+# so an untied head left trainable would only decay
+BACKBONE_PARAMS_FROZEN_EMBEDDING = nnx.All(BACKBONE_PARAMS, nnx.Not(nnx.PathContains("embed")),
+                                           nnx.Not(nnx.PathContains("lm_head")))
 
 
 def trainable_filter(kind: str, *, freeze_embedding: bool = False):
