@@ -6,7 +6,8 @@ of a copied tiny run on a (data, fsdp, expert) mesh spanning every process, then
 The process count, id and coordinator come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 (readme_jax.parallel.distributed); XLA_FLAGS gives each process its simulated CPU devices. The run folder
 must hold a finished tiny run's inputs (dense model, masks, router targets, corpus) without checkpoints.
-Process 0 writes OUT.npz: every param of the model after the two phases, gathered from all processes.
+Process 0 writes OUT.npz: every param of the model after the two phases, gathered from all processes (those
+no phase trained are each process's own full copy).
 """
 
 import sys
@@ -33,7 +34,10 @@ def main(run_dir: str, out: str, overrides: list[str]) -> None:
     for phase in phases(cfg)[:2]:
         trainer.run(phase)
     state = nnx.state(model, nnx.Param)
-    flat = {jax.tree_util.keystr(p): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    # trained params are global arrays over the mesh; params no phase trained (the frozen embedding) are still
+    # the process's own full copy, which an allgather would stack once per process
+    flat = {jax.tree_util.keystr(p): np.asarray(x if x.is_fully_addressable else
+                                                multihost_utils.process_allgather(x, tiled=True))
             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
     if jax.process_index() == 0:
         np.savez(out, **flat)

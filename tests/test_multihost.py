@@ -79,7 +79,7 @@ def test_two_processes_train_save_restore_like_one(tiny_run, tmp_path):
     from readme_jax.train.run import Run
     run = Run(load_config("tiny", STEPS), mesh_dir, progress=False)
     model = run.fresh_model()
-    _, trainable, _ = steps.split_for(model, "expert")
+    _, trainable, _ = steps.split_for(model, "expert", freeze_embedding=run.cfg.train.freeze_embedding)
     ck = PhaseCheckpoints(mesh_dir / "checkpoints" / "expert_0")
     for target in (make_mesh({"expert": 8}), None):
         template = trainable if target is None else place(trainable, param_shardings(trainable, target))

@@ -105,9 +105,10 @@ def test_fork_reuses_what_the_variant_shares(tiny_run, tmp_path):
     again = fork_run(run_dir, tmp_path / "child2", load_config(run_dir / "config.yaml", ["extract.keep_ratio=0.75"]))
     assert "stats" in again["stages"] and "extract" not in again["stages"] and again["phases"] == []
     # what expert phases train from and on: router_0 is reused, no expert phase
-    refit = load_config(run_dir / "config.yaml").extract.refit
+    parent_cfg = load_config(run_dir / "config.yaml")
+    refit, frozen = parent_cfg.extract.refit, parent_cfg.train.freeze_embedding
     for overrides in (["train.expert_loss=kd"], [f"extract.refit={str(not refit).lower()}"], ["train.experts=fused"],
-                      ["train.freeze_embedding=true"]):
+                      [f"train.freeze_embedding={str(not frozen).lower()}"]):
         r = fork_run(run_dir, tmp_path / "_".join(overrides), load_config(run_dir / "config.yaml", overrides))
         assert r["phases"] == ["router_0"], overrides
 

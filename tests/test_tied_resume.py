@@ -1,5 +1,5 @@
-"""Run folders made before tied experts: refused with a message naming the override that resumes them, and a
-fused expert checkpoint is never restored into tied tables."""
+"""Run folders made before tied experts (or before the frozen-embedding default): refused with a message naming
+the override that resumes them, and a fused expert checkpoint is never restored into tied tables."""
 
 import json
 
@@ -44,6 +44,26 @@ def test_old_folder_is_refused_with_the_override_that_resumes_it(tmp_path):
     # with the override it is the same run again: nothing refused, nothing re-run
     assert StageRecords(run_dir).plan(STAGES, Run(load_config(None, ["train.experts=fused"]), run_dir,
                                                   progress=False)) == set()
+
+
+def test_folder_tuned_with_the_embedding_is_refused_with_the_override_that_resumes_it(tmp_path):
+    """train.freeze_embedding's default changed to true: a folder whose records predate the key (it trained the
+    embedding) or that recorded false is refused, told the override; with it, nothing is refused."""
+    for drop in (True, False):
+        run_dir = tmp_path / str(drop)
+        old_cfg = load_config(None, ["train.freeze_embedding=false"])
+        records = StageRecords(run_dir)
+        for st in STAGES:
+            records.started(st, old_cfg)
+        if drop:
+            data = json.loads((run_dir / RECORDS_FILE).read_text())
+            del data["rounds"]["train"]["freeze_embedding"]
+            (run_dir / RECORDS_FILE).write_text(json.dumps(data))
+        (run_dir / "checkpoints" / "router_0").mkdir(parents=True)
+        with pytest.raises(StaleRunError, match=r"train\.freeze_embedding.*train\.freeze_embedding=False"):
+            StageRecords(run_dir).plan(STAGES, Run(load_config(None), run_dir, progress=False))
+        assert StageRecords(run_dir).plan(STAGES, Run(load_config(None, ["train.freeze_embedding=false"]), run_dir,
+                                                      progress=False)) == set()
 
 
 def test_fused_expert_checkpoint_is_not_restored_into_tied_tables(tmp_path):

@@ -138,7 +138,7 @@ class TrainConfig:
     expert_loss: str = "lm"         # lm: next-token CE | kd: forward KL to the dense parent | mix: both
     kd_weight: float = 0.5          # mix: loss = (1 - kd_weight) CE + kd_weight T^2 KL
     kd_temperature: float = 1.0     # T of the distillation softmaxes (teacher and student)
-    freeze_embedding: bool = False  # expert phases leave the (tied) embedding / LM head as extracted
+    freeze_embedding: bool = True   # expert phases leave the (tied) embedding / LM head as extracted
 
     def __post_init__(self):
         _positive("train", rounds=self.rounds, router_steps=self.router_steps, expert_steps=self.expert_steps,

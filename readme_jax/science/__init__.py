@@ -11,7 +11,7 @@ Experiments (each registered in ``EXPERIMENTS`` by one decorator, with its setti
     bounds          oracle / target / random routing vs the router; routing locality
     mc              multiple-choice accuracy with paired tests (built-in task, MMLU-format folders)
     ablate_lr       expert learning rate and domain mixture
-    ablate_quality  the down-projection refit, then distillation from the dense parent on top
+    ablate_quality  the embedding tuned too (the paper's) and distillation mixed in, on the parent's schedule
     ablate_budget   more expert steps on the parent's schedule
     ablate_split    router steps vs expert steps at equal wall time
     ablate_calib    calibration size and mask stability

@@ -25,9 +25,10 @@ from readme_jax.errors import StaleRunError
 
 RECORDS_FILE = "stages.json"
 
-# Keys added after run folders existed whose default is not what those folders did: the value a stage ran
-# with before the key existed. A record without the key is compared with this value, not the new default.
-BEFORE_KEY: dict[str, Any] = {"train.experts": "fused", "extract.refit": False}
+# Keys whose default changed after run folders existed (or that were added with a default those folders did not
+# run with): the value a stage ran with before. A record without the key is compared with this value, not the
+# new default, and a folder refused for one of these keys is told the override that resumes it.
+BEFORE_KEY: dict[str, Any] = {"train.experts": "fused", "extract.refit": False, "train.freeze_embedding": False}
 # Keys of how a stage runs, not of what it computes (checkpoint cadence and writes, profiling): a resumed run
 # may change them, and they never make a stage stale.
 OPERATIONAL = frozenset({"train.checkpoint_every", "train.checkpoint_seconds", "train.async_checkpoint",
@@ -122,7 +123,7 @@ class StageRecords:
             what = "; ".join(f"stage {name!r}: {', '.join(keys)}" for name, keys in refused.items())
             before = [f"{k}={v!r}" for k, v in BEFORE_KEY.items() if any(k in ks for ks in refused.values())]
             if before:
-                what += f" (made before those keys existed, i.e. with {', '.join(before)}: pass that to resume it)"
+                what += f" (their former defaults were {', '.join(before)}: pass that to resume it)"
             raise StaleRunError(f"{self.dir}: this run folder was made with other settings ({what}); "
                                 "resuming would mix two runs. Use those settings, another --run-dir, or delete "
                                 "the folder (on an existing folder only evaluation and plot settings may change).")
