@@ -100,9 +100,9 @@ def measure(code_root: str, quick: bool, steps: int, variant: str) -> dict:
     if new:
         frozen = steps_lib.ExpertStep.frozen_with_teacher(frozen, dense)
     sh = steps_lib.StepShardings.of(trainable, frozen, tx, mesh)
-    extra = {"loss": steps_lib.ExpertLoss("kd"), "teacher": nnx.split(dense)} if new else {}
-    if freeze:
-        extra = {"loss": steps_lib.ExpertLoss("lm", head_grad=False)}
+    extra = {} if variant == "base" else {"loss": steps_lib.ExpertLoss(loss, head_grad=not freeze)}
+    if new:
+        extra["teacher"] = nnx.split(dense)
     step = steps_lib.ExpertStep(gd, tx, sh, num_experts=E, **extra)
     opt = sh.init_opt_state(tx, trainable)
     ids = rng.integers(0, cfg.vocab_size, (1, b, T + 1)).astype(np.int32)

@@ -76,8 +76,7 @@ def _phase_step(model: nnx.Module, run: Run, phase, mesh):
     from readme_jax.parallel.mesh import replicated
     from readme_jax.parallel.sharding import place
     t = run.cfg.train
-    graphdef, trainable, frozen = nnx.split(
-        model, steps_lib.trainable_filter("expert", freeze_embedding=t.freeze_embedding), ...)
+    graphdef, trainable, frozen = steps_lib.split_for(model, "expert", freeze_embedding=t.freeze_embedding)
 
     def loss_fn(tr, fr, mb):                      # as Read-ME's expert step: the head's gradient in its forward
         model = nnx.merge(graphdef, tr, fr)

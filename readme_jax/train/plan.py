@@ -146,7 +146,7 @@ def plan_step(kind: str, model: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh
     ma = compiled.memory_analysis()
 
     trainable_b, frozen_b = bytes_per_device(trainable, sh.trainable), bytes_per_device(frozen, sh.frozen)
-    read = steps_lib.BACKBONE_PARAMS if kind == "expert" else (lambda *_: False)   # frozen params the step reads
+    read = steps_lib.BACKBONE_PARAMS if kind == "expert" else nnx.Nothing   # frozen params the step reads
     read_b = bytes_per_device(*(nnx.filter_state(s, read) for s in (frozen, sh.frozen)))
     analytic = {"params": trainable_b + frozen_b, "trainable_params": trainable_b, "frozen_params": frozen_b,
                 "frozen_params_read": read_b,
